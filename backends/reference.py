@@ -1,0 +1,217 @@
+"""The NumPy reference backend: an interpreter that runs any Graph node by node. It is the
+executable specification of the op table, written for clarity, not speed.
+
+Numerics follow ggml-cpu where that is observable in the logits: MUL_MAT/MUL_MAT_ID round the
+activations to the weight's vec_dot_type first (F16 for an F16 weight or KV cache, 8-bit blocks for
+quantized weights) and then accumulate in float64; norms and softmax reduce in float64; RoPE
+computes its angles by the same float32 recurrence as ggml. Values are float32 between ops (F16
+states are kept as float16)."""
+from __future__ import annotations
+
+import numpy as np
+
+from moegraph.errors import InputError
+from moegraph.ir import BF16, F16, F32, Graph, Node, static_shape
+from moegraph.quants import GGMLType, quantize_roundtrip, vec_dot_type
+
+
+class NumpyBackend:
+    name = "numpy"
+
+    def __init__(self, emulate_ggml_rounding: bool = True, **_ignored):
+        self.emulate = emulate_ggml_rounding
+
+    def compile(self, graph: Graph) -> "NumpyExecutable":
+        return NumpyExecutable(graph, self.emulate)
+
+
+class NumpyExecutable:
+    def __init__(self, graph: Graph, emulate: bool):
+        self.graph, self.emulate = graph, emulate
+        self.order = graph.toposort()
+        self.dequantized: dict[int, np.ndarray] = {}   # id(WeightData) -> float32 array
+        self.states: dict[str, np.ndarray] = {}
+        self.reset_state()
+
+    def reset_state(self) -> None:
+        for name, n in self.graph.states().items():
+            dt = np.float16 if n.dtype == F16 else np.float32
+            if name in self.states:
+                self.states[name][...] = 0
+            else:
+                self.states[name] = np.zeros(n.shape, dt)
+
+    def weight(self, n: Node) -> np.ndarray:
+        key = id(n.data)
+        if key not in self.dequantized:
+            self.dequantized[key] = n.data.dequantize()
+        return self.dequantized[key]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        bindings = bind_symbols(self.graph, inputs)
+        env: dict[int, np.ndarray] = {}
+        for n in self.order:
+            if n.op == "INPUT":
+                v = inputs[n.name]
+            elif n.op == "WEIGHT":
+                v = self.weight(n)
+            elif n.op == "STATE":
+                v = self.states[n.name]
+            else:
+                args = [None if i is None else env[i.id] for i in n.inputs]
+                v = IMPL[n.op](self, n, bindings, *args)
+            env[n.id] = v
+        return {name: np.asarray(env[o.id], dtype=np.float32) for name, o in self.graph.outputs.items()}
+
+    def round_activations(self, x: np.ndarray, weight_type: GGMLType) -> np.ndarray:
+        x = as_f32(x)
+        if not self.emulate:
+            return x.astype(np.float64)
+        return quantize_roundtrip(x, vec_dot_type(weight_type))
+
+
+def bind_symbols(graph: Graph, inputs: dict[str, np.ndarray]) -> dict[str, int]:
+    bindings: dict[str, int] = {}
+    for name, n in graph.inputs().items():
+        if name not in inputs:
+            raise InputError(f"missing graph input {name!r}")
+        shape = np.shape(inputs[name])
+        if len(shape) != n.rank:
+            raise InputError(f"input {name!r} has shape {list(shape)}, expected {list(n.shape)}")
+        for d, s in zip(n.shape, shape):
+            if isinstance(d, str):
+                if bindings.setdefault(d, s) != s:
+                    raise InputError(f"input {name!r}: {d}={s} but another input has {d}={bindings[d]}")
+            elif d != s:
+                raise InputError(f"input {name!r} has shape {list(shape)}, expected {list(n.shape)}")
+    return bindings
+
+
+def as_f32(x: np.ndarray) -> np.ndarray:
+    return x if x.dtype == np.float32 else x.astype(np.float32)
+
+
+def _mul_mat(ex, n, b, a, x):
+    xr = ex.round_activations(x, n.inputs[0].dtype)
+    a = as_f32(a)
+    reps = xr.shape[0] // a.shape[0] if a.ndim == 3 else 1   # GQA: b batch i uses a batch i // r
+    if a.ndim >= 3 and reps > 1:
+        a = np.repeat(a, reps, axis=0)
+    return (xr @ np.swapaxes(a, -1, -2).astype(np.float64)).astype(np.float32)
+
+
+def _mul_mat_id(ex, n, b, a, x, ids):
+    xr = ex.round_activations(x, n.inputs[0].dtype)
+    T, k = ids.shape
+    out = np.zeros((T, k, a.shape[1]), np.float32)
+    for e in np.unique(ids):
+        t, j = np.nonzero(ids == e)
+        rows = xr[t, j if xr.shape[1] > 1 else 0]
+        out[t, j] = rows @ a[e].T.astype(np.float64)
+    return out
+
+
+def _rope(ex, n, b, x, pos):
+    nd, mode = n.attrs["n_dims"], n.attrs["mode"]
+    half = nd // 2
+    # ggml's angle recurrence in float32: theta_0 = p, theta_{i+1} = theta_i * base^(-2/n_dims)
+    step = np.float32(n.attrs["freq_base"]) ** np.float32(-2.0 / nd)
+    theta = np.empty((len(pos), half), np.float32)
+    th = pos.astype(np.float32)
+    for i in range(half):
+        theta[:, i] = th
+        th = (th * step).astype(np.float32)
+    theta = theta * np.float32(n.attrs["freq_scale"])
+    cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
+    x = as_f32(x)
+    out = x.copy()
+    if mode == 0:   # NORM: adjacent pairs
+        x0, x1 = x[..., 0:nd:2], x[..., 1:nd:2]
+        out[..., 0:nd:2], out[..., 1:nd:2] = x0 * cos - x1 * sin, x0 * sin + x1 * cos
+    else:           # NEOX: halves
+        x0, x1 = x[..., :half], x[..., half:nd]
+        out[..., :half], out[..., half:nd] = x0 * cos - x1 * sin, x0 * sin + x1 * cos
+    return out
+
+
+def _soft_max(ex, n, b, x, mask):
+    z = as_f32(x).astype(np.float64) * n.attrs["scale"]
+    if mask is not None:
+        z = z + mask
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _rms_norm(ex, n, b, x):
+    x = as_f32(x)
+    ms = np.mean(x.astype(np.float64) ** 2, axis=-1, keepdims=True)
+    return (x / np.sqrt(ms + n.attrs["eps"])).astype(np.float32)
+
+
+def _norm(ex, n, b, x):
+    x = as_f32(x).astype(np.float64)
+    x = x - x.mean(axis=-1, keepdims=True)
+    return (x / np.sqrt((x ** 2).mean(axis=-1, keepdims=True) + n.attrs["eps"])).astype(np.float32)
+
+
+def _silu(x):
+    x = as_f32(x)
+    return x / (np.float32(1) + np.exp(-x))
+
+
+def _top_k(ex, n, b, x):
+    order = np.argsort(-as_f32(x), axis=-1, kind="stable")
+    return order[..., : n.attrs["k"]].astype(np.int32)
+
+
+def _swiglu(ex, n, b, gate, up):
+    if up is None:
+        half = gate.shape[-1] // 2
+        gate, up = gate[..., :half], gate[..., half:]
+    return _silu(gate) * as_f32(up)
+
+
+def _set_rows(ex, n, b, dst, src, idx):
+    if idx.size and (idx.min() < 0 or idx.max() >= dst.shape[0]):
+        raise InputError(f"{n.inputs[0].name}: row index out of range 0..{dst.shape[0] - 1}")
+    dst[idx] = src.astype(dst.dtype)
+    return dst
+
+
+def _cast(ex, n, b, x):
+    t = n.attrs["dtype"]
+    if t == F16:
+        return x.astype(np.float16)
+    if t == BF16:
+        return quantize_roundtrip(as_f32(x), BF16).astype(np.float32)
+    return as_f32(x)
+
+
+IMPL = {
+    "GET_ROWS": lambda ex, n, b, table, ids: np.take_along_axis(as_f32(table), ids[..., None].astype(np.intp), axis=-2)
+    if table.ndim == ids.ndim + 1 else as_f32(table)[ids],
+    "RMS_NORM": _rms_norm,
+    "NORM": _norm,
+    "ADD": lambda ex, n, b, x, y: as_f32(x) + as_f32(y),
+    "MUL": lambda ex, n, b, x, y: as_f32(x) * as_f32(y),
+    "DIV": lambda ex, n, b, x, y: as_f32(x) / as_f32(y),
+    "SCALE": lambda ex, n, b, x: as_f32(x) * np.float32(n.attrs["scale"]) + np.float32(n.attrs["bias"]),
+    "SILU": lambda ex, n, b, x: _silu(x),
+    "GELU": lambda ex, n, b, x: (0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))).astype(np.float32),
+    "SIGMOID": lambda ex, n, b, x: (1 / (1 + np.exp(-as_f32(x).astype(np.float64)))).astype(np.float32),
+    "CONT": lambda ex, n, b, x: np.ascontiguousarray(x),
+    "SWIGLU": _swiglu,
+    "MUL_MAT": _mul_mat,
+    "MUL_MAT_ID": _mul_mat_id,
+    "TOP_K": _top_k,
+    "SOFT_MAX": _soft_max,
+    "ROPE": _rope,
+    "RESHAPE": lambda ex, n, b, x: x.reshape(static_shape(n.shape, b)),
+    "PERMUTE": lambda ex, n, b, x: np.transpose(x, n.attrs["axes"]),
+    "SLICE": lambda ex, n, b, x: np.take(x, range(n.attrs["start"], static_shape((n.attrs["stop"],), b)[0]), axis=n.attrs["axis"]),
+    "CONCAT": lambda ex, n, b, *xs: np.concatenate(xs, axis=n.attrs["axis"]),
+    "SUM": lambda ex, n, b, x: as_f32(x).sum(axis=n.attrs["axis"], dtype=np.float64).astype(np.float32),
+    "CAST": _cast,
+    "SET_ROWS": _set_rows,
+}

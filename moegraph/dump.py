@@ -1,0 +1,296 @@
+"""Graph dumps: text (one line per live node), Graphviz DOT (clustered per layer), JSON, and a
+unified diff of two text dumps (what a pass changed).
+
+    %12 = MUL_MAT(%3 blk.0.attn_q.weight, %11) [T, 256] F32
+    %40 blk.0.expert_ids = TOP_K(%39) [T, 2] I32 {k=2}
+
+Only the nodes the outputs depend on are shown, in the graph's deterministic topological order.
+Leaves print what they are: `INPUT`, `STATE` (the KV cache) or `WEIGHT` with its GGML type, shape
+and size in the file."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import json
+import math
+import re
+import shutil
+import subprocess
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from .errors import MoeGraphError
+from .ir import Graph, Node
+
+LEAVES = ("INPUT", "WEIGHT", "STATE")
+_LEAF_ATTRS = ("name", "shape", "dtype")   # repeated on the node itself; not printed as attrs
+
+
+# --------------------------------------------------------------------------- small formatters
+def fmt_shape(shape) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # unreachable
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, enum.Enum):
+        return v.name
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (tuple, list)):
+        return "[" + ", ".join(_fmt_value(x) for x in v) + "]"
+    if isinstance(v, Node):
+        return f"%{v.id}"
+    return str(v)
+
+
+def _attrs(n: Node) -> dict[str, Any]:
+    return {k: v for k, v in n.attrs.items() if not (n.op in LEAVES and k in _LEAF_ATTRS)}
+
+
+def _fmt_attrs(n: Node) -> str:
+    a = _attrs(n)
+    return "{" + ", ".join(f"{k}={_fmt_value(v)}" for k, v in a.items()) + "}" if a else ""
+
+
+def _ref(x: Node | None) -> str:
+    if x is None:
+        return "_"
+    return f"%{x.id} {x.name}" if x.op == "WEIGHT" and x.name else f"%{x.id}"
+
+
+def _nbytes(n: Node) -> int | None:
+    data = getattr(n, "data", None)
+    return int(data.nbytes) if data is not None and hasattr(data, "nbytes") else None
+
+
+# --------------------------------------------------------------------------- text
+def node_line(n: Node) -> str:
+    lhs = f"%{n.id} {n.name}" if n.name else f"%{n.id}"
+    if n.op == "WEIGHT":
+        nb = _nbytes(n)
+        size = f" ({fmt_bytes(nb)})" if nb is not None else ""
+        return f"{lhs} = WEIGHT {n.dtype.name} {fmt_shape(n.shape)}{size}"
+    if n.op in LEAVES:
+        return f"{lhs} = {n.op} {fmt_shape(n.shape)} {n.dtype.name}"
+    args = ", ".join(_ref(x) for x in n.inputs)
+    attrs = _fmt_attrs(n)
+    return f"{lhs} = {n.op}({args}) {fmt_shape(n.shape)} {n.dtype.name}" + (f" {attrs}" if attrs else "")
+
+
+def to_text(graph: Graph) -> str:
+    """One line per live node in topological order, after a header with the graph's name and the
+    number of nodes per op; then the outputs."""
+    order = graph.toposort()
+    counts = Counter(n.op for n in order)
+    weights = [n for n in order if n.op == "WEIGHT"]
+    wbytes = sum(_nbytes(n) or 0 for n in weights)
+    lines = [f"# graph {graph.name}: {len(order)} live nodes"
+             + (f" ({len(graph.nodes) - len(order)} dead)" if len(graph.nodes) != len(order) else "")
+             + f", {len(weights)} weights ({fmt_bytes(wbytes)})",
+             "# ops: " + ", ".join(f"{op} {c}" for op, c in sorted(counts.items()))]
+    lines += [node_line(n) for n in order]
+    lines.append("outputs: " + ", ".join(f"{k} = %{v.id}" for k, v in graph.outputs.items()))
+    return "\n".join(lines) + "\n"
+
+
+def diff_text(before: str, after: str, before_name: str = "before",
+              after_name: str = "after", context: int = 3) -> str:
+    """A unified diff of two to_text dumps (empty when they are equal)."""
+    return "".join(difflib.unified_diff(before.splitlines(keepends=True),
+                                        after.splitlines(keepends=True),
+                                        fromfile=before_name, tofile=after_name, n=context))
+
+
+# --------------------------------------------------------------------------- layers
+_LAYER_RE = (re.compile(r"^blk\.(\d+)\."), re.compile(r"^[A-Za-z_]+\.(\d+)$"))  # blk.N.x, cache_k.N
+
+
+def _name_layer(name: str) -> int | None:
+    for rx in _LAYER_RE:
+        m = rx.match(name or "")
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def node_layers(graph: Graph, order: list[Node] | None = None) -> dict[int, int | None]:
+    """Node id -> layer index (None = outside the layers: embeddings, output head, inputs).
+
+    A name with the `blk.N.` prefix (or a state like `cache_k.N`) decides; a leaf or a node using
+    weights is otherwise decided by its name / its weights' names (global weights such as
+    output_norm.weight put it outside the layers); other nodes inherit from upstream (the deepest
+    layer of their inputs), then a node that only inherited moves to its users' layer when they
+    all agree on one (the norm at the start of layer N+1 reads layer N's output)."""
+    order = graph.toposort() if order is None else order
+    layer: dict[int, int | None] = {}
+    explicit: set[int] = set()
+    for n in order:
+        lay = _name_layer(n.name)
+        weights = [x for x in n.inputs if x is not None and x.op == "WEIGHT"]
+        if lay is not None or n.op in LEAVES:
+            explicit.add(n.id)
+        elif weights:
+            found = [layer[w.id] for w in weights if layer.get(w.id) is not None]
+            lay = max(found) if found else None
+            explicit.add(n.id)
+        else:
+            found = [layer[x.id] for x in n.inputs if x is not None and layer.get(x.id) is not None]
+            lay = max(found) if found else None
+        layer[n.id] = lay
+    users: dict[int, list[int]] = {n.id: [] for n in order}
+    for n in order:
+        for x in n.inputs:
+            if x is not None and x.id in users:
+                users[x.id].append(n.id)
+    for n in reversed(order):
+        if n.id in explicit or not users[n.id]:
+            continue
+        ul = {layer[u] for u in users[n.id]}
+        if len(ul) == 1:
+            layer[n.id] = ul.pop()
+    return layer
+
+
+# --------------------------------------------------------------------------- DOT
+_STYLE = {
+    "INPUT": 'shape=invhouse, style=filled, fillcolor="#cfe2ff"',
+    "WEIGHT": 'shape=box, style=filled, fillcolor="#fff3b0"',
+    "STATE": 'shape=cylinder, style=filled, fillcolor="#f8c8c8"',
+    "OUTPUT": 'shape=doubleoctagon, style=filled, fillcolor="#c8f0c8"',
+}
+_OP_STYLE = 'shape=box, style="rounded,filled", fillcolor="#ffffff"'
+_HEAVY_STYLE = 'shape=box, style="rounded,filled", fillcolor="#e6dcff"'   # matmuls
+_HEAVY = ("MUL_MAT", "MUL_MAT_ID")
+
+
+def _q(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def _dot_label(n: Node) -> str:
+    if n.op == "WEIGHT":
+        return f"{n.name}\n{n.dtype.name} {fmt_shape(n.shape)}"
+    if n.op in LEAVES:
+        return f"{n.op.lower()} {n.name}\n{n.dtype.name} {fmt_shape(n.shape)}"
+    head = f"%{n.id} {n.op}"
+    lines = [head] + ([n.name] if n.name else [])
+    attrs = _fmt_attrs(n)
+    if attrs:
+        lines.append(attrs if len(attrs) <= 48 else attrs[:45] + "...}")
+    return "\n".join(lines)
+
+
+def to_dot(graph: Graph) -> str:
+    """Graphviz DOT: inputs, weights, states and outputs drawn as distinct shapes; edges labelled
+    with the shape of the value they carry; one cluster per layer `blk.N`."""
+    order = graph.toposort()
+    layers = node_layers(graph, order)
+    out = [f"digraph {_q(graph.name)} {{",
+           "  rankdir=TB; newrank=true;",
+           '  node [fontname="Helvetica", fontsize=10];',
+           '  edge [fontname="Helvetica", fontsize=8, color="#555555"];',
+           f"  label={_q(graph.name)}; labelloc=t;"]
+
+    def decl(n: Node, indent: str) -> str:
+        style = _STYLE.get(n.op) or (_HEAVY_STYLE if n.op in _HEAVY else _OP_STYLE)
+        return f"{indent}n{n.id} [label={_q(_dot_label(n))}, {style}];"
+
+    by_layer: dict[int, list[Node]] = {}
+    for n in order:
+        lay = layers[n.id]
+        if lay is None:
+            out.append(decl(n, "  "))
+        else:
+            by_layer.setdefault(lay, []).append(n)
+    for lay in sorted(by_layer):
+        out += [f"  subgraph cluster_blk_{lay} {{",
+                f'    label="blk.{lay}"; style="rounded,dashed"; color="#888888";']
+        out += [decl(n, "    ") for n in by_layer[lay]]
+        out.append("  }")
+    for n in order:
+        for x in n.inputs:
+            if x is not None:
+                out.append(f"  n{x.id} -> n{n.id} [label={_q(fmt_shape(x.shape))}];")
+    for i, (name, node) in enumerate(graph.outputs.items()):
+        out.append(f"  out{i} [label={_q(name)}, {_STYLE['OUTPUT']}];")
+        out.append(f"  n{node.id} -> out{i} [label={_q(fmt_shape(node.shape))}];")
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+def render_svg(dot_text: str, out_path: str | Path, timeout: float = 120.0) -> bool:
+    """Renders DOT text to an SVG file with Graphviz's `dot` binary. Returns False when `dot` is
+    not on PATH; raises MoeGraphError when it fails."""
+    exe = shutil.which("dot")
+    if exe is None:
+        return False
+    try:
+        proc = subprocess.run([exe, "-Tsvg", "-o", str(out_path)], input=dot_text.encode(),
+                              capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise MoeGraphError(f"Graphviz dot took more than {timeout:g} s to render {out_path}") from None
+    if proc.returncode != 0:
+        raise MoeGraphError(f"Graphviz dot failed ({proc.returncode}) rendering {out_path}: "
+                            f"{proc.stderr.decode(errors='replace').strip()}")
+    return True
+
+
+# --------------------------------------------------------------------------- JSON
+def json_safe(v: Any) -> Any:
+    """Plain JSON values: enums -> names, tuples -> lists, dataclasses -> dicts, paths -> str,
+    NumPy scalars -> Python numbers, non-finite floats -> strings."""
+    if isinstance(v, enum.Enum):
+        return v.name
+    if isinstance(v, bool) or v is None or isinstance(v, (int, str)):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else str(v)
+    if isinstance(v, Node):
+        return v.id
+    if isinstance(v, dict):
+        return {str(k): json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple, set, frozenset)):
+        return [json_safe(x) for x in v]
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {f.name: json_safe(getattr(v, f.name)) for f in dataclasses.fields(v)}
+    if isinstance(v, Path):
+        return str(v)
+    if hasattr(v, "item") and hasattr(v, "dtype") and getattr(v, "ndim", 1) == 0:  # NumPy scalar
+        return json_safe(v.item())
+    if hasattr(v, "tolist"):
+        return json_safe(v.tolist())
+    return str(v)
+
+
+def to_json(graph: Graph) -> dict:
+    """The live graph as a JSON-ready dict: nodes (id, op, name, inputs, attrs, shape, dtype, and
+    layer; weights also nbytes), outputs (name -> id), op counts and the graph's meta."""
+    order = graph.toposort()
+    layers = node_layers(graph, order)
+    nodes = []
+    for n in order:
+        d = {"id": n.id, "op": n.op, "name": n.name,
+             "inputs": [None if x is None else x.id for x in n.inputs],
+             "attrs": json_safe(_attrs(n)), "shape": json_safe(n.shape), "dtype": n.dtype.name,
+             "layer": layers[n.id]}
+        nb = _nbytes(n) if n.op == "WEIGHT" else None
+        if nb is not None:
+            d["nbytes"] = nb
+        nodes.append(d)
+    return {"name": graph.name, "meta": json_safe(graph.meta),
+            "op_counts": dict(sorted(Counter(n.op for n in order).items())),
+            "nodes": nodes, "outputs": {k: v.id for k, v in graph.outputs.items()}}
+
+
+def to_json_text(graph: Graph, indent: int | None = 1) -> str:
+    return json.dumps(to_json(graph), indent=indent) + "\n"

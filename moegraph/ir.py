@@ -1,0 +1,556 @@
+"""The IR: a Graph is a DAG of Nodes; every op is defined once, in OPS, with its inputs,
+attributes, and shape/dtype inference (which is also its validation).
+
+Shapes are in NumPy order (last axis contiguous). A dimension is an int or a symbol (a str such
+as "T", the number of tokens of a step), so one graph serves every batch size: backends bind
+symbols from the shapes of the graph inputs when it runs.
+
+Leaves: INPUT (fed per run), WEIGHT (a model tensor, `node.data` is a WeightData backed by the
+memory-mapped GGUF) and STATE (a buffer that lives across runs: the KV cache). SET_ROWS is the only
+op that writes, into a STATE; whoever reads the cache reads SET_ROWS' result, so the order of
+write-then-read is an edge of the graph.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import networkx as nx
+
+from .errors import IRError
+from .quants import GGMLType, block_size, is_quantized
+
+DType = GGMLType
+F32, F16, BF16, I32 = GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.I32
+FLOAT_TYPES = (F32, F16, BF16)
+
+Dim = int | str
+Shape = tuple[Dim, ...]
+
+REQUIRED = object()  # marker for attributes without a default
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    inputs: tuple[str, ...]          # input names; a trailing "*xs" means variadic
+    attrs: dict[str, Any]            # name -> default (REQUIRED if none)
+    infer: Callable[..., tuple[Shape, DType]]
+    doc: str = ""
+
+    @property
+    def variadic(self) -> bool:
+        return bool(self.inputs) and self.inputs[-1].startswith("*")
+
+
+OPS: dict[str, OpDef] = {}
+
+
+def defop(name: str, inputs: str = "", /, **attrs):
+    """Register an op: `inputs` are space-separated names ('?' suffix = optional, '*' prefix =
+    variadic); `attrs` give defaults. The decorated function infers (shape, dtype) from the input
+    Nodes and attrs and raises IRError on misuse. Its docstring is the op's semantics."""
+    def deco(infer):
+        OPS[name] = OpDef(name, tuple(inputs.split()), attrs, infer, (infer.__doc__ or "").strip())
+        return infer
+    return deco
+
+
+# --------------------------------------------------------------------------- nodes and graphs
+@dataclass(eq=False)
+class Node:
+    op: str
+    inputs: tuple["Node", ...]
+    attrs: dict[str, Any]
+    shape: Shape
+    dtype: DType
+    name: str = ""
+    data: Any = None                 # WeightData for WEIGHT nodes
+    id: int = field(default=-1)
+
+    def __repr__(self) -> str:
+        return f"%{self.id} {self.name or ''} = {self.op}{list(self.shape)}:{self.dtype.name}"
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+
+class Graph:
+    """A DAG of Nodes with named inputs and outputs. `g.node("MUL_MAT", w, x)` or, equally,
+    `g.mul_mat(w, x)` appends a node after checking it against the op table."""
+
+    def __init__(self, name: str = "graph"):
+        self.name = name
+        self.nodes: list[Node] = []
+        self.outputs: dict[str, Node] = {}
+        self.meta: dict[str, Any] = {}   # free-form facts for passes and dumps (arch, config)
+        self._next_id = 0
+
+    # -- construction
+    def node(self, op: str, *inputs: Node | None, name: str = "", **attrs) -> Node:
+        opdef = OPS.get(op)
+        if opdef is None:
+            raise IRError(f"unknown op {op!r}; known ops: {', '.join(sorted(OPS))}")
+        attrs = _complete_attrs(opdef, attrs)
+        _check_arity(opdef, inputs)
+        if not opdef.variadic:  # absent optional inputs are None, so every node has all slots
+            inputs = inputs + (None,) * (len(opdef.inputs) - len(inputs))
+        shape, dtype = opdef.infer(*inputs, **attrs)
+        node = Node(op, tuple(inputs), attrs, tuple(shape), dtype, name)
+        return self._append(node)
+
+    def input(self, name: str, shape: Shape, dtype: DType) -> Node:
+        return self.node("INPUT", name=name, shape=tuple(shape), dtype=dtype)
+
+    def weight(self, data: "WeightData", name: str | None = None) -> Node:
+        node = self.node("WEIGHT", name=name or data.name, shape=tuple(data.shape), dtype=data.dtype)
+        node.data = data
+        return node
+
+    def state(self, name: str, shape: Shape, dtype: DType) -> Node:
+        return self.node("STATE", name=name, shape=tuple(shape), dtype=dtype)
+
+    def _append(self, node: Node) -> Node:
+        node.id = self._next_id
+        self._next_id += 1
+        self.nodes.append(node)
+        return node
+
+    def __getattr__(self, attr: str):
+        op = attr.upper()
+        if attr.islower() and op in OPS:
+            return lambda *inputs, **kw: self.node(op, *inputs, **kw)
+        raise AttributeError(attr)
+
+    # -- queries
+    def inputs(self) -> dict[str, Node]:
+        return {n.name: n for n in self.nodes if n.op == "INPUT"}
+
+    def states(self) -> dict[str, Node]:
+        return {n.name: n for n in self.nodes if n.op == "STATE"}
+
+    def weights(self) -> list[Node]:
+        return [n for n in self.nodes if n.op == "WEIGHT"]
+
+    def users(self) -> dict[Node, list[Node]]:
+        users: dict[Node, list[Node]] = {n: [] for n in self.nodes}
+        for n in self.nodes:
+            for i in n.inputs:
+                if i is not None:
+                    users.setdefault(i, []).append(n)
+        return users
+
+    def to_networkx(self) -> nx.DiGraph:
+        dg = nx.DiGraph()
+        for n in self.nodes:
+            dg.add_node(n.id, node=n)
+            for i in n.inputs:
+                if i is not None:
+                    dg.add_edge(i.id, n.id)
+        return dg
+
+    def toposort(self) -> list[Node]:
+        """Live nodes (those the outputs depend on) in a deterministic topological order."""
+        dg = self.to_networkx()
+        live = set()
+        for out in self.outputs.values():
+            live.add(out.id)
+            live |= nx.ancestors(dg, out.id)
+        order = nx.lexicographical_topological_sort(dg.subgraph(live))
+        return [dg.nodes[i]["node"] for i in order]
+
+    def verify(self) -> None:
+        """Checks what every pass must preserve: a DAG, inputs that belong to this graph,
+        shapes/dtypes that the op table re-derives, and outputs that exist."""
+        ids = {id(n) for n in self.nodes}
+        for n in self.nodes:
+            for i in n.inputs:
+                if i is not None and id(i) not in ids:
+                    raise IRError(f"{n!r} uses {i!r}, which is not in the graph (dangling input)")
+            opdef = OPS[n.op]
+            shape, dtype = opdef.infer(*n.inputs, **n.attrs)
+            if tuple(shape) != n.shape or dtype != n.dtype:
+                raise IRError(f"{n!r}: op table infers {list(shape)}:{dtype.name}")
+        for name, out in self.outputs.items():
+            if id(out) not in ids:
+                raise IRError(f"output {name!r} is not a node of the graph")
+        if not nx.is_directed_acyclic_graph(self.to_networkx()):
+            raise IRError("graph has a cycle")
+
+    def replace_all_uses(self, old: Node, new: Node) -> None:
+        for n in self.nodes:
+            if any(i is old for i in n.inputs):
+                n.inputs = tuple(new if i is old else i for i in n.inputs)
+        for k, v in self.outputs.items():
+            if v is old:
+                self.outputs[k] = new
+
+    def remove_dead(self) -> int:
+        live = {id(n) for n in self.toposort()}
+        before = len(self.nodes)
+        self.nodes = [n for n in self.nodes if id(n) in live]
+        return before - len(self.nodes)
+
+    def symbols(self) -> set[str]:
+        return {d for n in self.nodes for d in n.shape if isinstance(d, str)}
+
+    def __str__(self) -> str:
+        from .dump import to_text
+        return to_text(self)
+
+
+def _complete_attrs(opdef: OpDef, attrs: dict) -> dict:
+    unknown = set(attrs) - set(opdef.attrs)
+    if unknown:
+        raise IRError(f"{opdef.name}: unknown attribute(s) {sorted(unknown)}; "
+                      f"it takes {sorted(opdef.attrs) or 'none'}")
+    out = {}
+    for k, default in opdef.attrs.items():
+        if k in attrs:
+            out[k] = attrs[k]
+        elif default is REQUIRED:
+            raise IRError(f"{opdef.name}: missing required attribute {k!r}")
+        else:
+            out[k] = default
+    return out
+
+
+def _check_arity(opdef: OpDef, inputs: tuple) -> None:
+    fixed = [n for n in opdef.inputs if not n.startswith("*")]
+    required = [n for n in fixed if not n.endswith("?")]
+    if len(inputs) < len(required) or (not opdef.variadic and len(inputs) > len(fixed)):
+        raise IRError(f"{opdef.name} takes inputs ({', '.join(opdef.inputs)}), got {len(inputs)}")
+    for nm, x in zip(fixed, inputs):
+        if x is None and not nm.endswith("?"):
+            raise IRError(f"{opdef.name}: input {nm!r} is required")
+
+
+# --------------------------------------------------------------------------- shape helpers
+def _fail(op: str, msg: str):
+    raise IRError(f"{op}: {msg}")
+
+
+def _numel(shape: Shape) -> tuple[int, tuple[str, ...]]:
+    """Static product and sorted symbols of a shape, to compare sizes of symbolic shapes."""
+    static = math.prod(d for d in shape if isinstance(d, int))
+    return static, tuple(sorted(d for d in shape if isinstance(d, str)))
+
+
+def _need_float(op: str, *xs: Node):
+    for x in xs:
+        if x.dtype not in FLOAT_TYPES:
+            _fail(op, f"expects float activations, got {x.dtype.name} for {x!r}")
+
+
+def _need_f32(op: str, *xs: Node):
+    for x in xs:
+        if x.dtype != F32:
+            _fail(op, f"expects F32, got {x.dtype.name} for {x!r}")
+
+
+def _need_i32(op: str, x: Node):
+    if x.dtype != I32:
+        _fail(op, f"expects I32 indices, got {x.dtype.name} for {x!r}")
+
+
+def _broadcastable(small: Shape, big: Shape) -> bool:
+    """ggml's can_repeat in NumPy order: trailing-aligned, each dim equal or 1."""
+    if len(small) > len(big):
+        return False
+    return all(s == 1 or s == b for s, b in zip(reversed(small), reversed(big)))
+
+
+def _batch_divides(a: Shape, b: Shape) -> bool:
+    """MUL_MAT broadcasting: each batch dim of a divides the matching one of b (GQA)."""
+    if len(a) != len(b):
+        return False
+    for da, db in zip(a, b):
+        if da == db:
+            continue
+        if not (isinstance(da, int) and isinstance(db, int) and db % da == 0):
+            return False
+    return True
+
+
+def _axis(op: str, x: Node, axis: int) -> int:
+    if not -x.rank <= axis < x.rank:
+        _fail(op, f"axis {axis} out of range for rank {x.rank}")
+    return axis % x.rank
+
+
+# --------------------------------------------------------------------------- the op table
+@defop("INPUT", shape=REQUIRED, dtype=REQUIRED)
+def _input(shape, dtype):
+    """A value fed by the caller on every run (token ids, positions, the attention mask)."""
+    return tuple(shape), dtype
+
+
+@defop("WEIGHT", shape=REQUIRED, dtype=REQUIRED)
+def _weight(shape, dtype):
+    """A model tensor; node.data holds its bytes (GGUF block layout for quantized types)."""
+    if is_quantized(dtype) and (not shape or shape[-1] % block_size(dtype)):
+        _fail("WEIGHT", f"row length {shape[-1] if shape else None} is not a multiple of "
+                        f"the {dtype.name} block size {block_size(dtype)}")
+    return tuple(shape), dtype
+
+
+@defop("STATE", shape=REQUIRED, dtype=REQUIRED)
+def _state(shape, dtype):
+    """A buffer that persists across runs (KV cache), zero-initialized, written by SET_ROWS."""
+    return tuple(shape), dtype
+
+
+@defop("GET_ROWS", "table ids")
+def _get_rows(table, ids):
+    """out[..., i, :] = dequantize(table[..., ids[..., i], :]): embedding lookup and gathering
+    router weights. Batch dims of table and ids must agree; any table dtype; result F32."""
+    _need_i32("GET_ROWS", ids)
+    if table.rank < 2 or table.shape[:-2] != ids.shape[:-1]:
+        _fail("GET_ROWS", f"table {list(table.shape)} and ids {list(ids.shape)} do not match "
+                          "(table [..., rows, cols], ids [..., n])")
+    return (*ids.shape, table.shape[-1]), F32
+
+
+@defop("RMS_NORM", "x", eps=REQUIRED)
+def _rms_norm(x, eps):
+    """x / sqrt(mean(x^2 over the last axis) + eps)."""
+    _need_f32("RMS_NORM", x)
+    return x.shape, F32
+
+
+@defop("NORM", "x", eps=REQUIRED)
+def _norm(x, eps):
+    """(x - mean) / sqrt(var + eps) over the last axis."""
+    _need_f32("NORM", x)
+    return x.shape, F32
+
+
+def _binary(op, doc):
+    def infer(a, b):
+        _need_f32(op, a, b)
+        if not _broadcastable(b.shape, a.shape):
+            _fail(op, f"b {list(b.shape)} does not broadcast to a {list(a.shape)}")
+        return a.shape, F32
+    OPS[op] = OpDef(op, ("a", "b"), {}, infer, f"{doc}, b broadcast to a's shape (ggml repeat).")
+
+
+_binary("ADD", "a + b")
+_binary("MUL", "a * b")
+_binary("DIV", "a / b")
+
+
+@defop("SCALE", "x", scale=REQUIRED, bias=0.0)
+def _scale(x, scale, bias):
+    """x * scale + bias."""
+    _need_f32("SCALE", x)
+    return x.shape, F32
+
+
+def _unary(op, doc):
+    def infer(x):
+        _need_f32(op, x)
+        return x.shape, F32
+    OPS[op] = OpDef(op, ("x",), {}, infer, doc)
+
+
+_unary("SILU", "x * sigmoid(x).")
+_unary("GELU", "0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (ggml's tanh approximation).")
+_unary("SIGMOID", "1 / (1 + exp(-x)).")
+_unary("CONT", "x made contiguous: no change of value; marks where a view is materialized.")
+
+
+@defop("SWIGLU", "gate up?")
+def _swiglu(gate, up):
+    """silu(gate) * up. With one input x [..., 2n]: gate = x[..., :n], up = x[..., n:] (the
+    merged [gate; up] projection)."""
+    if up is None:
+        _need_f32("SWIGLU", gate)
+        n = gate.shape[-1]
+        if not isinstance(n, int) or n % 2:
+            _fail("SWIGLU", f"merged input needs an even last dim, got {n}")
+        return (*gate.shape[:-1], n // 2), F32
+    _need_f32("SWIGLU", gate, up)
+    if gate.shape != up.shape:
+        _fail("SWIGLU", f"gate {list(gate.shape)} and up {list(up.shape)} differ")
+    return gate.shape, F32
+
+
+@defop("MUL_MAT", "a b")
+def _mul_mat(a, b):
+    """y[..., m, n] = sum_k a[..., n, k] * b[..., m, k]  (y = b @ a.T; a is the weight).
+    Batch dims of a broadcast over b's ggml-style: b batch i uses a batch i // (B_b / B_a), which
+    is grouped-query attention. Like ggml-cpu, b is first rounded to vec_dot_type(a.dtype):
+    F16/BF16 for F16/BF16 a, 8-bit blocks (Q8_0, Q8_1, Q8_K) for quantized a."""
+    _need_f32("MUL_MAT", b)
+    if a.rank < 2 or b.rank < 2 or a.rank != b.rank:
+        _fail("MUL_MAT", f"a {list(a.shape)} and b {list(b.shape)} need equal rank >= 2")
+    if a.shape[-1] != b.shape[-1]:
+        _fail("MUL_MAT", f"inner dims differ: a {list(a.shape)} vs b {list(b.shape)}")
+    if not _batch_divides(a.shape[:-2], b.shape[:-2]):
+        _fail("MUL_MAT", f"batch dims of a {list(a.shape)} do not divide those of b {list(b.shape)}")
+    return (*b.shape[:-1], a.shape[-2]), F32
+
+
+@defop("MUL_MAT_ID", "a b ids")
+def _mul_mat_id(a, b, ids):
+    """Per-token expert matmul: y[t, j, :] = a[ids[t, j]] @ b[t, j or 0, :].
+    a [E, N, K] (experts), b [T, S, K] with S = k or 1 (shared by all k), ids [T, k].
+    Activations rounded as in MUL_MAT."""
+    _need_f32("MUL_MAT_ID", b)
+    _need_i32("MUL_MAT_ID", ids)
+    if a.rank != 3 or b.rank != 3 or ids.rank != 2:
+        _fail("MUL_MAT_ID", f"want a [E,N,K], b [T,S,K], ids [T,k]; got {list(a.shape)}, "
+                            f"{list(b.shape)}, {list(ids.shape)}")
+    if a.shape[2] != b.shape[2] or b.shape[0] != ids.shape[0] or b.shape[1] not in (1, ids.shape[1]):
+        _fail("MUL_MAT_ID", f"shapes do not agree: a {list(a.shape)}, b {list(b.shape)}, "
+                            f"ids {list(ids.shape)}")
+    return (ids.shape[0], ids.shape[1], a.shape[1]), F32
+
+
+@defop("TOP_K", "x", k=REQUIRED)
+def _top_k(x, k):
+    """Indices of the k largest values along the last axis, largest first (I32)."""
+    _need_f32("TOP_K", x)
+    if not (isinstance(k, int) and 1 <= k and (not isinstance(x.shape[-1], int) or k <= x.shape[-1])):
+        _fail("TOP_K", f"k={k} must be in 1..{x.shape[-1]}")
+    return (*x.shape[:-1], k), I32
+
+
+@defop("SOFT_MAX", "x mask?", scale=1.0)
+def _soft_max(x, mask, scale):
+    """softmax(x * scale + mask) over the last axis; mask (additive, -inf = masked) broadcasts
+    to x."""
+    _need_f32("SOFT_MAX", x)
+    if mask is not None:
+        _need_f32("SOFT_MAX", mask)
+        if not _broadcastable(mask.shape, x.shape):
+            _fail("SOFT_MAX", f"mask {list(mask.shape)} does not broadcast to x {list(x.shape)}")
+    return x.shape, F32
+
+
+ROPE_NORM, ROPE_NEOX = 0, 2  # ggml's mode numbers
+
+
+@defop("ROPE", "x pos", n_dims=REQUIRED, mode=ROPE_NORM, freq_base=10000.0, freq_scale=1.0)
+def _rope(x, pos, n_dims, mode, freq_base, freq_scale):
+    """Rotary embedding of x [T, H, D] at positions pos [T]: the first n_dims of each head are
+    rotated by angle p * freq_scale * freq_base^(-2i/n_dims) for pair i; pairs are (2i, 2i+1) in
+    mode NORM (0) and (i, i + n_dims/2) in mode NEOX (2). Dims past n_dims pass through."""
+    _need_f32("ROPE", x)
+    _need_i32("ROPE", pos)
+    if x.rank != 3 or pos.shape != (x.shape[0],):
+        _fail("ROPE", f"want x [T,H,D] and pos [T], got {list(x.shape)} and {list(pos.shape)}")
+    if mode not in (ROPE_NORM, ROPE_NEOX):
+        _fail("ROPE", f"mode {mode} unsupported (0 = NORM, 2 = NEOX)")
+    if not (0 < n_dims <= x.shape[2] and n_dims % 2 == 0):
+        _fail("ROPE", f"n_dims={n_dims} must be even and <= head dim {x.shape[2]}")
+    return x.shape, F32
+
+
+@defop("RESHAPE", "x", shape=REQUIRED)
+def _reshape(x, shape):
+    """Same elements in row-major order, new shape (symbols must be carried over)."""
+    shape = tuple(shape)
+    if _numel(shape) != _numel(x.shape):
+        _fail("RESHAPE", f"cannot reshape {list(x.shape)} to {list(shape)}")
+    return shape, x.dtype
+
+
+@defop("PERMUTE", "x", axes=REQUIRED)
+def _permute(x, axes):
+    """out.shape[i] = x.shape[axes[i]] (numpy.transpose)."""
+    if sorted(axes) != list(range(x.rank)):
+        _fail("PERMUTE", f"axes {list(axes)} is not a permutation of 0..{x.rank - 1}")
+    return tuple(x.shape[a] for a in axes), x.dtype
+
+
+@defop("SLICE", "x", axis=REQUIRED, start=REQUIRED, stop=REQUIRED)
+def _slice(x, axis, start, stop):
+    """x[..., start:stop, ...] along `axis` (a view). `stop` may be a symbol (with start 0): the
+    attention reads the first KV cells of the cache, KV bound when the graph runs."""
+    ax = _axis("SLICE", x, axis)
+    n = x.shape[ax]
+    if isinstance(stop, str):
+        if start != 0:
+            _fail("SLICE", f"a symbolic stop ({stop}) needs start 0, got {start}")
+        new = stop
+    elif not isinstance(n, int) or not (0 <= start < stop <= n):
+        _fail("SLICE", f"[{start}:{stop}] out of range for axis {axis} of {list(x.shape)}")
+    else:
+        new = stop - start
+    if is_quantized(x.dtype) and ax == x.rank - 1:
+        _fail("SLICE", "cannot slice inside the rows of a block-quantized tensor")
+    return tuple(new if i == ax else d for i, d in enumerate(x.shape)), x.dtype
+
+
+@defop("CONCAT", "*xs", axis=REQUIRED)
+def _concat(*xs, axis):
+    """xs joined along `axis`; other dims and dtypes must agree."""
+    if not xs:
+        _fail("CONCAT", "needs at least one input")
+    ax = _axis("CONCAT", xs[0], axis)
+    for x in xs[1:]:
+        if x.dtype != xs[0].dtype or x.rank != xs[0].rank or any(
+                a != b for i, (a, b) in enumerate(zip(x.shape, xs[0].shape)) if i != ax):
+            _fail("CONCAT", f"inputs disagree: {[list(y.shape) for y in xs]}, "
+                            f"{[y.dtype.name for y in xs]}")
+    if any(not isinstance(x.shape[ax], int) for x in xs):
+        _fail("CONCAT", "cannot concatenate along a symbolic axis")
+    if is_quantized(xs[0].dtype) and ax == xs[0].rank - 1:
+        _fail("CONCAT", "cannot concatenate inside the rows of a block-quantized tensor")
+    shape = list(xs[0].shape)
+    shape[ax] = sum(x.shape[ax] for x in xs)
+    return tuple(shape), xs[0].dtype
+
+
+@defop("SUM", "x", axis=REQUIRED)
+def _sum(x, axis):
+    """Sum over `axis`, which is removed."""
+    _need_f32("SUM", x)
+    ax = _axis("SUM", x, axis)
+    return tuple(d for i, d in enumerate(x.shape) if i != ax), F32
+
+
+@defop("CAST", "x", dtype=REQUIRED)
+def _cast(x, dtype):
+    """Round x to F16/BF16 or back to F32 (round to nearest even)."""
+    if x.dtype not in FLOAT_TYPES or dtype not in FLOAT_TYPES:
+        _fail("CAST", f"casts between F32/F16/BF16 only, got {x.dtype.name} -> {dtype.name}")
+    return x.shape, dtype
+
+
+@defop("SET_ROWS", "dst src idx")
+def _set_rows(dst, src, idx):
+    """Writes src rows into the STATE dst at rows idx (converted to dst's dtype) and returns the
+    updated dst; dst [R, ...], src [n, ...], idx [n]. Reads of the cache go through the result."""
+    if dst.op != "STATE":
+        _fail("SET_ROWS", f"dst must be a STATE node, got {dst!r}")
+    _need_f32("SET_ROWS", src)
+    _need_i32("SET_ROWS", idx)
+    if src.shape[1:] != dst.shape[1:] or idx.shape != src.shape[:1]:
+        _fail("SET_ROWS", f"dst {list(dst.shape)}, src {list(src.shape)}, idx {list(idx.shape)} "
+                          "do not agree")
+    return dst.shape, dst.dtype
+
+
+def op_table_markdown() -> str:
+    """The op table as documentation (used by docs and `moegraph dump --ops`)."""
+    rows = ["| op | inputs | attrs | semantics |", "| --- | --- | --- | --- |"]
+    for name, d in OPS.items():
+        attrs = ", ".join(k if v is REQUIRED else f"{k}={v}" for k, v in d.attrs.items())
+        rows.append(f"| {name} | {' '.join(d.inputs)} | {attrs} | {' '.join(d.doc.split())} |")
+    return "\n".join(rows)
+
+
+def static_shape(shape: Shape, bindings: dict[str, int]) -> tuple[int, ...]:
+    """Binds symbolic dims."""
+    try:
+        return tuple(d if isinstance(d, int) else bindings[d] for d in shape)
+    except KeyError as e:
+        raise IRError(f"symbol {e.args[0]!r} is unbound") from None
+
+
+def iter_ops(nodes: Iterable[Node], *ops: str):
+    return (n for n in nodes if n.op in ops)

@@ -1,0 +1,269 @@
+"""Model graph builders, one per GGUF architecture, from GGUF metadata alone.
+
+A builder turns a ModelConfig and the file's tensors into one Graph for a forward step of T
+tokens (T is a symbol: the same graph serves the prompt and each generated token):
+inputs `tokens` [T], `pos` [T], `kq_mask` [T, KV]; states `cache_k.i`/`cache_v.i`
+[n_ctx, n_head_kv, head_dim]; output `logits` [T, n_vocab]. The MoE FFN is one builder
+parameterised as llama.cpp's build_moe_ffn is.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Callable
+
+from .errors import ModelError
+from .gguf_file import GGUFFile
+from .ir import F16, F32, I32, ROPE_NEOX, ROPE_NORM, DType, Graph, Node
+
+T = "T"    # the symbolic number of tokens in a step
+KV = "KV"  # the symbolic number of KV-cache cells a step attends to (n_past + T)
+
+
+@dataclass
+class ModelConfig:
+    arch: str
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    head_dim_v: int
+    n_ctx_train: int
+    rms_eps: float
+    rope_dims: int
+    rope_mode: int
+    rope_freq_base: float = 10000.0
+    rope_freq_scale: float = 1.0
+    n_ff: int = 0                      # dense FFN width (0 = none)
+    n_expert: int = 0
+    n_expert_used: int = 0
+    n_ff_exp: int = 0
+    n_ff_shexp: int = 0
+    expert_gating: str = "softmax"     # or "sigmoid"
+    expert_weights_norm: bool = False  # renormalize the k selected weights to sum 1
+    expert_weights_scale: float = 1.0
+    qk_norm: bool = False              # per-head RMS norm of q and k (qwen3)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_expert > 0
+
+    def summary(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str
+    rope_mode: int
+    expert_weights_norm: bool          # llama.cpp's norm_w argument for this architecture
+    qk_norm: bool = False
+    shared_expert: bool = False
+
+
+ARCHS: dict[str, Arch] = {a.name: a for a in (
+    Arch("llama", ROPE_NORM, expert_weights_norm=True),        # dense (SmolLM2) and Mixtral
+    Arch("qwen2moe", ROPE_NEOX, expert_weights_norm=False, shared_expert=True),
+    Arch("qwen3moe", ROPE_NEOX, expert_weights_norm=True, qk_norm=True),
+)}
+
+
+def config_from_gguf(f: GGUFFile) -> ModelConfig:
+    arch = f.architecture
+    if arch is None:
+        raise ModelError(f"{f.path}: no general.architecture in the metadata")
+    if arch not in ARCHS:
+        raise ModelError(f"{f.path}: architecture {arch!r} is not supported; supported: "
+                         f"{', '.join(sorted(ARCHS))}")
+    a = ARCHS[arch]
+
+    def key(name, default=ModelError):
+        v = f.get(f"{arch}.{name}", None)
+        if v is None:
+            if default is ModelError:
+                raise ModelError(f"{f.path}: missing metadata key {arch}.{name}")
+            return default
+        return v
+
+    n_embd, n_head = int(key("embedding_length")), int(key("attention.head_count"))
+    head_dim = int(key("attention.key_length", n_embd // n_head))
+    tokens = f.get("tokenizer.ggml.tokens")
+    n_vocab = int(key("vocab_size", len(tokens) if tokens else 0))
+    if not n_vocab:
+        raise ModelError(f"{f.path}: cannot tell the vocabulary size (no tokenizer.ggml.tokens)")
+    scale = 1.0
+    if f.get(f"{arch}.rope.scaling.type", "none") == "linear":
+        scale = 1.0 / float(key("rope.scaling.factor", 1.0))
+    n_expert = int(key("expert_count", 0))
+    gating = {1: "softmax", 2: "sigmoid"}.get(int(key("expert_gating_func", 1)), "softmax")
+    return ModelConfig(
+        arch=arch, n_vocab=n_vocab, n_embd=n_embd, n_layer=int(key("block_count")),
+        n_head=n_head, n_head_kv=int(key("attention.head_count_kv", n_head)),
+        head_dim=head_dim, head_dim_v=int(key("attention.value_length", head_dim)),
+        n_ctx_train=int(key("context_length")),
+        rms_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_dims=int(key("rope.dimension_count", head_dim)), rope_mode=a.rope_mode,
+        rope_freq_base=float(key("rope.freq_base", 10000.0)), rope_freq_scale=scale,
+        n_ff=int(key("feed_forward_length", 0)),
+        n_expert=n_expert, n_expert_used=int(key("expert_used_count", 0)),
+        n_ff_exp=int(key("expert_feed_forward_length", key("feed_forward_length", 0) if n_expert else 0)),
+        n_ff_shexp=int(key("expert_shared_feed_forward_length", 0)),
+        expert_gating=gating,
+        expert_weights_norm=bool(key("expert_weights_norm", a.expert_weights_norm)),
+        expert_weights_scale=float(key("expert_weights_scale", 1.0)) or 1.0,
+        qk_norm=a.qk_norm,
+    )
+
+
+class GraphBuilder:
+    """Shared machinery of the architecture builders: weight nodes with shape checks, and the
+    attention and FFN blocks every architecture here is made of."""
+
+    def __init__(self, f: GGUFFile, cfg: ModelConfig, n_ctx: int, kv_dtype: DType):
+        self.f, self.cfg, self.n_ctx, self.kv_dtype = f, cfg, n_ctx, kv_dtype
+        self.g = Graph(f"{cfg.arch}:{f.path.name}")
+        self.g.meta.update(arch=cfg.arch, config=cfg, n_ctx=n_ctx, kv_dtype=kv_dtype.name,
+                           file=str(f.path))
+        self._weights: dict[str, Node] = {}
+        g = self.g
+        self.tokens = g.input("tokens", (T,), I32)
+        self.pos = g.input("pos", (T,), I32)
+        self.kq_mask = g.input("kq_mask", (T, KV), F32)
+
+    # -- weights
+    def has(self, name: str) -> bool:
+        return name in self.f
+
+    def w(self, name: str, shape: tuple) -> Node:
+        if name in self._weights:
+            return self._weights[name]
+        if name not in self.f:
+            raise ModelError(f"{self.f.path}: missing tensor {name} (architecture {self.cfg.arch})")
+        data = self.f.tensor(name)
+        if tuple(data.shape) != tuple(shape):
+            raise ModelError(f"{self.f.path}: tensor {name} has shape {list(data.shape)} but the "
+                             f"model's hyper-parameters need {list(shape)}")
+        node = self._weights[name] = self.g.weight(data)
+        return node
+
+    def opt(self, name: str, shape: tuple) -> Node | None:
+        return self.w(name, shape) if self.has(name) else None
+
+    # -- blocks
+    def linear(self, x: Node, wname: str, n_out: int, n_in: int, bias: bool = True) -> Node:
+        g = self.g
+        y = g.mul_mat(self.w(f"{wname}.weight", (n_out, n_in)), x)
+        b = self.opt(f"{wname}.bias", (n_out,)) if bias else None
+        return g.add(y, b) if b is not None else y
+
+    def norm(self, x: Node, wname: str) -> Node:
+        g = self.g
+        return g.mul(g.rms_norm(x, eps=self.cfg.rms_eps), self.w(wname, (x.shape[-1],)))
+
+    def attention(self, x: Node, il: int) -> Node:
+        g, c = self.g, self.cfg
+        p = f"blk.{il}"
+        nq, nk, nv = c.n_head * c.head_dim, c.n_head_kv * c.head_dim, c.n_head_kv * c.head_dim_v
+        if self.has(f"{p}.attn_qkv.weight"):         # fused ahead of time: rows Q, K, V
+            qkv = self.linear(x, f"{p}.attn_qkv", nq + nk + nv, c.n_embd)
+            q = g.slice(qkv, axis=-1, start=0, stop=nq)
+            k = g.slice(qkv, axis=-1, start=nq, stop=nq + nk)
+            v = g.slice(qkv, axis=-1, start=nq + nk, stop=nq + nk + nv)
+        else:
+            q = self.linear(x, f"{p}.attn_q", nq, c.n_embd)
+            k = self.linear(x, f"{p}.attn_k", nk, c.n_embd)
+            v = self.linear(x, f"{p}.attn_v", nv, c.n_embd)
+        q = g.reshape(q, shape=(T, c.n_head, c.head_dim))
+        k = g.reshape(k, shape=(T, c.n_head_kv, c.head_dim))
+        v = g.reshape(v, shape=(T, c.n_head_kv, c.head_dim_v))
+        if c.qk_norm:
+            q = self.norm(q, f"{p}.attn_q_norm.weight")
+            k = self.norm(k, f"{p}.attn_k_norm.weight")
+        rope = dict(n_dims=c.rope_dims, mode=c.rope_mode, freq_base=c.rope_freq_base,
+                    freq_scale=c.rope_freq_scale)
+        q = g.rope(q, self.pos, **rope)
+        k = g.rope(k, self.pos, **rope)
+        # KV cache: cell = position (one sequence); attention reads cells [0, KV) and the mask
+        # hides those in each token's future.
+        kc = g.set_rows(g.state(f"cache_k.{il}", (self.n_ctx, c.n_head_kv, c.head_dim), self.kv_dtype), k, self.pos)
+        vc = g.set_rows(g.state(f"cache_v.{il}", (self.n_ctx, c.n_head_kv, c.head_dim_v), self.kv_dtype), v, self.pos)
+        kc, vc = (g.slice(kc, axis=0, start=0, stop=KV), g.slice(vc, axis=0, start=0, stop=KV))
+        kq = g.mul_mat(g.permute(kc, axes=(1, 0, 2)), g.permute(q, axes=(1, 0, 2)))  # [H, T, KV]
+        kq = g.soft_max(kq, self.kq_mask, scale=c.head_dim ** -0.5)
+        o = g.mul_mat(g.permute(vc, axes=(1, 2, 0)), kq)                           # [H, T, Dv]
+        o = g.reshape(g.cont(g.permute(o, axes=(1, 0, 2))), shape=(T, c.n_head * c.head_dim_v))
+        return self.linear(o, f"{p}.attn_output", c.n_embd, c.n_head * c.head_dim_v)
+
+    def dense_ffn(self, x: Node, p: str, n_ff: int, suffix: str = "") -> Node:
+        """down(silu(gate x) * up x), from a merged [gate; up] tensor when the file has one."""
+        g, n = self.g, self.cfg.n_embd
+        if self.has(f"{p}.ffn_gate_up{suffix}.weight"):
+            par = g.swiglu(self.linear(x, f"{p}.ffn_gate_up{suffix}", 2 * n_ff, n))
+        else:
+            par = g.swiglu(self.linear(x, f"{p}.ffn_gate{suffix}", n_ff, n),
+                           self.linear(x, f"{p}.ffn_up{suffix}", n_ff, n))
+        return self.linear(par, f"{p}.ffn_down{suffix}", n, n_ff)
+
+    def moe_ffn(self, x: Node, il: int, n_expert_used: int | None = None) -> Node:
+        """llama.cpp's build_moe_ffn: route, pick top-k, weight, run the chosen experts, sum."""
+        g, c = self.g, self.cfg
+        p, E, n, nf = f"blk.{il}", c.n_expert, c.n_embd, c.n_ff_exp
+        k = n_expert_used or c.n_expert_used
+        logits = g.mul_mat(self.w(f"{p}.ffn_gate_inp.weight", (E, n)), x)           # [T, E]
+        probs = g.soft_max(logits) if c.expert_gating == "softmax" else g.sigmoid(logits)
+        ids = g.top_k(probs, k=k, name=f"{p}.expert_ids")                          # [T, k]
+        weights = g.get_rows(g.reshape(probs, shape=(T, E, 1)), ids)              # [T, k, 1]
+        if c.expert_weights_norm:
+            total = g.reshape(g.sum(weights, axis=1), shape=(T, 1, 1))
+            weights = g.div(weights, total)
+        if c.expert_weights_scale != 1.0:
+            weights = g.scale(weights, scale=c.expert_weights_scale)
+        xe = g.reshape(x, shape=(T, 1, n))
+        if self.has(f"{p}.ffn_gate_up_exps.weight"):  # merged ahead of time: gate rows, then up
+            gu = g.mul_mat_id(self.w(f"{p}.ffn_gate_up_exps.weight", (E, 2 * nf, n)), xe, ids)
+            par = g.swiglu(gu)
+        else:
+            gate = g.mul_mat_id(self.w(f"{p}.ffn_gate_exps.weight", (E, nf, n)), xe, ids)
+            up = g.mul_mat_id(self.w(f"{p}.ffn_up_exps.weight", (E, nf, n)), xe, ids)
+            par = g.swiglu(gate, up)
+        experts = g.mul_mat_id(self.w(f"{p}.ffn_down_exps.weight", (E, n, nf)), par, ids)
+        out = g.sum(g.mul(experts, weights), axis=1)                                # [T, n]
+        if c.n_ff_shexp and self.has(f"{p}.ffn_up_shexp.weight"):
+            shared = self.dense_ffn(x, p, c.n_ff_shexp, suffix="_shexp")
+            gate_w = self.opt(f"{p}.ffn_gate_inp_shexp.weight", (n,))
+            if gate_w is not None:
+                gate_w = g.reshape(gate_w, shape=(1, n))
+                shared = g.mul(shared, g.sigmoid(g.mul_mat(gate_w, x)))           # [T,n]*[T,1]
+            out = g.add(out, shared)
+        return out
+
+    def output(self, x: Node) -> Node:
+        g, c = self.g, self.cfg
+        x = self.norm(x, "output_norm.weight")
+        name = "output.weight" if self.has("output.weight") else "token_embd.weight"  # tied
+        return g.mul_mat(self.w(name, (c.n_vocab, c.n_embd)), x)
+
+
+def build_decoder(b: GraphBuilder) -> Graph:
+    """The decoder every supported architecture shares: pre-norm attention and FFN blocks with
+    residuals; the FFN is MoE where the model has experts, dense otherwise."""
+    g, c = b.g, b.cfg
+    x = g.get_rows(b.w("token_embd.weight", (c.n_vocab, c.n_embd)), b.tokens)
+    for il in range(c.n_layer):
+        x = g.add(x, b.attention(b.norm(x, f"blk.{il}.attn_norm.weight"), il), name=f"blk.{il}.attn_out")
+        h = b.norm(x, f"blk.{il}.ffn_norm.weight")
+        ffn = b.moe_ffn(h, il) if c.is_moe else b.dense_ffn(h, f"blk.{il}", c.n_ff)
+        x = g.add(x, ffn, name=f"blk.{il}.out")
+    g.outputs["logits"] = b.output(x)
+    return g
+
+
+BUILDERS: dict[str, Callable[[GraphBuilder], Graph]] = {name: build_decoder for name in ARCHS}
+
+
+def build_graph(f: GGUFFile, cfg: ModelConfig, n_ctx: int, kv_dtype: DType = F16) -> Graph:
+    g = BUILDERS[cfg.arch](GraphBuilder(f, cfg, n_ctx, kv_dtype))
+    g.verify()
+    return g

