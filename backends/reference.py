@@ -12,7 +12,8 @@ import numpy as np
 
 from moegraph.errors import InputError
 from moegraph.ir import BF16, F16, F32, Graph, Node, static_shape
-from moegraph.quants import GGMLType, quantize_roundtrip, vec_dot_type
+from moegraph.quants import (GGMLType, quantize_activations, quantize_roundtrip, traits,
+                             vec_dot_type)
 
 
 class NumpyBackend:
@@ -29,7 +30,7 @@ class NumpyExecutable:
     def __init__(self, graph: Graph, emulate: bool):
         self.graph, self.emulate = graph, emulate
         self.order = graph.toposort()
-        self.dequantized: dict[int, np.ndarray] = {}   # id(WeightData) -> float32 array
+        self.dequantized: dict[tuple, np.ndarray] = {}  # (what, id(WeightData)) -> array
         self.states: dict[str, np.ndarray] = {}
         self.reset_state()
 
@@ -42,7 +43,7 @@ class NumpyExecutable:
                 self.states[name] = np.zeros(n.shape, dt)
 
     def weight(self, n: Node) -> np.ndarray:
-        key = id(n.data)
+        key = ("values", id(n.data))
         if key not in self.dequantized:
             self.dequantized[key] = n.data.dequantize()
         return self.dequantized[key]
@@ -68,6 +69,21 @@ class NumpyExecutable:
         if not self.emulate:
             return x.astype(np.float64)
         return quantize_roundtrip(x, vec_dot_type(weight_type))
+
+    def q8_1_correction(self, w: Node, x: np.ndarray) -> np.ndarray | None:
+        """ggml's Q4_1/Q5_1 dot product adds m_w * s_x per block, with s_x = fp16(d_x * sum q_x)
+        stored in the Q8_1 activation block; the round trip alone gives m_w * d_x * sum q_x. This
+        returns the difference, [..., M, N], or None where it does not apply."""
+        if not self.emulate or w.dtype not in (GGMLType.Q4_1, GGMLType.Q5_1) or w.op != "WEIGHT":
+            return None
+        key = ("mins", id(w.data))
+        if key not in self.dequantized:
+            blocks = np.frombuffer(w.data.raw, dtype=traits(w.dtype).block_dtype)
+            self.dequantized[key] = blocks["m"].astype(np.float64).reshape(*w.shape[:-1], -1)
+        mins = self.dequantized[key]
+        a = quantize_activations(as_f32(x), GGMLType.Q8_1)
+        delta = a.s.astype(np.float64) - a.d.astype(np.float64) * a.qs.sum(axis=-1, dtype=np.int64)
+        return delta @ np.swapaxes(mins, -1, -2)
 
 
 def bind_symbols(graph: Graph, inputs: dict[str, np.ndarray]) -> dict[str, int]:
@@ -97,7 +113,9 @@ def _mul_mat(ex, n, b, a, x):
     reps = xr.shape[0] // a.shape[0] if a.ndim == 3 else 1   # GQA: b batch i uses a batch i // r
     if a.ndim >= 3 and reps > 1:
         a = np.repeat(a, reps, axis=0)
-    return (xr @ np.swapaxes(a, -1, -2).astype(np.float64)).astype(np.float32)
+    y = xr @ np.swapaxes(a, -1, -2).astype(np.float64)
+    corr = ex.q8_1_correction(n.inputs[0], x)
+    return (y if corr is None else y + corr).astype(np.float32)
 
 
 def _mul_mat_id(ex, n, b, a, x, ids):

@@ -152,7 +152,7 @@ class Session:
             st.n_generated += 1
             if stop_at_eos and nxt in tok.eos_ids:
                 break
-            piece = decoder.feed(nxt)
+            piece = decoder.push(nxt)
             if piece:
                 yield piece
             if self.n_past >= self.n_ctx:
