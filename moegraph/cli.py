@@ -12,6 +12,7 @@ printed as `moegraph: error: <message>` with exit status 1; `--debug` shows the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -68,6 +69,20 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _ctx_size(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = the model's), got {s}")
+    return v
+
+
+def _chunk_size(s: str) -> int:
+    v = int(s)
+    if v < 2:
+        raise argparse.ArgumentTypeError(f"a chunk needs at least 2 tokens, got {s}")
+    return v
+
+
 def _top_p(s: str) -> float:
     v = float(s)
     if not 0.0 < v <= 1.0:
@@ -82,12 +97,15 @@ def _token_list(s: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {s!r}") from None
 
 
-def _load(path) -> "moegraph.Model":  # noqa: F821
+def _load(path):
     from .runtime import load
     return load(path)
 
 
 def _compile(model, args, n_ctx: int | None):
+    if n_ctx and n_ctx > model.config.n_ctx_train:
+        _err(f"moegraph: warning: n_ctx {n_ctx} is larger than the {model.config.n_ctx_train} "
+             "tokens the model was trained with")
     options = {"n_threads": args.threads} if getattr(args, "threads", None) else {}
     return model.compile(backend=args.backend or _default_backend(), n_ctx=n_ctx,
                          kv_type=args.kv_type, **options)
@@ -266,11 +284,16 @@ def cmd_perplexity(args) -> int:
         session.perplexity(ids, ctx=ctx)
     bar = tqdm(total=n_chunks, desc="perplexity", unit="chunk", file=sys.stderr, dynamic_ncols=True)
 
+    seen: list[float] = []
+
     def progress(done, n, *extra):
-        # extra, when the runtime gives it: the chunk NLLs so far (for the running PPL)
-        if extra and extra[0]:
-            nll = extra[0]
-            bar.set_postfix_str(f"PPL {math.exp(sum(nll) / len(nll)):.4f}", refresh=False)
+        # Session.perplexity calls progress(done, total); when it also passes the chunk NLLs so
+        # far (a list) or the last chunk's NLL (a float), the bar shows the running PPL.
+        if extra and extra[0] is not None:
+            v = extra[0]
+            seen[:] = seen + [float(v)] if isinstance(v, (int, float)) else [float(x) for x in v]
+            if seen:
+                bar.set_postfix_str(f"PPL {math.exp(sum(seen) / len(seen)):.4f}", refresh=False)
         bar.update(done - bar.n)
 
     try:
@@ -387,10 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"moegraph {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    def model_opts(sp, ctx_default=0, ctx_help="context size (0 = the model's, at most 4096)"):
+    def model_opts(sp, ctx_default=0, ctx_help="context size (0 = the model's, at most 4096)",
+                   ctx_type=_ctx_size):
         sp.add_argument("-m", "--model", default=str(_default_model()), metavar="FILE",
                         help="GGUF model (default: the bundled tiny-qwen3moe-kjv Q8_0)")
-        sp.add_argument("-c", "--ctx-size", type=int, default=ctx_default, metavar="N", help=ctx_help)
+        sp.add_argument("-c", "--ctx-size", type=ctx_type, default=ctx_default, metavar="N", help=ctx_help)
         sp.add_argument("--kv-type", choices=["f16", "f32"], default="f16",
                         help="KV cache type (default: f16)")
 
@@ -432,7 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("perplexity", parents=[debug], help="perplexity of a text file",
                         description="llama-perplexity's protocol: non-overlapping chunks of -c "
                                     "tokens, the second half of each chunk scored.")
-    model_opts(sp, ctx_default=128, ctx_help="chunk size in tokens (default: 128)")
+    model_opts(sp, ctx_default=128, ctx_help="chunk size in tokens (default: 128)",
+               ctx_type=_chunk_size)
     sp.add_argument("-f", "--file", required=True, metavar="FILE", help="text file")
     sp.add_argument("--chunks", type=_positive_int, default=None, metavar="N",
                     help="evaluate at most N chunks")
@@ -473,10 +498,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moegraph: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        try:
+        with contextlib.suppress(OSError, ValueError):
             sys.stdout.flush()
-        except Exception:
-            pass
         return 130
     except BrokenPipeError:
         # `moegraph dump | head`: the reader went away; stop quietly like other Unix tools

@@ -236,7 +236,7 @@ def render_svg(dot_text: str, out_path: str | Path, timeout: float = 120.0) -> b
         return False
     try:
         proc = subprocess.run([exe, "-Tsvg", "-o", str(out_path)], input=dot_text.encode(),
-                              capture_output=True, timeout=timeout)
+                              capture_output=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         raise MoeGraphError(f"Graphviz dot took more than {timeout:g} s to render {out_path}") from None
     if proc.returncode != 0:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -86,6 +86,9 @@ class GGUFFile:
         self.version = int(reader.fields["GGUF.version"].contents()) if "GGUF.version" in reader.fields else None
         self.metadata: dict[str, Any] = {k: f.contents() for k, f in reader.fields.items()
                                          if not k.startswith("GGUF.")}
+        # value types, so that a rewritten file keeps them (e.g. uint32 vs int32)
+        self.metadata_types = {k: (f.types[0], f.types[-1] if len(f.types) > 1 else None)
+                               for k, f in reader.fields.items() if not k.startswith("GGUF.")}
         self.file_size = self.path.stat().st_size
         self.tensors: dict[str, WeightData] = {}
         self.tensor_types: dict[str, str] = {}
@@ -136,3 +139,63 @@ def _check_file(path: Path) -> None:
         raise GGUFError(f"{path}: not a GGUF file (starts with {head[:4]!r}, expected {GGUF_MAGIC!r})")
     if len(head) < 24:
         raise GGUFError(f"{path}: truncated GGUF (only {len(head)} bytes)")
+
+
+def _infer_value_type(value: Any):
+    from gguf import GGUFValueType as V
+    def scalar(v):
+        if isinstance(v, bool):
+            return V.BOOL
+        if isinstance(v, int):
+            return V.UINT32 if 0 <= v < 2**32 else V.INT64
+        if isinstance(v, float):
+            return V.FLOAT32
+        if isinstance(v, str):
+            return V.STRING
+        raise TypeError(f"cannot store {type(v).__name__} in GGUF metadata")
+    if isinstance(value, (list, tuple)):
+        return V.ARRAY, (scalar(value[0]) if value else V.INT32)
+    return scalar(value), None
+
+
+def write_gguf(path: str | os.PathLike, metadata: dict[str, Any], tensors: Iterable[WeightData],
+               metadata_types: dict | None = None) -> Path:
+    """Writes a GGUF tensor by tensor (the tensor data is never gathered in memory) to a
+    temporary name and renames it into place at the end, so an interrupted write leaves no
+    half-written file under `path`. `tensors` must be a re-iterable collection: it is walked once
+    for the tensor table and once for the data."""
+    import gguf
+    path = Path(path)
+    tensors = list(tensors)
+    metadata_types = metadata_types or {}
+    arch = metadata.get("general.architecture", "llama")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        w = gguf.GGUFWriter(tmp, arch)
+        for key, value in metadata.items():
+            if key == "general.architecture":
+                continue  # the writer adds it
+            vtype, sub = metadata_types.get(key) or _infer_value_type(value)
+            w.add_key_value(key, value, vtype, sub_type=sub)
+        for t in tensors:
+            w.add_tensor_info(t.name, _ggml_shape(t), np.dtype(np.uint8), t.nbytes,
+                              raw_dtype=gguf.GGMLQuantizationType(int(t.dtype)))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for t in tensors:
+            w.write_tensor_data(np.ascontiguousarray(t.raw).view(np.uint8).reshape(-1))
+        w.close()
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _ggml_shape(t: WeightData) -> tuple[int, ...]:
+    """The byte shape gguf's writer expects for raw data: NumPy-order dims, innermost in bytes
+    (sizes from gguf's table, so types moegraph cannot compute with are copied as well)."""
+    import gguf
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(int(t.dtype))]
+    return (*t.shape[:-1], t.shape[-1] // block * size) if t.shape else (t.nbytes,)

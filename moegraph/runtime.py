@@ -10,7 +10,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import InputError, MoeGraphError
+from .errors import InputError, ModelError, MoeGraphError
 from .gguf_file import GGUFFile
 from .ir import F16, F32, Graph
 from .models import build_graph, config_from_gguf
@@ -35,7 +35,10 @@ class Model:
     def tokenizer(self):
         if self._tokenizer is None:
             from .tokenizer import Tokenizer
-            self._tokenizer = Tokenizer.from_metadata(self.file.metadata)
+            try:
+                self._tokenizer = Tokenizer.from_metadata(self.file.metadata)
+            except ValueError as e:
+                raise ModelError(f"{self.path}: cannot build the tokenizer: {e}") from None
         return self._tokenizer
 
     def default_n_ctx(self) -> int:
@@ -45,7 +48,10 @@ class Model:
         """The model's forward-step graph before any pass."""
         if kv_type not in KV_TYPES:
             raise MoeGraphError(f"kv_type must be one of {list(KV_TYPES)}, got {kv_type!r}")
-        return build_graph(self.file, self.config, n_ctx or self.default_n_ctx(), KV_TYPES[kv_type])
+        n_ctx = n_ctx or self.default_n_ctx()
+        if not (isinstance(n_ctx, int) and n_ctx >= 1):
+            raise MoeGraphError(f"n_ctx must be a positive integer, got {n_ctx!r}")
+        return build_graph(self.file, self.config, n_ctx, KV_TYPES[kv_type])
 
     def compile(self, backend: str | None = None, passes: Sequence = (), n_ctx: int | None = None,
                 kv_type: str = "f16", **backend_options) -> "Session":
@@ -169,9 +175,13 @@ class Session:
                    progress: Callable[[int, int], None] | None = None) -> PerplexityResult:
         """llama-perplexity's protocol: non-overlapping chunks of `ctx` tokens (remainder dropped),
         each evaluated from an empty cache; tokens score_from+1 .. ctx-1 of each chunk are scored
-        from the logits before them (score_from defaults to ctx/2). NLL in float64."""
+        from the logits before them (score_from defaults to ctx/2). NLL in float64.
+        `progress(done, total, chunk_nll)` is called after each chunk."""
         ids = self.tokenizer.encode(text) if isinstance(text, str) else list(text)
         score_from = ctx // 2 if score_from is None else score_from
+        if ctx < 2 or not (0 <= score_from < ctx - 1):
+            raise InputError(f"perplexity needs ctx >= 2 and 0 <= score_from < ctx - 1, got "
+                             f"ctx={ctx}, score_from={score_from}")
         if ctx > self.n_ctx:
             raise InputError(f"perplexity chunk size {ctx} exceeds n_ctx={self.n_ctx}")
         total = len(ids) // ctx
@@ -188,7 +198,7 @@ class Session:
             lse = m + np.log(np.exp(logits - m[:, None]).sum(axis=1))
             chunk_nll.append(float(np.mean(lse - logits[np.arange(len(targets)), targets])))
             if progress:
-                progress(c + 1, n_chunks)
+                progress(c + 1, n_chunks, chunk_nll)
         self.reset()
         mean = float(np.mean(chunk_nll))   # equal-sized chunks: mean of means = overall mean
         return PerplexityResult(math.exp(mean), mean, n_chunks * (ctx - 1 - score_from),

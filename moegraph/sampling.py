@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import InputError
+
 
 class Sampler:
     def __init__(self, temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95,
                  seed: int | None = None):
         if top_p <= 0 or top_p > 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+            raise InputError(f"top_p must be in (0, 1], got {top_p}")
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.rng = np.random.default_rng(seed)
 

@@ -90,7 +90,7 @@ def test_run_seed_is_deterministic(capsys):
 
 
 def test_run_prompt_tokens(capsys):
-    rc, out, err = cli(capsys, "run", "--prompt-tokens", "10,20,30", "-n", "4", "--temp", "0")
+    rc, _, err = cli(capsys, "run", "--prompt-tokens", "10,20,30", "-n", "4", "--temp", "0")
     assert rc == 0, err
     assert re.search(r"prompt eval time = .* /\s+3 tokens", err)
 
@@ -191,7 +191,7 @@ def _bad_file(tmp_path: Path, kind: str) -> Path:
 ])
 def test_bad_model_files(capsys, tmp_path, kind, pattern):
     path = _bad_file(tmp_path, kind)
-    rc, out, err = cli(capsys, "run", "-m", path, "-n", "1")
+    rc, _, err = cli(capsys, "run", "-m", path, "-n", "1")
     assert rc == 1
     assert err.strip().splitlines()[-1].startswith("moegraph: error: ")
     assert re.search(pattern, err), err
@@ -232,7 +232,7 @@ def test_debug_shows_traceback(capsys, tmp_path):
 def _python_m(*argv, timeout=60):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, "-m", "moegraph.cli", *map(str, argv)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def test_entry_point_version_and_run():
