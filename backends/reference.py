@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from moegraph.errors import InputError
-from moegraph.ir import BF16, F16, F32, Graph, Node, static_shape
+from moegraph.ir import BF16, F16, F32, I32, Graph, Node, static_shape
 from moegraph.quants import (GGMLType, quantize_activations, quantize_roundtrip, traits,
                              vec_dot_type)
 
@@ -62,7 +62,8 @@ class NumpyExecutable:
                 args = [None if i is None else env[i.id] for i in n.inputs]
                 v = IMPL[n.op](self, n, bindings, *args)
             env[n.id] = v
-        return {name: np.asarray(env[o.id], dtype=np.float32) for name, o in self.graph.outputs.items()}
+        return {name: np.asarray(env[o.id], dtype=np.int32 if o.dtype == I32 else np.float32)
+                for name, o in self.graph.outputs.items()}
 
     def round_activations(self, x: np.ndarray, weight_type: GGMLType) -> np.ndarray:
         x = as_f32(x)
@@ -161,10 +162,11 @@ def _soft_max(ex, n, b, x, mask):
     return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
-def _rms_norm(ex, n, b, x):
+def _rms_norm(ex, n, b, x, w):
     x = as_f32(x)
     ms = np.mean(x.astype(np.float64) ** 2, axis=-1, keepdims=True)
-    return (x / np.sqrt(ms + n.attrs["eps"])).astype(np.float32)
+    y = (x / np.sqrt(ms + n.attrs["eps"])).astype(np.float32)
+    return y if w is None else y * as_f32(w)
 
 
 def _norm(ex, n, b, x):

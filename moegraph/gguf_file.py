@@ -56,6 +56,16 @@ class WeightData:
         return WeightData(self.name, self.dtype, shape, np.ascontiguousarray(part).reshape(-1))
 
 
+    def select(self, indices, axis: int = 0) -> "WeightData":
+        """The given entries along a non-innermost axis (e.g. whole experts), blocks untouched."""
+        ax = axis % len(self.shape)
+        assert ax < len(self.shape) - 1, "cannot select within rows"
+        as_rows = self.raw.reshape(*self.shape[:-1], row_bytes(self.dtype, self.shape[-1]))
+        part = np.take(as_rows, np.asarray(indices, dtype=np.intp), axis=ax)
+        shape = tuple(len(indices) if i == ax else d for i, d in enumerate(self.shape))
+        return WeightData(self.name, self.dtype, shape, np.ascontiguousarray(part).reshape(-1))
+
+
 def concat_weights(name: str, parts: list[WeightData], axis: int = -2) -> WeightData:
     """Joins tensors of one GGML type along a non-innermost axis (fused Q/K/V, merged gate/up)."""
     t = parts[0].dtype

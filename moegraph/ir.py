@@ -179,6 +179,13 @@ class Graph:
         if not nx.is_directed_acyclic_graph(self.to_networkx()):
             raise IRError("graph has a cycle")
 
+    def reinfer(self) -> None:
+        """Re-derives every node's shape and dtype from the op table, in topological order: a pass
+        that changes a shape (fewer experts, a new k) edits attrs or weights and calls this."""
+        for n in self.toposort():
+            shape, dtype = OPS[n.op].infer(*n.inputs, **n.attrs)
+            n.shape, n.dtype = tuple(shape), dtype
+
     def replace_all_uses(self, old: Node, new: Node) -> None:
         for n in self.nodes:
             if any(i is old for i in n.inputs):
@@ -313,10 +320,15 @@ def _get_rows(table, ids):
     return (*ids.shape, table.shape[-1]), F32
 
 
-@defop("RMS_NORM", "x", eps=REQUIRED)
-def _rms_norm(x, eps):
-    """x / sqrt(mean(x^2 over the last axis) + eps)."""
+@defop("RMS_NORM", "x w?", eps=REQUIRED)
+def _rms_norm(x, w, eps):
+    """x / sqrt(mean(x^2 over the last axis) + eps), times w (broadcast) when given: the norm
+    weight, folded in by the fuse_norm pass so the normalized x is never stored."""
     _need_f32("RMS_NORM", x)
+    if w is not None:
+        _need_f32("RMS_NORM", w)
+        if not _broadcastable(w.shape, x.shape):
+            _fail("RMS_NORM", f"w {list(w.shape)} does not broadcast to x {list(x.shape)}")
     return x.shape, F32
 
 
@@ -451,8 +463,15 @@ def _rope(x, pos, n_dims, mode, freq_base, freq_scale):
 
 @defop("RESHAPE", "x", shape=REQUIRED)
 def _reshape(x, shape):
-    """Same elements in row-major order, new shape (symbols must be carried over)."""
+    """Same elements in row-major order, new shape (symbols must be carried over; one -1 is
+    inferred from the static sizes)."""
     shape = tuple(shape)
+    if shape.count(-1) == 1:
+        have, _ = _numel(x.shape)
+        known, _ = _numel(tuple(d for d in shape if d != -1))
+        if known == 0 or have % known:
+            _fail("RESHAPE", f"cannot reshape {list(x.shape)} to {list(shape)}")
+        shape = tuple(have // known if d == -1 else d for d in shape)
     if _numel(shape) != _numel(x.shape):
         _fail("RESHAPE", f"cannot reshape {list(x.shape)} to {list(shape)}")
     return shape, x.dtype

@@ -214,7 +214,7 @@ class GraphBuilder:
         logits = g.mul_mat(self.w(f"{p}.ffn_gate_inp.weight", (E, n)), x)           # [T, E]
         probs = g.soft_max(logits) if c.expert_gating == "softmax" else g.sigmoid(logits)
         ids = g.top_k(probs, k=k, name=f"{p}.expert_ids")                          # [T, k]
-        weights = g.get_rows(g.reshape(probs, shape=(T, E, 1)), ids)              # [T, k, 1]
+        weights = g.get_rows(g.reshape(probs, shape=(T, -1, 1)), ids)             # [T, k, 1]
         if c.expert_weights_norm:
             total = g.reshape(g.sum(weights, axis=1), shape=(T, 1, 1))
             weights = g.div(weights, total)

@@ -54,9 +54,16 @@ class Model:
         return build_graph(self.file, self.config, n_ctx, KV_TYPES[kv_type])
 
     def compile(self, backend: str | None = None, passes: Sequence = (), n_ctx: int | None = None,
-                kv_type: str = "f16", **backend_options) -> "Session":
+                kv_type: str = "f16", n_expert_used=None, slice_mode: str = "soft",
+                **backend_options) -> "Session":
+        """Builds the graph, runs the passes (names, functions, or (name, options) pairs) and
+        compiles it. `n_expert_used` (an int, or one per layer) with `slice_mode` "soft" or "hard"
+        appends the slice_experts pass."""
         from moegraph.backends import default_backend, get_backend
         graph = self.graph(n_ctx, kv_type)
+        passes = list(passes)
+        if n_expert_used is not None:
+            passes.append(("slice_experts", {"n_expert_used": n_expert_used, "mode": slice_mode}))
         if passes:
             from moegraph.passes import run_passes
             graph = run_passes(graph, passes)
@@ -115,6 +122,12 @@ class Session:
         self.executable.reset_state()
 
     def forward(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Appends tokens to the sequence; returns the logits [n_tokens, n_vocab] (float32)."""
+        return self.run(tokens)["logits"]
+
+    def run(self, tokens: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
+        """Like forward, but returns every output of the graph (passes and analyses may add some,
+        e.g. the chosen experts)."""
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
         n, n_vocab = len(ids), self.model.config.n_vocab
         if n == 0:
@@ -131,7 +144,7 @@ class Session:
         mask = np.where(np.arange(n_kv)[None, :] <= pos[:, None], 0.0, -np.inf).astype(np.float32)
         out = self.executable.run({"tokens": ids.astype(np.int32), "pos": pos, "kq_mask": mask})
         self.n_past += n
-        return out["logits"]
+        return out
 
     # -- text in, text out
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 128, temperature: float = 0.8,
