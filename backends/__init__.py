@@ -14,6 +14,7 @@ from moegraph.errors import MoeGraphError
 
 _REGISTRY = {
     "numpy": "moegraph.backends.reference:NumpyBackend",
+    "llvm": "moegraph.backends.llvm:LLVMBackend",
 }
 
 

@@ -5,6 +5,13 @@
     moegraph run -p "In the beginning" -n 32        generate (streams to stdout, timings to stderr)
     moegraph perplexity -m model.gguf -f text.txt   llama-perplexity's protocol
     moegraph dump --format dot -o graph.dot         the model graph (text, DOT/SVG, JSON)
+    moegraph experts -f text.txt -o usage.json      how often each expert is chosen, per layer
+
+run, perplexity and dump take the pass options (add_pass_options): `--passes a,b,c` (`--passes
+help` lists them), `--n-expert-used K` (or one per layer) with `--slice-mode soft|hard`, and
+`--prune-experts N --calib FILE`. perplexity compares lists of them in one table
+(`--n-expert-used 4,3,2,1 --slice-mode soft,hard --prune-experts 12,8`); dump shows what the
+passes change (`--after-each`, `--diff`).
 
 Errors that are the user's (a missing or corrupt file, a prompt longer than the context, ...) are
 printed as `moegraph: error: <message>` with exit status 1; `--debug` shows the traceback.
@@ -17,6 +24,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 import traceback
@@ -102,13 +110,238 @@ def _load(path):
     return load(path)
 
 
-def _compile(model, args, n_ctx: int | None):
+def _compile(model, args, n_ctx: int | None, passes=None):
+    """Compiles with the backend options of `args`; `passes` defaults to the pipeline that the
+    pass options of `args` ask for (--passes, --n-expert-used/--slice-mode, --prune-experts)."""
     if n_ctx and n_ctx > model.config.n_ctx_train:
         _err(f"moegraph: warning: n_ctx {n_ctx} is larger than the {model.config.n_ctx_train} "
              "tokens the model was trained with")
     options = {"n_threads": args.threads} if getattr(args, "threads", None) else {}
+    if passes is None:
+        passes = _pipeline(model, args)
     return model.compile(backend=args.backend or _default_backend(), n_ctx=n_ctx,
-                         kv_type=args.kv_type, **options)
+                         kv_type=args.kv_type, passes=passes, **options)
+
+
+# --------------------------------------------------------------------------- passes and experts
+# The pass options of run, perplexity and dump (and bench): `add_pass_options(sp)` adds them,
+# `_pipeline(model, args)` turns them into the pass list that `model.compile(passes=...)` takes:
+# the --passes in order, then slice_experts (--n-expert-used, --slice-mode), then prune_experts
+# (--prune-experts N with the experts most used on --calib). `sweep=True` (perplexity) lets
+# --n-expert-used, --slice-mode and --prune-experts take comma lists of configurations to compare.
+SLICE_MODES = ("soft", "hard")
+
+
+def add_pass_options(sp, sweep: bool = False, calib_default: str | None = None) -> None:
+    g = sp.add_argument_group("passes and experts")
+    g.add_argument("--passes", metavar="A,B,C",
+                   help="graph passes to run, in order (`--passes help` lists them)")
+    if sweep:
+        g.add_argument("--n-expert-used", metavar="K,K,...",
+                       help="experts per token: one value, or a list of values to compare (a "
+                            "table of PPL vs the model's own count); a per-layer setting is "
+                            "written with colons, e.g. 4:4:2:2")
+        g.add_argument("--slice-mode", metavar="MODE[,MODE]",
+                       help="soft (top-k of all router probabilities, as llama.cpp's "
+                            "expert_used_count override) or hard (the first k of the model's "
+                            "own top-k, original weights); a list compares both (default: soft)")
+        g.add_argument("--prune-experts", metavar="N[,N...]",
+                       help="keep only the N experts per layer most used on the calibration "
+                            "text; a list adds one row per N to the table")
+        g.add_argument("--calib", metavar="FILE",
+                       help=f"calibration text for --prune-experts (default: {calib_default})")
+    else:
+        g.add_argument("--n-expert-used", metavar="K",
+                       help="run K experts per token (an int), or one per layer (4,4,2,2)")
+        g.add_argument("--slice-mode", choices=SLICE_MODES, default=None,
+                       help="soft (default): top-k of all router probabilities, as llama.cpp's "
+                            "expert_used_count override; hard: the first k of the model's own "
+                            "top-k with their original weights")
+        g.add_argument("--prune-experts", type=_positive_int, metavar="N",
+                       help="keep only the N experts per layer most used on --calib")
+        g.add_argument("--calib", metavar="FILE", help="calibration text for --prune-experts")
+    g.add_argument("--calib-chunks", type=_positive_int, default=None, metavar="N",
+                   help="use at most N chunks of -c tokens of the calibration text (default: all)")
+
+
+def _pass_names(text: str | None) -> list[str]:
+    """--passes a,b,c -> ['a', 'b', 'c'], each checked against the registry (before any model is
+    loaded, so a typo costs nothing)."""
+    if not text:
+        return []
+    from moegraph.passes import parse_pass_list, pass_names
+    names = parse_pass_list(text)
+    known = pass_names()
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise MoeGraphError(f"unknown pass{'es' if len(bad) > 1 else ''} "
+                            f"{', '.join(map(repr, bad))}; available passes: {', '.join(known)} "
+                            "(`--passes help` describes them)")
+    return names
+
+
+def _print_pass_help() -> int:
+    from moegraph.passes import get_pass, pass_names
+    hints = {"slice_experts": "Runs fewer experts per token than the model's expert_used_count "
+                              "(use --n-expert-used K [--slice-mode soft|hard])",
+             "prune_experts": "Keeps only the listed experts of each layer, slicing the expert "
+                              "tensors and the router (use --prune-experts N --calib FILE)"}
+    names = pass_names()
+    w = max(len(n) for n in names)
+    print("available passes (--passes a,b,c runs them in that order):")
+    for name in names:
+        doc = " ".join((get_pass(name).__doc__ or "").split())
+        doc = hints.get(name) or re.split(r"(?<=\.)\s+(?=[A-Z])", doc)[0]   # first sentence
+        print(f"  {name:<{w}}  {doc}")
+    return 0
+
+
+def _expert_counts(model) -> tuple[int, int]:
+    cfg = model.config
+    n_expert, k = int(getattr(cfg, "n_expert", 0) or 0), int(getattr(cfg, "n_expert_used", 0) or 0)
+    if n_expert <= 0 or k <= 0:
+        raise MoeGraphError(f"{model.path}: the model has no experts "
+                            "(--n-expert-used and --prune-experts need a Mixture-of-Experts model)")
+    return n_expert, k
+
+
+def _parse_k(text: str, sep: str) -> int | list[int]:
+    """'3' -> 3; '4<sep>4<sep>2<sep>2' -> [4, 4, 2, 2] (one per layer)."""
+    try:
+        ks = [int(t) for t in text.replace(":", sep).split(sep) if t.strip()]
+    except ValueError:
+        raise MoeGraphError(f"--n-expert-used: expected integers, got {text!r}") from None
+    if not ks:
+        raise MoeGraphError("--n-expert-used: no value given")
+    if any(k <= 0 for k in ks):
+        raise MoeGraphError(f"--n-expert-used: values must be positive, got {text!r}")
+    return ks[0] if len(ks) == 1 else ks
+
+
+def _fmt_k(k) -> str:
+    return str(k) if isinstance(k, int) else ":".join(map(str, k))
+
+
+def _check_k(model, k, mode: str) -> None:
+    """The checks slice_experts makes, made before anything is evaluated."""
+    n_expert, k_model = _expert_counts(model)
+    ks = [k] if isinstance(k, int) else list(k)
+    if not isinstance(k, int):
+        n_moe = _n_moe_layers(model)
+        if len(ks) != n_moe:
+            raise MoeGraphError(f"--n-expert-used {_fmt_k(k)}: {len(ks)} values, but the model "
+                                f"has {n_moe} MoE layers (give one k, or one per MoE layer)")
+    for v in ks:
+        if mode == "hard" and v > k_model:
+            raise MoeGraphError(f"--n-expert-used {_fmt_k(k)} --slice-mode hard: hard slicing "
+                                f"keeps 1..{k_model} of the model's top-{k_model} experts")
+        if v > n_expert:
+            raise MoeGraphError(f"--n-expert-used {_fmt_k(k)}: the model has {n_expert} experts")
+
+
+def _n_moe_layers(model) -> int:
+    from moegraph.passes.experts import moe_blocks
+    return len(moe_blocks(model.graph(32)))
+
+
+def _slice_modes(text: str | None) -> list[str]:
+    modes = [m.strip() for m in (text or "soft").split(",") if m.strip()]
+    bad = [m for m in modes if m not in SLICE_MODES]
+    if bad or not modes:
+        raise MoeGraphError(f"--slice-mode: expected soft, hard or soft,hard, got {text!r}")
+    return list(dict.fromkeys(modes))
+
+
+def _prune_counts(text: str) -> list[int]:
+    try:
+        ns = [int(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise MoeGraphError(f"--prune-experts: expected integers, got {text!r}") from None
+    if not ns or any(n <= 0 for n in ns):
+        raise MoeGraphError(f"--prune-experts: expected positive integers, got {text!r}")
+    return list(dict.fromkeys(ns))
+
+
+def _check_prune(model, n: int, k_used, mode: str = "soft") -> None:
+    n_expert, k_model = _expert_counts(model)
+    if k_used is None or mode == "hard":   # hard slicing picks from the model's own top-k
+        k_max = k_model
+    else:
+        k_max = max([k_used] if isinstance(k_used, int) else k_used)
+    if not k_max <= n <= n_expert:
+        raise MoeGraphError(f"--prune-experts {n}: keep between {k_max} (the experts used per "
+                            f"token) and {n_expert} (all of them) experts per layer")
+
+
+def _expert_usage(model, args, text: str, label: str):
+    """expert_usage over the calibration text in chunks of -c tokens, with a progress bar."""
+    from tqdm import tqdm
+
+    from moegraph.passes.experts import expert_usage
+    ctx = args.ctx_size or 128
+    n_tokens = len(model.tokenizer.encode(text))
+    total = max(1, n_tokens // ctx)
+    n_chunks = total if getattr(args, "calib_chunks", None) is None else min(args.calib_chunks, total)
+    _err(f"moegraph: {label}: {n_tokens} tokens, {n_chunks} chunk{'s' if n_chunks != 1 else ''} "
+         f"of {ctx} tokens")
+    bar = tqdm(total=n_chunks, desc=label, unit="chunk", file=sys.stderr, dynamic_ncols=True)
+    try:
+        return expert_usage(model, text, ctx=ctx, n_chunks=n_chunks,
+                            backend=getattr(args, "backend", None) or _default_backend(),
+                            progress=lambda done, n: bar.update(done - bar.n))
+    finally:
+        bar.close()
+
+
+def _pipeline(model, args, usage=None) -> list:
+    """The pass list that the pass options of `args` ask for (see add_pass_options)."""
+    passes: list = list(_pass_names(getattr(args, "passes", None)))
+    k_text = getattr(args, "n_expert_used", None)
+    mode = getattr(args, "slice_mode", None)
+    prune = getattr(args, "prune_experts", None)
+    if mode is not None and k_text is None:
+        raise MoeGraphError("--slice-mode needs --n-expert-used")
+    return passes + _expert_passes(model, args, k_text, mode, prune, usage)
+
+
+def _expert_passes(model, args, k_text, mode, prune, usage=None) -> list:
+    """slice_experts and prune_experts as asked. Soft slicing only changes the router's k, so it
+    goes first (then pruning may keep as few experts as the new k); pruning goes before hard
+    slicing, which picks from the model's own top-k."""
+    mode = mode or "soft"
+    slice_, prune_ = [], []
+    k = None
+    if k_text is not None:
+        k = _parse_k(str(k_text), ",") if isinstance(k_text, str) else k_text
+        _check_k(model, k, mode)
+        slice_ = [("slice_experts", {"n_expert_used": k, "mode": mode})]
+    if prune is not None:
+        n = int(prune)
+        _check_prune(model, n, k, mode)
+        if usage is None:
+            calib = getattr(args, "calib", None)
+            if not calib:
+                raise MoeGraphError("--prune-experts needs a calibration text: --calib FILE")
+            usage = _expert_usage(model, args, _read_text(calib), "calibration")
+        prune_ = [("prune_experts", {"keep": usage.most_used(n)})]
+    return prune_ + slice_ if mode == "hard" else slice_ + prune_
+
+
+def _pass_label(spec) -> str:
+    return spec[0] if isinstance(spec, tuple) else getattr(spec, "pass_name", str(spec))
+
+
+def _describe_passes(passes) -> str:
+    out = []
+    for spec in passes:
+        name, opts = (spec if isinstance(spec, tuple) else (_pass_label(spec), {}))
+        if name == "slice_experts":
+            out.append(f"slice_experts(k={_fmt_k(opts['n_expert_used'])}, {opts['mode']})")
+        elif name == "prune_experts":
+            out.append(f"prune_experts(keep {len(next(iter(opts['keep'].values())))} per layer)")
+        else:
+            out.append(name)
+    return ", ".join(out)
 
 
 def _err(msg: str) -> None:
@@ -220,9 +453,12 @@ def cmd_run(args) -> int:
     model = _load(args.model)
     load_s = time.perf_counter() - t0
     n_ctx = args.ctx_size or None
+    passes = _pipeline(model, args)
     t0 = time.perf_counter()
-    session = _compile(model, args, n_ctx)
+    session = _compile(model, args, n_ctx, passes)
     compile_s = time.perf_counter() - t0
+    if passes:
+        _err(f"moegraph: passes: {_describe_passes(passes)}")
     if args.prompt_tokens is not None:
         prompt = args.prompt_tokens
     elif args.file:
@@ -264,26 +500,19 @@ def cmd_run(args) -> int:
 
 
 # --------------------------------------------------------------------------- perplexity
-def cmd_perplexity(args) -> int:
-    from tqdm import tqdm
-    text = _read_text(args.file)
-    model = _load(args.model)
-    ctx = args.ctx_size
-    t0 = time.perf_counter()
-    session = _compile(model, args, ctx)
-    compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ids = model.tokenizer.encode(text)
-    tokenize_s = time.perf_counter() - t0
-    total = len(ids) // ctx
-    n_chunks = total if args.chunks is None else min(args.chunks, total)
-    _err(f"moegraph: tokenized {len(ids)} tokens in {tokenize_s * 1e3:.0f} ms; "
-         f"{n_chunks} of {total} chunks of {ctx} tokens; backend {session.backend} "
-         f"(compiled in {compile_s * 1e3:.0f} ms)")
-    if total == 0:   # the library says what is wrong (too few tokens for one chunk)
-        session.perplexity(ids, ctx=ctx)
-    bar = tqdm(total=n_chunks, desc="perplexity", unit="chunk", file=sys.stderr, dynamic_ncols=True)
+def _ppl_stderr(res) -> float:
+    nll = res.chunk_nll
+    if len(nll) > 1:
+        mean = sum(nll) / len(nll)
+        sd = math.sqrt(sum((x - mean) ** 2 for x in nll) / (len(nll) - 1))
+        return res.ppl * sd / math.sqrt(len(nll))    # delta method: d exp(m) = exp(m) dm
+    return float("nan")
 
+
+def _eval_ppl(session, ids, ctx: int, n_chunks: int, desc: str = "perplexity"):
+    """Session.perplexity with a tqdm bar on stderr showing the running PPL."""
+    from tqdm import tqdm
+    bar = tqdm(total=n_chunks, desc=desc, unit="chunk", file=sys.stderr, dynamic_ncols=True)
     seen: list[float] = []
 
     def progress(done, n, *extra):
@@ -297,17 +526,189 @@ def cmd_perplexity(args) -> int:
         bar.update(done - bar.n)
 
     try:
-        res = session.perplexity(ids, ctx=ctx, n_chunks=n_chunks,
-                                 progress=progress)
+        return session.perplexity(ids, ctx=ctx, n_chunks=n_chunks, progress=progress)
     finally:
         bar.close()
+
+
+def _sweep_configs(model, args) -> list[dict] | None:
+    """The configurations perplexity compares, or None for a single run (every option a single
+    value, and no --plot). Row 0 is the model as it is (the baseline)."""
+    k_items = [t for t in str(args.n_expert_used).split(",") if t.strip()] \
+        if args.n_expert_used is not None else []
+    ks = [_parse_k(t, ":") for t in k_items]
+    modes = _slice_modes(args.slice_mode)
+    if args.slice_mode is not None and not ks:
+        raise MoeGraphError("--slice-mode needs --n-expert-used")
+    prunes = _prune_counts(args.prune_experts) if args.prune_experts is not None else []
+    if len(ks) <= 1 and len(modes) <= 1 and len(prunes) <= 1 and not args.plot:
+        return None
+    n_expert, k_model = _expert_counts(model)
+    for k in ks:
+        for mode in modes:
+            _check_k(model, k, mode)
+    for n in prunes:
+        _check_prune(model, n, None)
+    configs = [{"k": k_model, "mode": "full", "n_experts": n_expert, "passes": []}]
+    seen = {(_fmt_k(k_model), "full")}
+    for k in ks:
+        for mode in modes:
+            if k == k_model or (isinstance(k, list) and all(v == k_model for v in k)):
+                continue                    # the model's own count: that is the baseline
+            if (_fmt_k(k), mode) in seen:
+                continue
+            seen.add((_fmt_k(k), mode))
+            configs.append({"k": k, "mode": mode, "n_experts": n_expert,
+                            "passes": [("slice_experts", {"n_expert_used": k, "mode": mode})]})
+    for n in prunes:
+        configs.append({"k": k_model, "mode": "prune", "n_experts": n, "prune": n, "passes": None})
+    return configs
+
+
+def _plot_available() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise MoeGraphError("--plot needs matplotlib, which is not installed: "
+                            "pip install matplotlib") from None
+
+
+def _plot_sweep(rows: list[dict], path: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    base = rows[0]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for mode, marker in (("soft", "o"), ("hard", "s")):
+        pts = [(r["k"], r["ppl"]) for r in rows if r["mode"] == mode and isinstance(r["k"], int)]
+        if not pts:
+            continue
+        pts = sorted(pts + [(base["k"], base["ppl"])])
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=mode)
+    ax.axhline(base["ppl"], color="grey", linestyle=":", linewidth=1,
+               label=f"full (k={base['k']}, {base['n_experts']} experts)")
+    for j, r in enumerate(r for r in rows if r["mode"] == "prune"):
+        ax.scatter([r["k"]], [r["ppl"]], marker="^", zorder=3, color=f"C{2 + j}",
+                   label=f"pruned to {r['n_experts']} experts (k={r['k']})")
+    ax.set_xlabel("experts used per token (k)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title, fontsize=9)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as e:
+        raise MoeGraphError(f"{path}: cannot write: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
+
+
+def _perplexity_sweep(args, model, configs, ids, ctx, n_chunks, text) -> int:
+    if args.plot:
+        _plot_available()
+    usage = None
+    if any(c["mode"] == "prune" for c in configs):
+        if args.calib:
+            calib_text = _read_text(args.calib)
+        else:
+            calib_text = text
+            _err(f"moegraph: no --calib given: the experts to keep are measured on the evaluated "
+                 f"text {args.file} itself (an optimistic choice; pass --calib FILE to avoid it)")
+        usage = _expert_usage(model, args, calib_text, "calibration")
+    _err(f"moegraph: {len(configs)} configurations, {n_chunks} chunks of {ctx} tokens each")
+    rows: list[dict] = []
+    for i, c in enumerate(configs):
+        passes = c["passes"] if c["mode"] != "prune" else \
+            [("prune_experts", {"keep": usage.most_used(c["prune"])})]
+        passes = _pass_names(args.passes) + passes
+        session = _compile(model, args, ctx, passes)
+        label = "full" if c["mode"] == "full" else \
+            (f"prune {c['n_experts']}" if c["mode"] == "prune" else f"k={_fmt_k(c['k'])} {c['mode']}")
+        res = _eval_ppl(session, ids, ctx, n_chunks, desc=f"[{i + 1}/{len(configs)}] {label}")
+        se = _ppl_stderr(res)
+        rows.append({"k": c["k"], "mode": c["mode"], "n_experts": c["n_experts"], "ppl": res.ppl,
+                     "ppl_stderr": se if math.isfinite(se) else None, "mean_nll": res.mean_nll,
+                     "chunk_nll": list(res.chunk_nll), "n_predictions": res.n_predictions,
+                     "seconds": res.seconds})
+    base = rows[0]["ppl"]
+    for r in rows:
+        r["delta"] = r["ppl"] - base
+        r["delta_pct"] = 100.0 * (r["ppl"] / base - 1.0)
+    # the table
+    head = ["k", "mode", "experts", "PPL", "+/-", "delta", "delta %"]
+    body = []
+    for r in rows:
+        se = f"{r['ppl_stderr']:.4f}" if r["ppl_stderr"] is not None else "n/a"
+        body.append([_fmt_k(r["k"]), r["mode"], str(r["n_experts"]), f"{r['ppl']:.4f}", se,
+                     f"{r['delta']:+.4f}", f"{r['delta_pct']:+.2f}%"])
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+
+    def fmt(cells):   # the mode column left-aligned, numbers right-aligned
+        return "  ".join(c.ljust(w) if j == 1 else c.rjust(w)
+                         for j, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    print(f"perplexity of {Path(args.file).name} with {model.path.name}: {n_chunks} chunks of "
+          f"{ctx} tokens, {rows[0]['n_predictions']} predictions per row; delta vs full "
+          f"(k={_fmt_k(rows[0]['k'])}, all {rows[0]['n_experts']} experts)")
+    print(fmt(head))
+    print(fmt(["-" * w for w in widths]))
+    for cells in body:
+        print(fmt(cells))
+    total_s = sum(r["seconds"] for r in rows)
+    print(f"{len(rows)} configurations in {total_s:.1f} s")
+    settings = {"text": str(args.file), "n_tokens": len(ids), "ctx": ctx, "chunks": args.chunks,
+                "n_chunks": n_chunks, "kv_type": args.kv_type, "backend": args.backend or _default_backend(),
+                "passes": _pass_names(args.passes), "n_expert_used": args.n_expert_used,
+                "slice_mode": args.slice_mode, "prune_experts": args.prune_experts,
+                "calib": (args.calib or str(args.file)) if usage is not None else None,
+                "calib_chunks": args.calib_chunks}
+    if args.output:
+        out = {"model": str(model.path), "settings": settings, "baseline_ppl": base, "rows": rows}
+        _write_text(args.output, json.dumps(out, indent=1) + "\n")
+        _err(f"moegraph: wrote {args.output}")
+    if args.plot:
+        _plot_sweep(rows, args.plot, f"{model.path.name}, {Path(args.file).name}: "
+                                     f"{n_chunks} x {ctx} tokens")
+        _err(f"moegraph: wrote {args.plot}")
+    return 0
+
+
+def cmd_perplexity(args) -> int:
+    text = _read_text(args.file)
+    model = _load(args.model)
+    ctx = args.ctx_size
+    configs = _sweep_configs(model, args)
+    t0 = time.perf_counter()
+    ids = model.tokenizer.encode(text)
+    tokenize_s = time.perf_counter() - t0
+    total = len(ids) // ctx
+    n_chunks = total if args.chunks is None else min(args.chunks, total)
+    if configs is not None:
+        _err(f"moegraph: tokenized {len(ids)} tokens in {tokenize_s * 1e3:.0f} ms; "
+             f"{n_chunks} of {total} chunks of {ctx} tokens")
+        if total == 0:   # the library says what is wrong (too few tokens for one chunk)
+            _compile(model, args, ctx, []).perplexity(ids, ctx=ctx)
+        return _perplexity_sweep(args, model, configs, ids, ctx, n_chunks, text)
+    if args.prune_experts is not None and not args.calib:
+        _err(f"moegraph: no --calib given: the experts to keep are measured on the evaluated "
+             f"text {args.file} itself (an optimistic choice; pass --calib FILE to avoid it)")
+        args.calib = args.file
+    k_text = args.n_expert_used
+    passes = _pass_names(args.passes) + _expert_passes(
+        model, args, _parse_k(k_text, ":") if k_text is not None else None, args.slice_mode,
+        _prune_counts(args.prune_experts)[0] if args.prune_experts is not None else None)
+    t0 = time.perf_counter()
+    session = _compile(model, args, ctx, passes)
+    compile_s = time.perf_counter() - t0
+    _err(f"moegraph: tokenized {len(ids)} tokens in {tokenize_s * 1e3:.0f} ms; "
+         f"{n_chunks} of {total} chunks of {ctx} tokens; backend {session.backend} "
+         f"(compiled in {compile_s * 1e3:.0f} ms)" + (f"; passes: {_describe_passes(passes)}" if passes else ""))
+    if total == 0:   # the library says what is wrong (too few tokens for one chunk)
+        session.perplexity(ids, ctx=ctx)
+    res = _eval_ppl(session, ids, ctx, n_chunks)
     nll = res.chunk_nll
-    if len(nll) > 1:
-        mean = sum(nll) / len(nll)
-        sd = math.sqrt(sum((x - mean) ** 2 for x in nll) / (len(nll) - 1))
-        ppl_se = res.ppl * sd / math.sqrt(len(nll))    # delta method: d exp(m) = exp(m) dm
-    else:
-        ppl_se = float("nan")
+    ppl_se = _ppl_stderr(res)
     n_eval = len(nll) * ctx
     tps = n_eval / res.seconds if res.seconds else 0.0
     se = f"{ppl_se:.4f}" if math.isfinite(ppl_se) else "n/a (one chunk)"
@@ -321,24 +722,18 @@ def cmd_perplexity(args) -> int:
                   "seconds": res.seconds, "tokens_per_s": tps, "model": str(model.path),
                   "settings": {"text": str(args.file), "n_tokens": len(ids), "ctx": ctx,
                                "chunks": args.chunks, "kv_type": args.kv_type,
-                               "backend": session.backend}}
+                               "backend": session.backend,
+                               "passes": [_pass_label(p) for p in passes],
+                               "n_expert_used": args.n_expert_used, "slice_mode": args.slice_mode,
+                               "prune_experts": args.prune_experts,
+                               "calib": args.calib if args.prune_experts is not None else None}}
         _write_text(args.output, json.dumps(result, indent=1) + "\n")
         _err(f"moegraph: wrote {args.output}")
     return 0
 
 
 # --------------------------------------------------------------------------- dump
-def _run_passes(graph, names: list[str], dump_each=None):
-    import importlib
-    try:
-        passes = importlib.import_module("moegraph.passes")
-    except ImportError:
-        passes = None
-    run = getattr(passes, "run_passes", None)
-    if run is None:
-        raise MoeGraphError("graph passes are not available yet (moegraph.passes has no "
-                            "run_passes); dump the graph without --passes")
-    return run(graph, names, dump_each=dump_each)
+_EXT = {"text": ".txt", "dot": ".dot", "json": ".json"}
 
 
 def _render(graph, fmt: str) -> str:
@@ -346,7 +741,7 @@ def _render(graph, fmt: str) -> str:
     return {"text": to_text, "dot": to_dot, "json": to_json_text}[fmt](graph)
 
 
-def _emit(text: str, out: str | None, fmt: str) -> None:
+def _emit(text: str, out: str | None, fmt: str, warned: list | None = None) -> None:
     from .dump import render_svg
     if not out:
         sys.stdout.write(text)
@@ -358,9 +753,18 @@ def _emit(text: str, out: str | None, fmt: str) -> None:
         svg = p.with_suffix(".svg") if p.suffix == ".dot" else Path(out + ".svg")
         if render_svg(text, svg):
             _err(f"moegraph: wrote {svg}")
-        else:
+        elif not warned:
             _err("moegraph: Graphviz `dot` is not on PATH: no SVG rendered "
                  f"(install graphviz, then `dot -Tsvg {out} -o {svg}`)")
+            if warned is not None:
+                warned.append(True)
+
+
+def _after_each_path(out: str, i: int, n: int, name: str, fmt: str) -> str:
+    """OUT = g.dot -> g.after-1-fuse_qkv.dot (the index padded to the width of n)."""
+    p = Path(out)
+    suffix = p.suffix or _EXT[fmt]
+    return str(p.with_name(f"{p.stem if p.suffix else p.name}.after-{i:0{len(str(n))}d}-{name}{suffix}"))
 
 
 def cmd_dump(args) -> int:
@@ -368,33 +772,108 @@ def cmd_dump(args) -> int:
     if args.ops:
         print(op_table_markdown())
         return 0
-    if (args.after_each or args.diff) and not args.passes:
-        raise MoeGraphError("--after-each and --diff need --passes")
     model = _load(args.model)
+    passes = _pipeline(model, args)
+    if (args.after_each or args.diff) and not passes:
+        raise MoeGraphError("--after-each and --diff need passes to run: --passes A,B,C, "
+                            "--n-expert-used or --prune-experts")
     graph = model.graph(args.ctx_size or None, args.kv_type)
-    if args.passes:
-        from .dump import diff_text, to_text
-        names = [s.strip() for s in args.passes.split(",") if s.strip()]
-        prev = {"text": to_text(graph), "name": "input"}
-        step = [0]
+    if not passes:
+        _emit(_render(graph, args.format), args.output, args.format)
+        return 0
+    from moegraph.passes import run_passes
 
-        def dump_each(name, g):
-            step[0] += 1
-            if args.after_each:
-                base = f"{args.output}.{step[0]:02d}.{name}" if args.output else None
-                if base is None:
-                    print(f"### after {name}")
-                _emit(_render(g, args.format), base and f"{base}.{args.format}", args.format)
-            if args.diff:
-                cur = to_text(g)
-                sys.stdout.write(diff_text(prev["text"], cur, prev["name"], name)
-                                 or f"### {name}: no change\n")
-                prev.update(text=cur, name=name)
+    from .dump import diff_text, to_text
+    before = to_text(graph) if args.diff else None
+    prev = {"text": before, "name": "input"}
+    n = len(passes)
+    step = [0]
+    warned: list = []
 
-        graph = _run_passes(graph, names, dump_each if (args.after_each or args.diff) else None)
+    def dump_each(name, g):
+        # --after-each: the graph after each pass, to OUT.after-<i>-<pass>.<ext> with -o, else
+        # to stdout (with --diff, stdout carries the diffs: the graphs go to files only)
+        step[0] += 1
+        i = step[0]
+        if args.output:
+            _emit(_render(g, args.format), _after_each_path(args.output, i, n, name, args.format),
+                  args.format, warned)
+        elif not args.diff:
+            print(f"### after pass {i}/{n}: {name}", flush=True)
+            _emit(_render(g, args.format), None, args.format)
         if args.diff:
-            return 0
-    _emit(_render(graph, args.format), args.output, args.format)
+            cur = to_text(g)
+            sys.stdout.write(diff_text(prev["text"], cur, prev["name"], f"after {i}: {name}")
+                             or f"### pass {i}/{n} {name}: no change\n")
+            prev.update(text=cur, name=f"after {i}: {name}")
+
+    graph = run_passes(graph, passes, dump_each=dump_each if args.after_each else None)
+    _err(f"moegraph: passes: {_describe_passes(passes)}")
+    if args.diff and not args.after_each:
+        after_name = "after " + " + ".join(_pass_label(p) for p in passes)
+        sys.stdout.write(diff_text(before, to_text(graph), "input", after_name)
+                         or "### the passes changed nothing\n")
+    if args.output:
+        _emit(_render(graph, args.format), args.output, args.format, warned)
+    elif not (args.diff or args.after_each):
+        _emit(_render(graph, args.format), None, args.format)
+    return 0
+
+
+# --------------------------------------------------------------------------- experts
+def _usage_summary(counts) -> dict:
+    """min/max share of the selections and the balance: the entropy of the shares over log(E)
+    (1 = every expert equally used, 0 = one expert takes everything)."""
+    import numpy as np
+    c = np.asarray(counts, dtype=np.float64)
+    total = c.sum()
+    f = c / total if total else c
+    nz = f[f > 0]
+    ent = float(-(nz * np.log(nz)).sum()) if total else 0.0
+    return {"min": float(f.min()), "max": float(f.max()),
+            "balance": ent / math.log(len(c)) if len(c) > 1 else 1.0,
+            "unused": int((c == 0).sum())}
+
+
+def cmd_experts(args) -> int:
+    text = _read_text(args.file)
+    model = _load(args.model)
+    n_expert, k = _expert_counts(model)
+    args.calib_chunks = args.chunks
+    usage = _expert_usage(model, args, text, "experts")
+    fr = usage.fractions()
+    summary = {layer: _usage_summary(c) for layer, c in usage.counts.items()}
+    ctx = args.ctx_size
+    n_chunks = max(1, -(-usage.n_tokens // ctx))
+    print(f"expert usage of {model.path.name} ({n_expert} experts, {k} per token) on "
+          f"{Path(args.file).name}: {usage.n_tokens} tokens in {n_chunks} chunk"
+          f"{'s' if n_chunks != 1 else ''} of {ctx}; share of the selections in each layer, %")
+    per_row = 16
+    for start in range(0, n_expert, per_row):
+        ids = range(start, min(start + per_row, n_expert))
+        head = f"{'layer':>5} " + "".join(f"{'e' + str(e):>6}" for e in ids)
+        last = start + per_row >= n_expert
+        if last:
+            head += f"  {'min':>6}{'max':>6}{'balance':>9}"
+        print(head)
+        for layer in sorted(fr):
+            f = fr[layer]
+            line = f"{layer:>5} " + "".join(f"{100 * f[e]:6.1f}" for e in ids)
+            if last:
+                s = summary[layer]
+                line += f"  {100 * s['min']:6.1f}{100 * s['max']:6.1f}{s['balance']:9.3f}"
+            print(line)
+    print(f"balance = entropy / log({n_expert}): 1 = uniform; uniform share = {100 / n_expert:.3g}%")
+    if args.output:
+        out = usage.to_json()
+        for layer, s in summary.items():
+            out["layers"][str(layer)].update(s)
+        out.update({"model": str(model.path), "n_expert": n_expert, "n_expert_used": k,
+                    "settings": {"text": str(args.file), "ctx": ctx, "chunks": args.chunks,
+                                 "n_chunks": n_chunks,
+                                 "backend": args.backend or _default_backend()}})
+        _write_text(args.output, json.dumps(out, indent=1) + "\n")
+        _err(f"moegraph: wrote {args.output}")
     return 0
 
 
@@ -451,6 +930,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--no-display-prompt", dest="display_prompt", action="store_false",
                         help="do not echo the prompt")
         backend_opts(sp)
+        add_pass_options(sp)
         sp.set_defaults(func=cmd_run)
 
     sp = sub.add_parser("perplexity", parents=[debug], help="perplexity of a text file",
@@ -461,9 +941,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-f", "--file", required=True, metavar="FILE", help="text file")
     sp.add_argument("--chunks", type=_positive_int, default=None, metavar="N",
                     help="evaluate at most N chunks")
-    sp.add_argument("-o", "--output", metavar="FILE", help="write the result as JSON")
+    sp.add_argument("-o", "--output", metavar="FILE", help="write the result (all rows) as JSON")
+    sp.add_argument("--plot", metavar="PNG",
+                    help="plot PPL vs experts per token, per slice mode (needs matplotlib)")
     backend_opts(sp)
+    add_pass_options(sp, sweep=True, calib_default="the -f text")
     sp.set_defaults(func=cmd_perplexity)
+
+    sp = sub.add_parser("experts", parents=[debug], help="how often each expert is chosen",
+                        description="Runs a text through the model in chunks of -c tokens and "
+                                    "prints, per layer, each expert's share of the router's "
+                                    "selections, with min, max and balance (normalized entropy).")
+    model_opts(sp, ctx_default=128, ctx_help="chunk size in tokens (default: 128)",
+               ctx_type=_chunk_size)
+    sp.add_argument("-f", "--file", required=True, metavar="FILE", help="text file")
+    sp.add_argument("--chunks", type=_positive_int, default=None, metavar="N",
+                    help="use at most N chunks (default: all)")
+    sp.add_argument("-o", "--output", metavar="FILE", help="write the usage as JSON")
+    sp.add_argument("-b", "--backend", default=None,
+                    help=f"backend: numpy, llvm, cuda (default: {_default_backend()})")
+    sp.set_defaults(func=cmd_experts)
 
     sp = sub.add_parser("dump", parents=[debug], help="dump the model graph (text, DOT/SVG, JSON)",
                         description="Dump the model's graph. With -o and --format dot, also "
@@ -472,12 +969,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--format", choices=["text", "dot", "json"], default="text")
     sp.add_argument("-o", "--output", metavar="OUT", help="write to OUT instead of stdout")
     sp.add_argument("--ops", action="store_true", help="print the op table (markdown) and exit")
-    g = sp.add_argument_group("passes")
-    g.add_argument("--passes", metavar="A,B,C", help="run these graph passes before dumping")
+    add_pass_options(sp)
+    g = sp.add_argument_group("what the passes change")
     g.add_argument("--after-each", action="store_true",
-                   help="dump the graph after each pass (to OUT.NN.PASS.FMT with -o)")
+                   help="dump the graph after each pass: to OUT.after-<i>-<pass>.<ext> with -o, "
+                        "else to stdout")
     g.add_argument("--diff", action="store_true",
-                   help="print a unified diff of the text dump across each pass")
+                   help="print a unified diff of the text dump before vs after the passes (with "
+                        "--after-each: before vs after each pass)")
     sp.set_defaults(func=cmd_dump)
     return p
 
@@ -490,6 +989,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
+        if getattr(args, "passes", None) is not None and args.passes.strip() == "help":
+            return _print_pass_help()
+        _pass_names(getattr(args, "passes", None))   # a typo fails before any model is loaded
         return args.func(args) or 0
     except MoeGraphError as e:
         if debug:

@@ -26,6 +26,7 @@ __all__ = [
     "block_size", "type_size", "row_bytes", "is_quantized", "traits",
     "dequantize", "SUPPORTED_DEQUANT",
     "vec_dot_type", "quantize_activations", "quantize_roundtrip", "ACTIVATION_TYPES",
+    "quantize_weights", "WEIGHT_TYPES",
 ]
 
 
@@ -291,7 +292,7 @@ class TypeTraits:
     dequantize_blocks: Callable | None = None   # structured [nb] -> float32 [nb, block_size]
     quantize_activation: Callable | None = None  # f32 [m, block] -> (d, qs, extra), ggml-cpu x86
     vec_dot_type: GGMLType | None = None        # activation type of a matmul with this weight type
-    # quantize_blocks (llama.cpp's reference weight quantizer) comes with the quantize tool.
+    quantize_blocks: Callable | None = None     # f32 [nb, block] -> structured [nb]: ggml's _ref
 
     @property
     def is_quantized(self) -> bool:
@@ -524,3 +525,989 @@ def quantize_roundtrip(x, t) -> np.ndarray:
     if tr.type == GGMLType.BF16:
         return _round_bf16(np.ascontiguousarray(x)).astype(np.float64)
     return quantize_activations(x, tr.type).dequantize()
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight quantization: ggml's reference quantizers (quantize_row_*_ref in ggml/src/ggml-quants.c),
+# which are what llama_model_quantize runs without an importance matrix, reproduced byte for byte.
+#
+# ggml-quants.c lives in ggml-base, which is compiled without -march flags (plain x86-64 SSE2):
+# every operation is a separately rounded float32 operation (no FMA contraction, no reassociation
+# of sums), fp32 -> fp16 is ggml's software round-to-nearest-even, sqrtf is correctly rounded.
+# The kernels below follow the C code's operation order exactly, vectorized over blocks (or
+# sub-blocks): elementwise ops are done on whole arrays, sums are sequential left folds
+# (np.add.accumulate; NumPy's np.sum is pairwise and would round differently), the candidate-scale
+# searches (make_qkx2_quants, make_qx_quants) loop in Python over the ~20 candidates, and
+# make_q3_quants' coordinate descent loops over the 16 positions of a sub-block; never over blocks.
+#
+# Layout: a search works on "position-major" arrays [n, M] (n values of each of M sub-blocks), so
+# each position is one contiguous row and a sequential sum is a row-by-row fold.
+# ---------------------------------------------------------------------------------------------
+
+_MAGIC = _F32(12582912.0)        # 1.5 * 2**23, ggml's nearest_int trick
+_GROUP_MAX_EPS = _F32(1e-15)
+
+
+def _nearest_int(v: np.ndarray) -> np.ndarray:
+    """ggml's nearest_int: add 1.5*2^23 in float32 and keep the low 23 bits (round half to even
+    for |v| < 2^22; the same garbage as C outside it). float32 -> int32."""
+    return ((v + _MAGIC).view(np.int32) & 0x007FFFFF) - 0x00400000
+
+
+def _fold_rows(a: np.ndarray) -> np.ndarray:
+    s = a[0].copy()
+    for row in a[1:]:
+        s += row
+    return s
+
+
+def _check_reduce_is_sequential() -> bool:
+    # np.add.reduce over the outer axis of a C-contiguous [n, M] float32 array (M >= 2) adds whole
+    # rows in order (out += a[i]): a sequential fold per column, 3x faster than a Python loop over
+    # rows. (With M == 1 NumPy sums pairwise instead.) Checked once on hard data, not assumed.
+    rng = np.random.default_rng(1234)
+    for m in (2, 3, 17, 1000):
+        a = (rng.standard_normal((32, m)) * np.exp(3 * rng.standard_normal((32, m)))).astype(_F32)
+        if not np.array_equal(np.add.reduce(a, axis=0), _fold_rows(a)):
+            return False
+    return True
+
+
+_REDUCE_IS_SEQUENTIAL = _check_reduce_is_sequential()
+
+
+def _fold(a: np.ndarray) -> np.ndarray:
+    """Sequential sum over axis 0, a[0] + a[1] + ... (C's `s = a[0]; s += a[i]`) of a C-contiguous
+    float32 array. (NumPy's np.sum over a contiguous axis is pairwise and rounds differently;
+    np.add.accumulate is exact but walks column by column, 60x slower.)"""
+    if _REDUCE_IS_SEQUENTIAL and a.ndim == 2 and a.shape[1] >= 2 and a.flags.c_contiguous:
+        return np.add.reduce(a, axis=0)
+    return _fold_rows(a)
+
+
+def _fold0(a: np.ndarray) -> np.ndarray:
+    """Sequential sum over axis 0 starting from 0.f (C's `s = 0; s += a[i]`): the same value as
+    _fold, and + 0.f turns the one possible difference, a -0.f, into C's +0.f."""
+    return _fold(a) + _F32(0)
+
+
+def _first_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Over axis 0: (amax, max) = (largest |x|, the first x that has it) as C's strict `>` loop."""
+    ax = np.abs(x)
+    idx = ax.argmax(axis=0)[None]
+    return (np.take_along_axis(ax, idx, axis=0)[0], np.take_along_axis(x, idx, axis=0)[0])
+
+
+def _fp16(v: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.asarray(v, dtype=np.float32).astype(np.float16)
+
+
+def _roundf(v: np.ndarray) -> np.ndarray:
+    """C roundf (half away from zero), float32 in and out."""
+    t = np.trunc(v)
+    return t + np.where(np.abs(v - t) >= _F32(0.5), np.sign(v), _F32(0)).astype(_F32)
+
+
+def _trunc_i32(v: np.ndarray) -> np.ndarray:
+    """C float -> int conversion (truncation; cvttss2si gives INT_MIN for NaN/out of range)."""
+    with np.errstate(invalid="ignore"):
+        ok = np.abs(v) < _F32(2**31)
+        return np.where(ok, v, _F32(-(2**31))).astype(np.int32)
+
+
+def _i8(v: np.ndarray) -> np.ndarray:
+    """C int -> int8_t conversion (wraps modulo 256, as GCC does)."""
+    return v.astype(np.int8)
+
+
+def _pack_crumbs(L: np.ndarray) -> np.ndarray:
+    """[nb, 256] values 0..3 -> [nb, 64] bytes: qs[32*h + l] = L[128h+l] | L[128h+l+32] << 2 |
+    L[128h+l+64] << 4 | L[128h+l+96] << 6 (Q2_K, Q3_K)."""
+    q = L.astype(np.uint8).reshape(len(L), 2, 4, 32)
+    return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(len(L), 64)
+
+
+def _blocks_out(t: GGMLType, nb: int) -> np.ndarray:
+    return np.zeros(nb, dtype=_BLOCK_DTYPES[t])
+
+
+# --- 32-element blocks -------------------------------------------------------------------------
+
+def _wq_q8_0(x):
+    out = _blocks_out(GGMLType.Q8_0, len(x))
+    amax = np.abs(x).max(axis=1)
+    d = amax / _F32(127)
+    with np.errstate(divide="ignore"):
+        iden = np.where(d != 0, _F32(1) / d, _F32(0)).astype(_F32)
+    out["d"] = _fp16(d)
+    out["qs"] = _trunc_i32(_roundf(x * iden[:, None])).astype(np.int8)
+    return out
+
+
+def _wq_q4_0_like(x, nlev: int, t: GGMLType):
+    # Q4_0 (nlev 8) and Q5_0 (nlev 16): d = max / -nlev with max the first element of largest |x|
+    _, mx = _first_absmax(x.T)
+    d = mx / _F32(-nlev)
+    with np.errstate(divide="ignore"):
+        iden = np.where(d != 0, _F32(1) / d, _F32(0)).astype(_F32)
+    q = np.minimum(2 * nlev - 1, _i8(_trunc_i32(x * iden[:, None] + _F32(nlev + 0.5))))
+    return d, q.astype(np.uint8)
+
+
+def _wq_q4_1_like(x, nmax: int, clamp: bool):
+    mn, mx = x.min(axis=1), x.max(axis=1)
+    d = (mx - mn) / _F32(nmax)
+    with np.errstate(divide="ignore"):
+        iden = np.where(d != 0, _F32(1) / d, _F32(0)).astype(_F32)
+    q = _trunc_i32((x - mn[:, None]) * iden[:, None] + _F32(0.5))
+    q = np.minimum(nmax, _i8(q)) if clamp else (q & 0xFF)   # Q4_1: MIN(15, (int8_t)v); Q5_1: (uint8_t)v
+    return d, mn, q.astype(np.uint8)
+
+
+def _nibbles_pack(q):
+    # [nb, 32] -> [nb, 16]: low nibble = element j, high nibble = element j + 16
+    return (q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << 4)
+
+
+def _qh_bits(q):
+    # bit 4 of element j -> bit j of the little-endian u32 qh
+    return np.packbits((q >> 4) & 1, axis=1, bitorder="little")
+
+
+def _wq_q4_0(x):
+    out = _blocks_out(GGMLType.Q4_0, len(x))
+    d, q = _wq_q4_0_like(x, 8, GGMLType.Q4_0)
+    out["d"], out["qs"] = _fp16(d), _nibbles_pack(q)
+    return out
+
+
+def _wq_q5_0(x):
+    out = _blocks_out(GGMLType.Q5_0, len(x))
+    d, q = _wq_q4_0_like(x, 16, GGMLType.Q5_0)
+    out["d"], out["qh"], out["qs"] = _fp16(d), _qh_bits(q), _nibbles_pack(q)
+    return out
+
+
+def _wq_q4_1(x):
+    out = _blocks_out(GGMLType.Q4_1, len(x))
+    d, mn, q = _wq_q4_1_like(x, 15, clamp=True)
+    out["d"], out["m"], out["qs"] = _fp16(d), _fp16(mn), _nibbles_pack(q)
+    return out
+
+
+def _wq_q5_1(x):
+    out = _blocks_out(GGMLType.Q5_1, len(x))
+    d, mn, q = _wq_q4_1_like(x, 31, clamp=False)
+    out["d"], out["m"], out["qh"], out["qs"] = _fp16(d), _fp16(mn), _qh_bits(q), _nibbles_pack(q)
+    return out
+
+
+# --- the K-quant searches, over position-major sub-blocks [n, M] ------------------------------
+
+_NI_LIMIT = _F32(4194303)   # |v| <= this: nearest_int(v) == (v + 1.5*2^23) - 1.5*2^23 == rint(v)
+
+
+def _round_levels(v: np.ndarray, lo: int, hi: int, exact: bool) -> np.ndarray:
+    """In place: v <- clamp(nearest_int(v), lo, hi) as float32. exact=False may be used only when
+    every |v| <= 4194303 (then the float round trip through 1.5*2^23 is nearest_int exactly)."""
+    if exact:
+        v[...] = np.clip(_nearest_int(v), lo, hi)
+        return v
+    v += _MAGIC
+    v -= _MAGIC
+    np.maximum(v, _F32(lo), out=v)
+    np.minimum(v, _F32(hi), out=v)
+    return v
+
+
+def _make_qkx2_quants(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool):
+    """make_qkx2_quants for M sub-blocks at once (x, w: position-major [n, M]): returns
+    (scale, the_min, L uint8 [n, M]). `min` is updated by each better candidate and the later
+    candidates use it, as in C. In-place arithmetic on a few preallocated buffers."""
+    fnmax = _F32(nmax)
+    mn = x.min(axis=0)
+    mx = x.max(axis=0)
+    lo_x = mn                                   # the column's smallest x (for the range bound)
+    sum_w = _fold(w)
+    wx = w * x
+    sum_x = _fold(wx)
+    mn = np.where(mn > 0, _F32(0), mn)
+    degenerate = mx == mn
+    lv = np.empty_like(x)                       # the candidate's levels (float)
+    t = np.empty_like(x)                        # scratch
+
+    def levels(iscale, mn):
+        np.subtract(x, mn, out=lv)
+        np.multiply(lv, iscale, out=lv)
+        # |iscale*(x - min)| <= |iscale| * max(max - min, |min_x - min|) (monotone rounding)
+        bound = np.abs(iscale) * np.maximum(np.abs(mx - mn), np.abs(lo_x - mn))
+        exact = not bool(np.all(bound <= _NI_LIMIT))
+        return _round_levels(lv, 0, nmax, exact)
+
+    def error(scale, lf, mn):
+        np.multiply(lf, scale, out=t)
+        np.add(t, mn, out=t)
+        np.subtract(t, x, out=t)
+        if use_mad:
+            np.abs(t, out=t)
+        else:
+            np.multiply(t, t, out=t)
+        np.multiply(t, w, out=t)
+        return _fold0(t)
+
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = fnmax / (mx - mn)
+        scale = _F32(1) / iscale
+        L = levels(iscale, mn).copy()
+        best = error(scale, L, mn)
+        wl = np.empty_like(x)
+        for step in range(nstep + 1):
+            num = _F32(rmin) + _F32(rdelta) * _F32(step) + fnmax
+            iscale = num / (mx - mn)
+            levels(iscale, mn)
+            np.multiply(w, lv, out=wl)
+            sum_l = _fold0(wl)
+            np.multiply(wl, lv, out=t)
+            sum_l2 = _fold0(t)
+            np.multiply(wl, x, out=t)
+            sum_xl = _fold0(t)
+            D = sum_w * sum_l2 - sum_l * sum_l
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            pos = this_min > 0
+            this_min = np.where(pos, _F32(0), this_min)
+            this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
+            cur = error(this_scale, lv, this_min)
+            better = (D > 0) & (cur < best) & ~degenerate
+            if better.any():
+                np.copyto(L, lv, where=better)
+                best = np.where(better, cur, best)
+                scale = np.where(better, this_scale, scale)
+                mn = np.where(better, this_min, mn)
+    scale = np.where(degenerate, _F32(0), scale)
+    np.copyto(L, _F32(0), where=degenerate)
+    return scale, -mn, L.astype(np.uint8)
+
+
+def _make_qx_quants_rmse1(x, nmax: int):
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, NULL) for M sub-blocks (x position-major
+    [n, M]): (scale, L uint8 [n, M])."""
+    fnmax = _F32(nmax)
+    amax, mx = _first_absmax(x)
+    zero = amax < _GROUP_MAX_EPS
+    w = x * x
+    wx = w * x
+    lv = np.empty_like(x)
+    t = np.empty_like(x)
+
+    def levels(iscale):
+        np.multiply(x, iscale, out=lv)
+        # |iscale * x| <= |iscale| * amax
+        exact = not bool(np.all(np.abs(iscale) * amax <= _NI_LIMIT))
+        return _round_levels(lv, -nmax, nmax - 1, exact)
+
+    def sums():
+        np.multiply(wx, lv, out=t)
+        sumlx = _fold0(t)
+        np.multiply(w, lv, out=t)
+        np.multiply(t, lv, out=t)
+        return sumlx, _fold0(t)
+
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = _F32(-nmax) / mx
+        L = levels(iscale).copy()
+        sumlx, suml2 = sums()
+        scale = np.where(suml2 != 0, sumlx / suml2, _F32(0))
+        best = scale * sumlx
+        for step in range(-9, 10):
+            if step == 0:
+                continue
+            iscale = -(fnmax + _F32(0.1) * _F32(step)) / mx
+            levels(iscale)
+            sumlx, suml2 = sums()
+            better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+            if better.any():
+                np.copyto(L, lv, where=better)
+                scale = np.where(better, sumlx / suml2, scale)
+                best = np.where(better, scale * sumlx, best)
+    scale = np.where(zero, _F32(0), scale)
+    L += fnmax
+    np.copyto(L, _F32(0), where=zero)
+    return scale, L.astype(np.uint8)
+
+
+def _make_q3_quants_rmse(x, nmax: int = 4):
+    """make_q3_quants(n, nmax, x, L, do_rmse=true) for M sub-blocks: (scale, L int [n, M] in
+    0..2*nmax-1). The coordinate descent is sequential over the n positions, vectorized over M."""
+    n = x.shape[0]
+    amax, mx = _first_absmax(x)
+    zero = amax < _GROUP_MAX_EPS
+    w = x * x
+    wx = w * x
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = _F32(-nmax) / mx
+        L = np.clip(_nearest_int(iscale * x), -nmax, nmax - 1)
+        Lf = L.astype(_F32)
+        sumlx = _fold0(wx * Lf)
+        suml2 = _fold0(w * Lf * Lf)
+        for _ in range(5):
+            changed = False
+            for i in range(n):
+                wi, xi, wxi, li = w[i], x[i], wx[i], Lf[i]
+                slx = sumlx - wxi * li
+                sl2 = suml2 - wi * li * li
+                new_l = np.clip(_nearest_int(xi * sl2 / slx), -nmax, nmax - 1).astype(_F32)
+                slx = slx + wxi * new_l
+                sl2 = sl2 + wi * new_l * new_l
+                take = ((sumlx - wxi * li) > 0) & (new_l != li) & (sl2 > 0) & \
+                    (slx * slx * suml2 > sumlx * sumlx * sl2)
+                if take.any():
+                    changed = True
+                    Lf[i] = np.where(take, new_l, li)
+                    sumlx = np.where(take, slx, sumlx)
+                    suml2 = np.where(take, sl2, suml2)
+            if not changed:   # a pass without change leaves every sub-block where it is
+                break
+        scale = np.where(suml2 > 0, sumlx / suml2, _F32(0))
+    scale = np.where(zero, _F32(0), scale)
+    L = np.where(zero, 0, Lf.astype(np.int32) + nmax)
+    return scale, L
+
+
+def _subblocks(x: np.ndarray, n: int) -> np.ndarray:
+    """[nb, 256] -> position-major [n, nb * 256/n] (sub-block s of block b is column b*(256/n)+s)."""
+    return np.ascontiguousarray(x.reshape(-1, n).T)
+
+
+def _unsub(a: np.ndarray, nb: int) -> np.ndarray:
+    """Inverse of _subblocks for an [n, M] result -> [nb, 256]."""
+    return a.T.reshape(nb, QK_K)
+
+
+def _requant_levels(x, d, dm, lo: int, hi: int, keep):
+    """Final levels nearest_int((x + dm)/d) clamped, per sub-block; sub-blocks with d == 0 keep
+    `keep`. x: [nb, nsub, len]; d, dm: [nb, nsub] (dm None: x/d)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        v = (x if dm is None else x + dm[..., None]) / d[..., None]
+        lv = np.clip(_nearest_int(v), lo, hi)
+    return np.where((d != 0)[..., None], lv, keep)
+
+
+# --- K-quants ----------------------------------------------------------------------------------
+
+def _wq_q2_k(x):
+    nb = len(x)
+    out = _blocks_out(GGMLType.Q2_K, nb)
+    xs = _subblocks(x, 16)
+    scales, mins, L = _make_qkx2_quants(xs, np.abs(xs), 3, -0.5, 0.1, 15, use_mad=True)
+    scales, mins = scales.reshape(nb, 16), mins.reshape(nb, 16)
+    L = _unsub(L, nb).reshape(nb, 16, 16).astype(np.int32)
+    q4 = _F32(15)
+    max_scale = np.maximum(scales.max(axis=1), 0)
+    max_min = np.maximum(mins.max(axis=1), 0)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        isc = (q4 / max_scale)[:, None]
+        sc = np.where((max_scale > 0)[:, None], _nearest_int(isc * scales), 0) & 0xFF
+        d = np.where(max_scale > 0, max_scale / q4, _F32(0))
+        imn = (q4 / max_min)[:, None]
+        sc = np.where((max_min > 0)[:, None], sc | ((_nearest_int(imn * mins) << 4) & 0xFF), sc)
+        dmin = np.where(max_min > 0, max_min / q4, _F32(0))
+    d16, dmin16 = _fp16(d), _fp16(dmin)
+    dl = d16.astype(_F32)[:, None] * (sc & 0xF).astype(_F32)
+    ml = dmin16.astype(_F32)[:, None] * (sc >> 4).astype(_F32)
+    L = _requant_levels(x.reshape(nb, 16, 16), dl, ml, 0, 3, L)
+    out["scales"], out["d"], out["dmin"] = sc.astype(np.uint8), d16, dmin16
+    out["qs"] = _pack_crumbs(L.reshape(nb, QK_K))
+    return out
+
+
+def _wq_q3_k(x):
+    nb = len(x)
+    out = _blocks_out(GGMLType.Q3_K, nb)
+    scales, L = _make_q3_quants_rmse(_subblocks(x, 16), 4)
+    scales = scales.reshape(nb, 16)
+    L = _unsub(L, nb).reshape(nb, 16, 16)
+    _, max_scale = _first_absmax(scales.T)
+    nz = max_scale != 0
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = _F32(-32) / max_scale
+        ls = np.clip(_i8(_nearest_int(iscale[:, None] * scales)).astype(np.int32), -32, 31) + 32
+        d = _F32(1) / iscale
+    ls = np.where(nz[:, None], ls, 0)
+    d16 = np.where(nz, _fp16(d), np.float16(0))
+    # pack the 16 6-bit scales: low nibbles in bytes 0..7 (j and j+8 share a byte), high crumbs
+    # of scale j at bits 2*(j//4) of byte 8 + j%4
+    packed = np.zeros((nb, 12), np.uint8)
+    packed[:, :8] = (ls[:, :8] & 0xF) | ((ls[:, 8:] & 0xF) << 4)
+    hi = (ls >> 4).reshape(nb, 4, 4)          # [nb, j//4, j%4]
+    packed[:, 8:] = hi[:, 0] | (hi[:, 1] << 2) | (hi[:, 2] << 4) | (hi[:, 3] << 6)
+    sc = np.where(nz[:, None], ls, 32) - 32  # the decoded scales (0 when the block is all zero)
+    dl = d16.astype(_F32)[:, None] * sc.astype(_F32)
+    L = _requant_levels(x.reshape(nb, 16, 16), dl, None, -4, 3, L - 4) + 4
+    L = L.reshape(nb, QK_K)
+    high = L > 3
+    # bit j//32 of hmask[j % 32] = the high bit of element j
+    out["hmask"] = np.packbits(high.reshape(nb, 8, 32).transpose(0, 2, 1), axis=2,
+                               bitorder="little").reshape(nb, 32)
+    out["qs"] = _pack_crumbs(np.where(high, L - 4, L))
+    out["scales"], out["d"] = packed, d16
+    return out
+
+
+def _k4_pack_scales(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """8 6-bit scales and mins -> the 12 bytes of Q4_K/Q5_K (inverse of get_scale_min_k4)."""
+    out = np.empty((len(ls), 12), np.uint8)
+    out[:, 0:4] = ls[:, 0:4] | ((ls[:, 4:8] >> 4) << 6)
+    out[:, 4:8] = lm[:, 0:4] | ((lm[:, 4:8] >> 4) << 6)
+    out[:, 8:12] = (ls[:, 4:8] & 0xF) | ((lm[:, 4:8] & 0xF) << 4)
+    return out
+
+
+def _wq_k4(x, nmax: int, rmin: float, rdelta: float, nstep: int):
+    """The common part of Q4_K and Q5_K: (d16, dmin16, packed scales, L [nb, 256])."""
+    nb = len(x)
+    xs = _subblocks(x, 32)
+    av_x = np.sqrt(_fold0(xs * xs) / _F32(32))
+    w = av_x + np.abs(xs)
+    scales, mins, L = _make_qkx2_quants(xs, w, nmax, rmin, rdelta, nstep, use_mad=False)
+    scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
+    L = _unsub(L, nb).reshape(nb, 8, 32).astype(np.int32)
+    max_scale = np.maximum(scales.max(axis=1), 0)
+    max_min = np.maximum(mins.max(axis=1), 0)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        inv_scale = np.where(max_scale > 0, _F32(63) / max_scale, _F32(0))
+        inv_min = np.where(max_min > 0, _F32(63) / max_min, _F32(0))
+        ls = np.minimum(63, _nearest_int(inv_scale[:, None] * scales) & 0xFF).astype(np.uint8)
+        lm = np.minimum(63, _nearest_int(inv_min[:, None] * mins) & 0xFF).astype(np.uint8)
+        d16, dmin16 = _fp16(max_scale / _F32(63)), _fp16(max_min / _F32(63))
+    d = d16.astype(_F32)[:, None] * ls.astype(_F32)
+    dm = dmin16.astype(_F32)[:, None] * lm.astype(_F32)
+    L = _requant_levels(x.reshape(nb, 8, 32), d, dm, 0, nmax, L)
+    return d16, dmin16, _k4_pack_scales(ls, lm), L.reshape(nb, QK_K)
+
+
+def _wq_q4_k(x):
+    out = _blocks_out(GGMLType.Q4_K, len(x))
+    d16, dmin16, sc, L = _wq_k4(x, 15, -1.0, 0.1, 20)
+    q = L.astype(np.uint8).reshape(len(x), 4, 2, 32)
+    out["d"], out["dmin"], out["scales"] = d16, dmin16, sc
+    out["qs"] = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(len(x), 128)
+    return out
+
+
+def _wq_q5_k(x):
+    nb = len(x)
+    out = _blocks_out(GGMLType.Q5_K, nb)
+    d16, dmin16, sc, L = _wq_k4(x, 31, -0.5, 0.1, 15)
+    L = L.astype(np.uint8)
+    q = (L & 0xF).reshape(nb, 4, 2, 32)
+    out["d"], out["dmin"], out["scales"] = d16, dmin16, sc
+    out["qs"] = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(nb, 128)
+    # bit s of qh[j] = the 5th bit of element 32*s + j
+    out["qh"] = np.packbits(((L >> 4) & 1).reshape(nb, 8, 32).transpose(0, 2, 1), axis=2,
+                            bitorder="little").reshape(nb, 32)
+    return out
+
+
+def _wq_q6_k(x):
+    nb = len(x)
+    out = _blocks_out(GGMLType.Q6_K, nb)
+    scales, L = _make_qx_quants_rmse1(_subblocks(x, 16), 32)
+    scales = scales.reshape(nb, 16)
+    L = _unsub(L, nb).reshape(nb, 16, 16).astype(np.int32)
+    max_abs, max_scale = _first_absmax(scales.T)
+    zero = max_abs < _GROUP_MAX_EPS
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = _F32(-128) / max_scale
+        d16 = np.where(zero, np.float16(0), _fp16(_F32(1) / iscale))
+        sc = _i8(np.minimum(127, _nearest_int(iscale[:, None] * scales)))
+    sc = np.where(zero[:, None], np.int8(0), sc)
+    dl = d16.astype(_F32)[:, None] * sc.astype(_F32)
+    L = _requant_levels(x.reshape(nb, 16, 16), dl, None, -32, 31, L - 32) + 32
+    L = np.where(zero[:, None, None], 0, L).astype(np.uint8).reshape(nb, 2, 4, 32)
+    lo, hi = L & 0xF, L >> 4
+    out["ql"] = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)],
+                               axis=2).reshape(nb, 128)
+    out["qh"] = (hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)).reshape(nb, 64)
+    out["scales"], out["d"] = sc, d16
+    return out
+
+
+def _with_weight_quantizers() -> None:
+    import dataclasses
+    for t, fn in {GGMLType.Q4_0: _wq_q4_0, GGMLType.Q4_1: _wq_q4_1, GGMLType.Q5_0: _wq_q5_0,
+                  GGMLType.Q5_1: _wq_q5_1, GGMLType.Q8_0: _wq_q8_0, GGMLType.Q2_K: _wq_q2_k,
+                  GGMLType.Q3_K: _wq_q3_k, GGMLType.Q4_K: _wq_q4_k, GGMLType.Q5_K: _wq_q5_k,
+                  GGMLType.Q6_K: _wq_q6_k}.items():
+        _TRAITS[t] = dataclasses.replace(_TRAITS[t], quantize_blocks=fn)
+
+
+_with_weight_quantizers()
+
+# types quantize_weights() produces (plain floats: F32 as is, F16 round-to-nearest-even, BF16 as
+# ggml_fp32_to_bf16_row_ref)
+WEIGHT_TYPES: tuple[GGMLType, ...] = _PLAIN_FLOATS + tuple(
+    t for t, tr in _TRAITS.items() if tr.quantize_blocks)
+
+# blocks per call of a quantizer: keeps every temporary of the searches inside the L2 cache
+_QUANT_CHUNK_ELEMS = 1 << 15
+
+
+def quantize_weights(x, t, out: np.ndarray | None = None) -> np.ndarray:
+    """Quantize the rows of ``x`` (float32 [..., n]) to ggml type ``t`` exactly as ggml's reference
+    quantizer does (``quantize_row_*_ref``, which ``llama_model_quantize`` uses without an
+    importance matrix): the same bytes. Returns uint8 [..., row_bytes(t, n)] (GGUF row layout);
+    ``out`` (uint8, that many bytes) receives the result in place when given.
+
+    Works chunk by chunk over whole blocks (a few hundred KB of temporaries), vectorized: NumPy
+    releases the GIL inside each operation, so calls on different threads run in parallel.
+    """
+    tr = traits(t)
+    if tr.type not in WEIGHT_TYPES:
+        raise NotImplementedError(
+            f"quantize_weights: {tr.type.name} is not supported; supported: "
+            + ", ".join(x.name for x in WEIGHT_TYPES))
+    x, tr = _rows(x, t)
+    lead, n = x.shape[:-1], x.shape[-1]
+    nrow_bytes = row_bytes(tr.type, n)
+    if out is None:
+        out = np.empty((*lead, nrow_bytes), dtype=np.uint8)
+    flat_out = out.reshape(-1)
+    if flat_out.nbytes != int(np.prod(lead, dtype=np.int64)) * nrow_bytes:
+        raise ValueError(f"quantize_weights: out has {flat_out.nbytes} bytes, expected "
+                         f"{int(np.prod(lead, dtype=np.int64)) * nrow_bytes}")
+    xf = x.reshape(-1)
+    if tr.type == GGMLType.F32:
+        flat_out.view(np.float32)[:] = xf
+        return out
+    if tr.type == GGMLType.F16:
+        flat_out.view(np.float16)[:] = _to_f16(xf)
+        return out
+    if tr.type == GGMLType.BF16:
+        flat_out.view(np.uint16)[:] = _round_bf16(np.ascontiguousarray(xf)).view(np.uint32) >> 16
+        return out
+    blocks = xf.reshape(-1, tr.block_size)
+    dst = flat_out.view(tr.block_dtype)
+    step = max(1, _QUANT_CHUNK_ELEMS // tr.block_size)
+    for i in range(0, len(blocks), step):
+        dst[i:i + step] = tr.quantize_blocks(np.ascontiguousarray(blocks[i:i + step]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The K-quant searches JIT-compiled with LLVM (llvmlite), when it is installed.
+#
+# Same algorithms, same float32 operation order as the C code and the NumPy kernels above, but
+# vectorized across sub-blocks: SIMD lane j of a <8 x float> holds sub-block j of a group of 8,
+# so a candidate scale is tried on 8 sub-blocks per instruction and every value stays in
+# registers. The IR uses plain fadd/fsub/fmul/fdiv (no fast-math flags, no `contract`): LLVM then
+# neither reassociates nor fuses into FMA, so each lane computes exactly what ggml's scalar C
+# does. Inputs are position-major [n, M] (M a multiple of 8); calls through ctypes release the GIL.
+# ---------------------------------------------------------------------------------------------
+
+import threading as _threading
+
+_VW = 8                                    # lanes per vector
+_V, _VI, _VB = f"<{_VW} x float>", f"<{_VW} x i32>", f"<{_VW} x i1>"
+
+
+def _llf(x: float) -> str:
+    """An LLVM float literal: the float32 value in LLVM's double hex form."""
+    import struct
+    v = struct.unpack("<f", struct.pack("<f", float(x)))[0]
+    return "0x%016X" % struct.unpack("<Q", struct.pack("<d", v))[0]
+
+
+def _vf(x: float) -> str:
+    return "<" + ", ".join([f"float {_llf(x)}"] * _VW) + ">"
+
+
+def _vi(x: int) -> str:
+    return "<" + ", ".join([f"i32 {int(x)}"] * _VW) + ">"
+
+
+class _KernelIR:
+    """A tiny writer of vector LLVM IR: fresh SSA names, stack variables (mem2reg promotes them),
+    counted loops. Every float op is emitted exactly as written, in order."""
+
+    def __init__(self, name: str, params: list[str]):
+        self.name, self.params = name, params
+        self.allocas: list[str] = []
+        self.body: list[str] = []
+        self.n = 0
+
+    def op(self, expr: str) -> str:
+        self.n += 1
+        name = f"%t{self.n}"
+        self.body.append(f"  {name} = {expr}")
+        return name
+
+    def line(self, s: str) -> None:
+        self.body.append(s if s.endswith(":") else "  " + s)
+
+    def label(self, p: str) -> str:
+        self.n += 1
+        return f"{p}{self.n}"
+
+    # float vectors
+    def add(self, a, b): return self.op(f"fadd {_V} {a}, {b}")
+    def sub(self, a, b): return self.op(f"fsub {_V} {a}, {b}")
+    def mul(self, a, b): return self.op(f"fmul {_V} {a}, {b}")
+    def div(self, a, b): return self.op(f"fdiv {_V} {a}, {b}")
+    def neg(self, a): return self.op(f"fneg {_V} {a}")
+    def abs(self, a): return self.op(f"call {_V} @llvm.fabs.v{_VW}f32({_V} {a})")
+    def cmp(self, pred, a, b): return self.op(f"fcmp {pred} {_V} {a}, {b}")
+    def sel(self, c, a, b, ty=_V): return self.op(f"select {_VB} {c}, {ty} {a}, {ty} {b}")
+    def and_(self, a, b): return self.op(f"and {_VB} {a}, {b}")
+
+    def nearest_clamp(self, v, lo: int, hi: int) -> str:
+        """clamp(nearest_int(v), lo, hi) as float: ggml's bit trick, then integer MIN/MAX."""
+        t = self.add(v, _vf(12582912.0))
+        i = self.op(f"bitcast {_V} {t} to {_VI}")
+        i = self.op(f"and {_VI} {i}, {_vi(0x007FFFFF)}")
+        i = self.op(f"sub {_VI} {i}, {_vi(0x00400000)}")
+        c = self.op(f"icmp slt {_VI} {i}, {_vi(lo)}")
+        i = self.op(f"select {_VB} {c}, {_VI} {_vi(lo)}, {_VI} {i}")
+        c = self.op(f"icmp sgt {_VI} {i}, {_vi(hi)}")
+        i = self.op(f"select {_VB} {c}, {_VI} {_vi(hi)}, {_VI} {i}")
+        return self.op(f"sitofp {_VI} {i} to {_V}")
+
+    def any(self, c) -> str:
+        b = self.op(f"bitcast {_VB} {c} to i{_VW}")
+        return self.op(f"icmp ne i{_VW} {b}, 0")
+
+    # memory: element (i, lane group g) of a position-major [n, M] array
+    def ptr(self, base: str, i: int, g: str, M: str) -> str:
+        off = self.op(f"mul i64 {i}, {M}")
+        off = self.op(f"add i64 {off}, {g}")
+        return self.op(f"getelementptr inbounds float, ptr {base}, i64 {off}")
+
+    def load(self, p: str) -> str:
+        return self.op(f"load {_V}, ptr {p}, align 4")
+
+    def store(self, v: str, p: str) -> None:
+        self.line(f"store {_V} {v}, ptr {p}, align 4")
+
+    # variables and loops
+    def var(self, ty: str, init: str) -> "_KVar":
+        self.n += 1
+        name = f"%v{self.n}"
+        self.allocas.append(f"  {name} = alloca {ty}, align 32")
+        v = _KVar(self, name, ty)
+        v.set(init)
+        return v
+
+    def loop(self, start: str, stop: str, step: int = 1, ty: str = "i64"):
+        import contextlib
+
+        @contextlib.contextmanager
+        def cm():
+            i = self.var(ty, start)
+            head, body, done = self.label("head"), self.label("body"), self.label("done")
+            self.line(f"br label %{head}")
+            self.line(f"{head}:")
+            iv = i.get()
+            c = self.op(f"icmp slt {ty} {iv}, {stop}")
+            self.line(f"br i1 {c}, label %{body}, label %{done}")
+            self.line(f"{body}:")
+            yield iv
+            i.set(self.op(f"add {ty} {iv}, {step}"))
+            self.line(f"br label %{head}")
+            self.line(f"{done}:")
+        return cm()
+
+    def text(self) -> str:
+        return "\n".join([f"define void @{self.name}({', '.join(self.params)}) nounwind {{", "entry:",
+                          *self.allocas, *self.body, "  ret void", "}"])
+
+
+class _KVar:
+    def __init__(self, k: _KernelIR, ptr: str, ty: str):
+        self.k, self.ptr, self.ty = k, ptr, ty
+
+    def get(self) -> str:
+        return self.k.op(f"load {self.ty}, ptr {self.ptr}, align 32")
+
+    def set(self, v: str) -> None:
+        self.k.line(f"store {self.ty} {v}, ptr {self.ptr}, align 32")
+
+
+_ZERO = _vf(0.0)
+
+
+def _ir_first_absmax(k: _KernelIR, xs: list[str]) -> tuple[str, str]:
+    amax, mx = _ZERO, _ZERO
+    for xi in xs:                      # if (ax > amax) { amax = ax; max = x[i]; }
+        ax = k.abs(xi)
+        c = k.cmp("ogt", ax, amax)
+        amax, mx = k.sel(c, ax, amax), k.sel(c, xi, mx)
+    return amax, mx
+
+
+def _ir_qkx2(name: str, n: int, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool) -> str:
+    """make_qkx2_quants(n, nmax, x, weights, L, &the_min, Laux, rmin, rdelta, nstep, use_mad)."""
+    k = _KernelIR(name, ["ptr %x", "ptr %w", "i64 %M", "ptr %scale", "ptr %themin", "ptr %L"])
+    fn = _vf(nmax)
+    with k.loop("0", "%M", _VW) as g:
+        xs = [k.load(k.ptr("%x", i, g, "%M")) for i in range(n)]
+        ws = [k.load(k.ptr("%w", i, g, "%M")) for i in range(n)]
+        lp = [k.ptr("%L", i, g, "%M") for i in range(n)]
+        mn, mx, sum_w, sum_x = xs[0], xs[0], ws[0], k.mul(ws[0], xs[0])
+        for xi, wi in zip(xs[1:], ws[1:]):
+            mn = k.sel(k.cmp("olt", xi, mn), xi, mn)
+            mx = k.sel(k.cmp("ogt", xi, mx), xi, mx)
+            sum_w = k.add(sum_w, wi)
+            sum_x = k.add(sum_x, k.mul(wi, xi))
+        mn = k.sel(k.cmp("ogt", mn, _ZERO), _ZERO, mn)
+        mn0 = mn
+        degenerate = k.cmp("oeq", mx, mn)
+
+        def error(scale, ls, mn):
+            e = _ZERO
+            for xi, wi, li in zip(xs, ws, ls):
+                diff = k.sub(k.add(k.mul(scale, li), mn), xi)
+                diff = k.abs(diff) if use_mad else k.mul(diff, diff)
+                e = k.add(e, k.mul(wi, diff))
+            return e
+
+        iscale = k.div(fn, k.sub(mx, mn))
+        scale = k.div(_vf(1.0), iscale)
+        ls = [k.nearest_clamp(k.mul(iscale, k.sub(xi, mn)), 0, nmax) for xi in xs]
+        for li, p in zip(ls, lp):
+            k.store(li, p)
+        best = k.var(_V, error(scale, ls, mn))
+        v_scale, v_min = k.var(_V, scale), k.var(_V, mn)
+        with k.loop("0", str(nstep + 1), 1, "i32") as step:
+            mn = v_min.get()
+            fstep = k.op(f"sitofp i32 {step} to float")
+            num = k.op(f"fmul float {_llf(rdelta)}, {fstep}")
+            num = k.op(f"fadd float {_llf(rmin)}, {num}")
+            num = k.op(f"fadd float {num}, {_llf(nmax)}")
+            num = k.op(f"insertelement {_V} poison, float {num}, i32 0")
+            num = k.op(f"shufflevector {_V} {num}, {_V} poison, <{_VW} x i32> zeroinitializer")
+            iscale = k.div(num, k.sub(mx, mn))
+            la = [k.nearest_clamp(k.mul(iscale, k.sub(xi, mn)), 0, nmax) for xi in xs]
+            sum_l = sum_l2 = sum_xl = _ZERO
+            for xi, wi, li in zip(xs, ws, la):
+                wl = k.mul(wi, li)
+                sum_l = k.add(sum_l, wl)
+                sum_l2 = k.add(sum_l2, k.mul(wl, li))
+                sum_xl = k.add(sum_xl, k.mul(wl, xi))
+            D = k.sub(k.mul(sum_w, sum_l2), k.mul(sum_l, sum_l))
+            this_scale = k.div(k.sub(k.mul(sum_w, sum_xl), k.mul(sum_x, sum_l)), D)
+            this_min = k.div(k.sub(k.mul(sum_l2, sum_x), k.mul(sum_l, sum_xl)), D)
+            pos = k.cmp("ogt", this_min, _ZERO)
+            this_min = k.sel(pos, _ZERO, this_min)
+            this_scale = k.sel(pos, k.div(sum_xl, sum_l2), this_scale)
+            cur = error(this_scale, la, this_min)
+            b = best.get()
+            better = k.and_(k.cmp("ogt", D, _ZERO), k.cmp("olt", cur, b))
+            then, done = k.label("upd"), k.label("noupd")
+            k.line(f"br i1 {k.any(better)}, label %{then}, label %{done}")
+            k.line(f"{then}:")
+            for li, p in zip(la, lp):
+                k.store(k.sel(better, li, k.load(p)), p)
+            best.set(k.sel(better, cur, b))
+            v_scale.set(k.sel(better, this_scale, v_scale.get()))
+            v_min.set(k.sel(better, this_min, mn))
+            k.line(f"br label %{done}")
+            k.line(f"{done}:")
+        scale = k.sel(degenerate, _ZERO, v_scale.get())
+        mn = k.sel(degenerate, mn0, v_min.get())
+        k.store(scale, k.op(f"getelementptr inbounds float, ptr %scale, i64 {g}"))
+        k.store(k.neg(mn), k.op(f"getelementptr inbounds float, ptr %themin, i64 {g}"))
+        for p in lp:
+            k.store(k.sel(degenerate, _ZERO, k.load(p)), p)
+    return k.text()
+
+
+def _ir_qx_rmse1(name: str, n: int, nmax: int) -> str:
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, NULL); L is stored as level + nmax."""
+    k = _KernelIR(name, ["ptr %x", "i64 %M", "ptr %scale", "ptr %L"])
+    fn = _vf(nmax)
+    with k.loop("0", "%M", _VW) as g:
+        xs = [k.load(k.ptr("%x", i, g, "%M")) for i in range(n)]
+        lp = [k.ptr("%L", i, g, "%M") for i in range(n)]
+        amax, mx = _ir_first_absmax(k, xs)
+        zero = k.cmp("olt", amax, _vf(1e-15))
+        ws = [k.mul(xi, xi) for xi in xs]
+        wxs = [k.mul(wi, xi) for wi, xi in zip(ws, xs)]
+
+        def sums(iscale):
+            ls = [k.nearest_clamp(k.mul(iscale, xi), -nmax, nmax - 1) for xi in xs]
+            slx = sl2 = _ZERO
+            for wi, wxi, li in zip(ws, wxs, ls):
+                slx = k.add(slx, k.mul(wxi, li))
+                sl2 = k.add(sl2, k.mul(k.mul(wi, li), li))
+            return ls, slx, sl2
+
+        ls, slx, sl2 = sums(k.div(_vf(-nmax), mx))
+        for li, p in zip(ls, lp):
+            k.store(li, p)
+        scale = k.sel(k.cmp("une", sl2, _ZERO), k.div(slx, sl2), _ZERO)
+        v_scale, v_best = k.var(_V, scale), k.var(_V, k.mul(scale, slx))
+        for step in [s for s in range(-9, 10) if s != 0]:
+            t = k.add(fn, _vf(0.1 * 1.0) if False else k.mul(_vf(0.1), _vf(step)))
+            iscale = k.div(k.neg(t), mx)
+            ls, slx, sl2 = sums(iscale)
+            best = v_best.get()
+            better = k.and_(k.cmp("ogt", sl2, _ZERO), k.cmp("ogt", k.mul(slx, slx), k.mul(best, sl2)))
+            then, done = k.label("upd"), k.label("noupd")
+            k.line(f"br i1 {k.any(better)}, label %{then}, label %{done}")
+            k.line(f"{then}:")
+            for li, p in zip(ls, lp):
+                k.store(k.sel(better, li, k.load(p)), p)
+            scale = k.sel(better, k.div(slx, sl2), v_scale.get())
+            v_scale.set(scale)
+            v_best.set(k.sel(better, k.mul(scale, slx), best))
+            k.line(f"br label %{done}")
+            k.line(f"{done}:")
+        k.store(k.sel(zero, _ZERO, v_scale.get()), k.op(f"getelementptr inbounds float, ptr %scale, i64 {g}"))
+        for p in lp:
+            k.store(k.sel(zero, _ZERO, k.add(k.load(p), fn)), p)
+    return k.text()
+
+
+def _ir_q3_rmse(name: str, n: int, nmax: int) -> str:
+    """make_q3_quants(n, nmax, x, L, do_rmse=true); L is stored as level + nmax (0 if all zero)."""
+    k = _KernelIR(name, ["ptr %x", "i64 %M", "ptr %scale", "ptr %L"])
+    with k.loop("0", "%M", _VW) as g:
+        xs = [k.load(k.ptr("%x", i, g, "%M")) for i in range(n)]
+        lp = [k.ptr("%L", i, g, "%M") for i in range(n)]
+        amax, mx = _ir_first_absmax(k, xs)
+        zero = k.cmp("olt", amax, _vf(1e-15))
+        iscale = k.div(_vf(-nmax), mx)
+        ws = [k.mul(xi, xi) for xi in xs]
+        wxs = [k.mul(wi, xi) for wi, xi in zip(ws, xs)]
+        ls = [k.nearest_clamp(k.mul(iscale, xi), -nmax, nmax - 1) for xi in xs]
+        sumlx = suml2 = _ZERO
+        for wi, wxi, li in zip(ws, wxs, ls):
+            sumlx = k.add(sumlx, k.mul(wxi, li))
+            suml2 = k.add(suml2, k.mul(k.mul(wi, li), li))
+        # five passes of coordinate descent (a sub-block whose pass changed nothing would change
+        # nothing in the next one either, so running all five equals C's early break)
+        for _ in range(5):
+            for i in range(n):
+                wi, xi, wxi, li = ws[i], xs[i], wxs[i], ls[i]
+                slx = k.sub(sumlx, k.mul(wxi, li))
+                sl2 = k.sub(suml2, k.mul(k.mul(wi, li), li))
+                new_l = k.nearest_clamp(k.div(k.mul(xi, sl2), slx), -nmax, nmax - 1)
+                slx2 = k.add(slx, k.mul(wxi, new_l))
+                sl22 = k.add(sl2, k.mul(k.mul(wi, new_l), new_l))
+                take = k.and_(k.and_(k.cmp("ogt", slx, _ZERO), k.cmp("une", new_l, li)),
+                              k.and_(k.cmp("ogt", sl22, _ZERO),
+                                     k.cmp("ogt", k.mul(k.mul(slx2, slx2), suml2),
+                                           k.mul(k.mul(sumlx, sumlx), sl22))))
+                ls[i] = k.sel(take, new_l, li)
+                sumlx = k.sel(take, slx2, sumlx)
+                suml2 = k.sel(take, sl22, suml2)
+        scale = k.sel(k.cmp("ogt", suml2, _ZERO), k.div(sumlx, suml2), _ZERO)
+        k.store(k.sel(zero, _ZERO, scale), k.op(f"getelementptr inbounds float, ptr %scale, i64 {g}"))
+        for li, p in zip(ls, lp):
+            k.store(k.sel(zero, _ZERO, k.add(li, _vf(nmax))), p)
+    return k.text()
+
+
+# kernel name -> (IR generator, its arguments)
+_JIT_KERNELS = {
+    "q2k_search": (_ir_qkx2, (16, 3, -0.5, 0.1, 15, True)),
+    "q4k_search": (_ir_qkx2, (32, 15, -1.0, 0.1, 20, False)),
+    "q5k_search": (_ir_qkx2, (32, 31, -0.5, 0.1, 15, False)),
+    "q6k_search": (_ir_qx_rmse1, (16, 32)),
+    "q3k_search": (_ir_q3_rmse, (16, 4)),
+}
+_jit_lock = _threading.Lock()
+_jit_state: dict = {}
+
+
+def _jit_module_text() -> str:
+    decl = f"declare {_V} @llvm.fabs.v{_VW}f32({_V})"
+    return "\n\n".join([decl] + [gen(name, *args) for name, (gen, args) in _JIT_KERNELS.items()])
+
+
+def _jit_cache_dir():
+    import os
+    from pathlib import Path
+    base = os.environ.get("MOEGRAPH_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "moegraph")
+    return Path(base) / "quant-jit"
+
+
+def _jit_functions() -> dict | None:
+    """The compiled search kernels as ctypes functions, or None without llvmlite (or with
+    MOEGRAPH_QUANT_JIT=0). Compiled once per process; the object code is cached on disk."""
+    import os
+    if os.environ.get("MOEGRAPH_QUANT_JIT", "1") == "0":
+        return None
+    with _jit_lock:
+        if "fns" in _jit_state:
+            return _jit_state["fns"]
+        _jit_state["fns"] = None
+        try:
+            import ctypes
+            import hashlib
+            import llvmlite.binding as llvm
+        except ImportError:
+            return None
+        try:
+            llvm.initialize_native_target()
+            llvm.initialize_native_asmprinter()
+            ir = _jit_module_text()
+            cpu, feats = llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten()
+            key = hashlib.sha256("\n".join([ir, cpu, feats, str(llvm.llvm_version_info)]).encode()).hexdigest()[:24]
+            path = _jit_cache_dir() / f"{key}.o"
+            cached = path.exists()
+            mod = llvm.parse_assembly(ir)
+            mod.verify()
+            tm = llvm.Target.from_triple(llvm.get_process_triple()).create_target_machine(
+                cpu=cpu, features=feats, opt=3, jit=True)
+            if not cached:
+                pto = llvm.create_pipeline_tuning_options(speed_level=3)
+                llvm.create_pass_builder(tm, pto).getModulePassManager().run(mod, llvm.create_pass_builder(tm, pto))
+            ee = llvm.create_mcjit_compiler(mod, tm)
+
+            def notify(module, buffer):
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_suffix(f".tmp{os.getpid()}")
+                    tmp.write_bytes(buffer)
+                    os.replace(tmp, path)
+                except OSError:
+                    pass
+
+            ee.set_object_cache(notify, lambda module: path.read_bytes() if cached else None)
+            ee.finalize_object()
+            P, I = ctypes.c_void_p, ctypes.c_int64
+            sig = {"q2k_search": (P, P, I, P, P, P), "q4k_search": (P, P, I, P, P, P),
+                   "q5k_search": (P, P, I, P, P, P), "q6k_search": (P, I, P, P), "q3k_search": (P, I, P, P)}
+            fns = {name: ctypes.CFUNCTYPE(None, *sig[name])(ee.get_function_address(name))
+                   for name in _JIT_KERNELS}
+            _jit_state.update(fns=fns, ee=ee, mod=mod, tm=tm)
+            return fns
+        except Exception as e:  # a broken LLVM: the NumPy kernels give the same bytes
+            import warnings
+            warnings.warn(f"moegraph: LLVM JIT of the quantization kernels failed ({type(e).__name__}: "
+                          f"{e}); using the NumPy kernels", RuntimeWarning)
+            return None
+
+
+def _jit_search(name: str, *arrays: np.ndarray, n_out_vecs: int) -> tuple[np.ndarray, ...] | None:
+    """Run a JIT search kernel on position-major inputs [n, M]; returns (per-sub-block outputs...,
+    L float32 [n, M]) or None when the JIT is not available."""
+    fns = _jit_functions()
+    if fns is None:
+        return None
+    n, M = arrays[0].shape
+    Mp = -(-M // _VW) * _VW
+    ins = []
+    for a in arrays:
+        if Mp != M or not a.flags.c_contiguous or a.dtype != _F32:
+            b = np.zeros((n, Mp), _F32)
+            b[:, :M] = a
+            a = b
+        ins.append(a)
+    outs = [np.empty(Mp, _F32) for _ in range(n_out_vecs)]
+    L = np.empty((n, Mp), _F32)
+    fns[name](*[a.ctypes.data for a in ins], Mp, *[o.ctypes.data for o in outs], L.ctypes.data)
+    return (*[o[:M] for o in outs], L[:, :M])

@@ -43,16 +43,26 @@ import os
 import re
 import zlib
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
 __all__ = [
-    "ARCHS", "DTYPES", "PRESETS", "RandomModelPlan", "plan_random_model", "write_random_model",
-    "gpt2_byte_vocab", "quantize_rows", "bytes_to_unicode",
+    "ARCHS",
+    "DTYPES",
+    "PRESETS",
+    "RandomModelPlan",
+    "bytes_to_unicode",
+    "gpt2_byte_vocab",
+    "plan_random_model",
+    "quantize_rows",
+    "write_plan",
+    "write_random_model",
 ]
 
 ARCHS = ("llama", "qwen2moe", "qwen3moe")
@@ -154,7 +164,7 @@ def gpt2_byte_vocab(n_vocab: int) -> tuple[list[str], list[int], list[str]]:
     while len(merges) < need:
         pairs: dict[tuple[str, str], int] = {}
         for w, c in words.items():
-            for p in zip(w, w[1:]):
+            for p in pairwise(w):
                 pairs[p] = pairs.get(p, 0) + c
         if not pairs:
             break
@@ -326,7 +336,7 @@ class _Logical:
             return list(range(-(-self.shape[0] // per)))
         return [0]
 
-    def values(self, seed: int, scale: float, chunk: int) -> np.ndarray:
+    def values(self, seed: int, scale: float, chunk: int, dist: str = "normal") -> np.ndarray:
         ss = np.random.SeedSequence([seed & 0xFFFFFFFF, zlib.crc32(self.name.encode()), chunk])
         rng = np.random.Generator(np.random.PCG64(ss))
         if len(self.shape) == 3:
@@ -336,7 +346,12 @@ class _Logical:
             shape = (min(per, self.shape[0] - chunk * per), self.shape[1])
         else:
             shape = self.shape
-        v = rng.standard_normal(shape, dtype=np.float32)
+        if dist == "uniform":       # same standard deviation, ~4x faster to generate
+            v = rng.random(shape, dtype=np.float32)
+            v -= np.float32(0.5)
+            v *= np.float32(2 * 3 ** 0.5)
+        else:
+            v = rng.standard_normal(shape, dtype=np.float32)
         if self.kind == "norm":
             v *= np.float32(0.1)
             v += np.float32(1.0)
@@ -576,16 +591,16 @@ class _StreamedTensor:
     """Stands in for a NumPy array in gguf.GGUFWriter.add_tensor: the writer only asks for
     dtype/shape/nbytes and calls tofile(); the data is generated piece by piece right then."""
 
-    def __init__(self, t: _Physical, seed: int, scale: float, pool: ThreadPoolExecutor | None,
-                 depth: int):
-        self.t, self.seed, self.scale, self.pool, self.depth = t, seed, scale, pool, depth
+    def __init__(self, t: _Physical, seed: int, scale: float, dist: str,
+                 pool: ThreadPoolExecutor | None, depth: int):
+        self.t, self.seed, self.scale, self.dist, self.pool, self.depth = t, seed, scale, dist, pool, depth
         self.dtype = np.dtype(np.float32)   # ignored: raw_dtype gives the type
         self.shape = t.shape
         self.nbytes = t.nbytes
 
     def _piece(self, item: tuple[_Logical, int]) -> np.ndarray:
         lt, chunk = item
-        return quantize_rows(lt.values(self.seed, self.scale, chunk), self.t.qtype)
+        return quantize_rows(lt.values(self.seed, self.scale, chunk, self.dist), self.t.qtype)
 
     def _pieces(self) -> Iterator[np.ndarray]:
         items = self.t.pieces
@@ -623,8 +638,8 @@ def write_random_model(path: str | os.PathLike, arch: str = "qwen3moe", *, n_lay
                        merged_gate_up: bool = False, fused_qkv: bool = False, seed: int = 0,
                        scale: float = 0.02, rope_freq_base: float = 10000.0,
                        rms_eps: float | None = None, name: str | None = None,
-                       type_overrides: dict[str, str] | None = None, threads: int | None = None,
-                       progress: bool = False) -> Path:
+                       type_overrides: dict[str, str] | None = None, dist: str = "normal",
+                       threads: int | None = None, progress: bool = False) -> Path:
     """Writes a random model of architecture ``arch`` to ``path`` and returns the path.
 
     ``arch``: ``llama`` (dense when ``n_expert=0``, else Mixtral-style experts; the expert width is
@@ -636,19 +651,31 @@ def write_random_model(path: str | os.PathLike, arch: str = "qwen3moe", *, n_lay
     (llama.cpp's llama and qwen3moe loaders then use ``token_embd``; its qwen2moe loader requires
     ``output.weight``). ``merged_gate_up`` writes ``blk.N.ffn_gate_up_exps`` instead of the
     gate/up expert pair, ``fused_qkv`` writes ``blk.N.attn_qkv`` (and its bias) instead of Q/K/V.
-    ``scale`` is the standard deviation of matrices, biases and routers. ``rms_eps`` defaults to
+    ``scale`` is the standard deviation of matrices, biases and routers; ``dist="uniform"`` draws
+    them from a uniform distribution of the same deviation instead of a normal one (about 4x faster
+    to generate: for multi-GB benchmark models). ``rms_eps`` defaults to
     1e-5 for llama, 1e-6 for the Qwen architectures. ``threads`` (default: up to 8 CPUs) generate
     and quantize pieces in parallel; the file is the same for any thread count. The file is
     written to a temporary name and renamed into place.
     """
-    import gguf
-
     plan = plan_random_model(
         arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
         n_ff=n_ff, n_expert=n_expert, n_expert_used=n_expert_used, n_ff_exp=n_ff_exp,
         n_ff_shexp=n_ff_shexp, n_vocab=n_vocab, n_ctx=n_ctx, dtype=dtype, tied_output=tied_output,
         qkv_bias=qkv_bias, merged_gate_up=merged_gate_up, fused_qkv=fused_qkv,
         rope_freq_base=rope_freq_base, rms_eps=rms_eps, name=name, type_overrides=type_overrides)
+    return write_plan(path, plan, seed=seed, scale=scale, dist=dist, threads=threads,
+                      progress=progress)
+
+
+def write_plan(path: str | os.PathLike, plan: RandomModelPlan, *, seed: int = 0, scale: float = 0.02,
+               dist: str = "normal", threads: int | None = None, progress: bool = False) -> Path:
+    """Writes a (possibly edited) :class:`RandomModelPlan`: e.g. drop a metadata key from
+    ``plan.metadata`` to test how a loader handles files that lack it."""
+    import gguf
+
+    if dist not in ("normal", "uniform"):
+        raise ValueError(f"dist must be 'normal' or 'uniform', got {dist!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -663,7 +690,7 @@ def write_random_model(path: str | os.PathLike, arch: str = "qwen3moe", *, n_lay
             else:
                 w.add_key_value(key, value, V[vt])
         for t in plan.tensors:
-            w.add_tensor(t.name, _StreamedTensor(t, seed, scale, pool, depth=2 * max(threads, 1)),
+            w.add_tensor(t.name, _StreamedTensor(t, seed, scale, dist, pool, depth=2 * max(threads, 1)),
                          raw_shape=t.shape, raw_dtype=gguf.GGMLQuantizationType[t.qtype])
         w.write_header_to_file()
         w.write_kv_data_to_file()

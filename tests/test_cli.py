@@ -145,14 +145,13 @@ def test_dump_ops(capsys):
     assert rc == 0 and out.startswith("| op | inputs | attrs | semantics |") and "| MUL_MAT_ID |" in out
 
 
-def test_dump_passes_needs_passes_module(capsys):
-    try:
-        from moegraph.passes import run_passes  # noqa: F401
-        pytest.skip("moegraph.passes exists: its own tests cover --passes")
-    except ImportError:
-        pass
-    rc, _, err = cli(capsys, "dump", "--passes", "fuse_qkv")
-    assert rc == 1 and "moegraph: error: graph passes are not available" in err
+def test_dump_passes(capsys):
+    # more in test_cli_passes.py (--after-each, --diff, expert slicing, the perplexity sweep)
+    rc, out, err = cli(capsys, "dump", "-c", "32", "--passes", "fuse_qkv")
+    assert rc == 0, err
+    assert "blk.0.attn_qkv = MUL_MAT(" in out and "blk.0.attn_q.weight" not in out
+    rc, _, err = cli(capsys, "dump", "--passes", "fuse_qkv,nope")
+    assert rc == 1 and "moegraph: error: unknown pass 'nope'" in err and "fuse_up_gate" in err
 
 
 # --------------------------------------------------------------------------- errors

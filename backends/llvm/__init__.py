@@ -1,0 +1,268 @@
+"""The LLVM CPU backend: the whole graph lowered to LLVM IR (llvmlite), JIT-compiled for the
+host CPU and its features, run from one native entry point per forward step.
+
+    graph(ptrs, syms, ith, nth, tls, tls_stride, barrier)
+calls every kernel in order; each of the nth threads (ith = 0..nth-1) does its share of each
+kernel and meets the others at a barrier (atomics in native code) between dependent steps. The
+Python threads that enter it release the GIL inside the ctypes call. Buffers are planned once by
+liveness (plan.py); compiled objects are cached on disk keyed by IR, CPU and llvmlite version.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from moegraph.errors import InputError, MoeGraphError
+from moegraph.ir import F16, F32, I32, Graph
+from moegraph.quants import is_quantized
+
+from .kernels import emit, vexp_fn
+from .plan import SYMBOLS, Plan
+from .quantk import module_text
+
+ENTRY = "moegraph_graph"
+_llvm_lock = threading.Lock()
+_initialized = False
+
+
+def _llvm():
+    global _initialized
+    import llvmlite.binding as llvm
+    with _llvm_lock:
+        if not _initialized:
+            llvm.initialize_native_target()
+            llvm.initialize_native_asmprinter()
+            _initialized = True
+    return llvm
+
+
+def host_features() -> dict:
+    llvm = _llvm()
+    feats = llvm.get_host_cpu_features()
+    return {"cpu": llvm.get_host_cpu_name(), "features": feats.flatten(),
+            "avx2": bool(feats.get("avx2")), "fma": bool(feats.get("fma")), "f16c": bool(feats.get("f16c"))}
+
+
+def available() -> bool:
+    try:
+        _llvm()
+        return True
+    except Exception:
+        return False
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MOEGRAPH_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "moegraph")
+    return Path(root) / "llvm"
+
+
+BARRIER = """
+declare i32 @sched_yield()
+define internal void @barrier(ptr %bar, i64 %nth) {
+entry:
+  %one = icmp ule i64 %nth, 1
+  br i1 %one, label %done, label %sync
+sync:
+  %genp = getelementptr i8, ptr %bar, i64 64
+  %g = load atomic i32, ptr %genp acquire, align 4
+  %n = atomicrmw add ptr %bar, i32 1 acq_rel
+  %n1 = add i32 %n, 1
+  %nth32 = trunc i64 %nth to i32
+  %last = icmp eq i32 %n1, %nth32
+  br i1 %last, label %release, label %wait
+release:
+  store atomic i32 0, ptr %bar monotonic, align 4
+  %old = atomicrmw add ptr %genp, i32 1 release
+  br label %done
+wait:
+  %spins = phi i32 [0, %sync], [%s1, %again], [%s1, %yield]
+  %cur = load atomic i32, ptr %genp acquire, align 4
+  %same = icmp eq i32 %cur, %g
+  br i1 %same, label %again, label %done
+again:
+  %s1 = add i32 %spins, 1
+  %long = icmp ugt i32 %spins, 4000
+  br i1 %long, label %yield, label %wait
+yield:
+  %y = call i32 @sched_yield()
+  br label %wait
+done:
+  ret void
+}
+"""
+
+
+class LLVMBackend:
+    name = "llvm"
+
+    def __init__(self, n_threads: int | None = None, max_tokens: int = 512, use_cache: bool = True,
+                 **_ignored):
+        self.n_threads = n_threads or os.cpu_count() or 1
+        self.max_tokens = max_tokens
+        self.use_cache = use_cache
+
+    def compile(self, graph: Graph) -> "LLVMExecutable":
+        return LLVMExecutable(graph, self.n_threads, self.max_tokens, self.use_cache)
+
+
+class LLVMExecutable:
+    def __init__(self, graph: Graph, n_threads: int, max_tokens: int, use_cache: bool = True):
+        self.graph = graph
+        self.n_threads = n_threads
+        n_ctx = graph.meta.get("n_ctx") or max([n.shape[0] for n in graph.states().values()] or [1])
+        self.max_tokens = min(max_tokens, n_ctx)
+        t0 = time.perf_counter()
+        self.plan = plan = Plan(graph, self.max_tokens, n_ctx)
+        ir, self.tls_bytes = self._module(plan)
+        self.ir_text = ir
+        self.compile_info = self._jit(ir, use_cache)
+        self.compile_info["seconds"] = time.perf_counter() - t0
+        self._allocate()
+        self._pool = ThreadPoolExecutor(max_workers=n_threads - 1) if n_threads > 1 else None
+
+    # -- code
+    def _module(self, plan: Plan) -> tuple[str, int]:
+        quant_types = {n.dtype for n in self.graph.toposort() if n.op == "WEIGHT" and is_quantized(n.dtype)}
+        parts = [module_text(quant_types), vexp_fn(), BARRIER]
+        calls, tls = [], 64
+        for i, step in enumerate(plan.steps):
+            fns, scratch = emit(plan, step, i)
+            tls = max(tls, scratch)
+            parts += fns
+            for text in fns:
+                fname = text.split("@", 1)[1].split("(", 1)[0]
+                calls.append(f"  call void @{fname}(ptr %ptrs, ptr %syms, i64 %ith, i64 %nth, ptr %tls)\n"
+                             f"  call void @barrier(ptr %bar, i64 %nth)")
+        tls = (tls + 63) // 64 * 64
+        parts.append(f"""
+define void @{ENTRY}(ptr %ptrs, ptr %syms, i64 %ith, i64 %nth, ptr %tls0, i64 %tls_stride, ptr %bar) {{
+entry:
+  %off = mul i64 %ith, %tls_stride
+  %tls = getelementptr i8, ptr %tls0, i64 %off
+{chr(10).join(calls)}
+  ret void
+}}""")
+        return "\n".join(parts), tls
+
+    def _jit(self, ir: str, use_cache: bool) -> dict:
+        llvm = _llvm()
+        feats = host_features()
+        key = hashlib.sha256("\n".join([ir, feats["cpu"], feats["features"],
+                                        str(llvm.llvm_version_info), "v1"]).encode()).hexdigest()[:32]
+        path = cache_dir() / f"{key}.o"
+        cached = use_cache and path.exists()
+        mod = llvm.parse_assembly(ir)
+        mod.verify()
+        target = llvm.Target.from_triple(llvm.get_process_triple())
+        tm = target.create_target_machine(cpu=feats["cpu"], features=feats["features"], opt=3, jit=True)
+        if not cached:
+            pto = llvm.create_pipeline_tuning_options(speed_level=3)
+            pto.loop_vectorization = True
+            pto.slp_vectorization = True
+            pb = llvm.create_pass_builder(tm, pto)
+            pb.getModulePassManager().run(mod, pb)
+        ee = llvm.create_mcjit_compiler(mod, tm)
+
+        def notify(module, buffer):
+            if use_cache:
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_suffix(f".tmp{os.getpid()}")
+                    tmp.write_bytes(buffer)
+                    os.replace(tmp, path)
+                except OSError:
+                    pass
+
+        def getbuffer(module):
+            return path.read_bytes() if cached else None
+        ee.set_object_cache(notify, getbuffer)
+        ee.finalize_object()
+        self._ee, self._mod, self._tm = ee, mod, tm
+        addr = ee.get_function_address(ENTRY)
+        self._fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                    ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p)(addr)
+        return {"cache": "hit" if cached else "miss", "key": key, **{k: feats[k] for k in ("cpu", "avx2", "fma", "f16c")}}
+
+    # -- memory
+    def _allocate(self) -> None:
+        p = self.plan
+        self.arena = np.zeros(p.arena_size + 64, np.uint8)
+        self.tls = np.zeros(self.tls_bytes * self.n_threads + 64, np.uint8)
+        self.barrier = np.zeros(32, np.int32)
+        self.syms = np.zeros(len(SYMBOLS), np.int64)
+        self.buffers: dict[str, np.ndarray] = {}
+        self.states: dict[str, np.ndarray] = {}
+        keep = []
+        addrs = [self.arena.ctypes.data]
+        for kind, node in p.slots[1:]:
+            if kind == "weight":
+                raw = node.data.raw
+                if not raw.flags.c_contiguous:
+                    raw = np.ascontiguousarray(raw)
+                keep.append(raw)
+                addrs.append(raw.ctypes.data)
+            elif kind == "input":
+                shape = p.max_shape(node.shape)
+                buf = np.zeros(shape, {I32: np.int32, F32: np.float32}[node.dtype])
+                self.buffers[node.name] = buf
+                addrs.append(buf.ctypes.data)
+            elif kind == "state":
+                buf = np.zeros(node.shape, np.float16 if node.dtype == F16 else np.float32)
+                self.states[node.name] = buf
+                addrs.append(buf.ctypes.data)
+        self._keep = keep
+        self.ptrs = np.array(addrs, np.uint64)
+        self.outputs = {}
+        for name, o in self.graph.outputs.items():
+            v = p.views[o.id]
+            if v.slot != 0 or v.strides != tuple(_dense(p.max_shape(o.shape))):
+                raise MoeGraphError(f"llvm backend: output {name} is not a dense arena buffer")
+            dt = np.int32 if o.dtype == I32 else np.float32
+            n = int(np.prod(p.max_shape(o.shape)))
+            self.outputs[name] = (o, self.arena[v.offset * 4:(v.offset + n) * 4].view(dt).reshape(p.max_shape(o.shape)))
+
+    def reset_state(self) -> None:
+        for s in self.states.values():
+            s[...] = 0
+
+    # -- running
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from moegraph.backends.reference import bind_symbols
+        from moegraph.ir import static_shape
+        bindings = bind_symbols(self.graph, inputs)
+        for sym, limit in self.plan.maxes.items():
+            if bindings.get(sym, 0) > limit:
+                raise InputError(f"{sym}={bindings[sym]} exceeds what this compiled graph holds ({limit})")
+        for name, arr in inputs.items():
+            buf = self.buffers.get(name)
+            if buf is not None:
+                buf[tuple(slice(0, s) for s in np.shape(arr))] = arr
+        for i, sym in enumerate(SYMBOLS):
+            self.syms[i] = bindings.get(sym, 0)
+        args = (self.ptrs.ctypes.data, self.syms.ctypes.data, self.tls.ctypes.data,
+                self.tls_bytes, self.barrier.ctypes.data)
+        nth = self.n_threads
+        ptrs, syms, tls, stride, bar = args
+        futures = [self._pool.submit(self._fn, ptrs, syms, i, nth, tls, stride, bar)
+                   for i in range(1, nth)] if self._pool else []
+        self._fn(ptrs, syms, 0, nth, tls, stride, bar)
+        for fu in futures:
+            fu.result()
+        return {name: arr[tuple(slice(0, s) for s in static_shape(o.shape, bindings))].copy()
+                for name, (o, arr) in self.outputs.items()}
+
+
+def _dense(shape):
+    out, acc = [], 1
+    for d in reversed(shape):
+        out.append(acc)
+        acc *= d
+    return tuple(reversed(out))

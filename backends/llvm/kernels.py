@@ -1,0 +1,758 @@
+"""One LLVM IR kernel per Step of the plan. Every kernel has the signature
+    void @kN(ptr %ptrs, ptr %syms, i64 %ith, i64 %nth, ptr %tls)
+(ptrs: base pointers of arena/weights/inputs/states; syms: run-time values of T and KV; tls: this
+thread's scratch) and does its share (ith of nth) of the op's work. Kernels needing two phases
+(quantize activations, then dot products) return two functions; the graph entry puts a barrier
+between them. Semantics are those of the op table in moegraph/ir.py; rounding follows the
+reference backend (and so ggml-cpu)."""
+from __future__ import annotations
+
+import math
+
+from moegraph.errors import MoeGraphError
+from moegraph.ir import BF16, F16, F32, I32, Node
+from moegraph.quants import GGMLType, is_quantized, row_bytes, vec_dot_type
+
+from .irgen import I32 as TI32, Fn, f32, f64, splat
+from .plan import SYMBOLS, Plan, View
+from .quantk import ACT_SIZE, LAYOUTS, unpacked_bytes
+
+PARAMS = [("ptr", "%ptrs"), ("ptr", "%syms"), ("i64", "%ith"), ("i64", "%nth"), ("ptr", "%tls")]
+LLTYPE = {F32: "float", F16: "half", I32: "i32", BF16: "i16"}
+
+
+class K:
+    """Helpers shared by kernels: base pointers, run-time dims, element addressing, splitting."""
+
+    def __init__(self, plan: Plan, name: str):
+        self.plan = plan
+        self.f = Fn(name, PARAMS)
+        self._bases: dict[int, str] = {}
+
+    def _entry(self, key, ty: str, table: str, index: int) -> str:
+        """A value loaded once in the entry block, so it dominates every use."""
+        if key not in self._bases:
+            f = self.f
+            p, v = f.tmp("e"), f.tmp("e")
+            f.allocas.append(f"  {p} = getelementptr inbounds {ty}, ptr {table}, i64 {index}")
+            f.allocas.append(f"  {v} = load {ty}, ptr {p}, align 8")
+            self._bases[key] = v
+        return self._bases[key]
+
+    def base(self, slot: int) -> str:
+        return self._entry(("slot", slot), "ptr", "%ptrs", slot)
+
+    def dim(self, d) -> str:
+        if isinstance(d, int):
+            return str(d)
+        return self._entry(("sym", d), "i64", "%syms", SYMBOLS.index(d))
+
+    def count(self, dims) -> str:
+        out = "1"
+        for d in dims:
+            v = self.dim(d)
+            out = v if out == "1" else self.f.op(f"mul i64 {out}, {v}")
+        return out
+
+    def split(self, n: str) -> tuple[str, str]:
+        """[n*ith/nth, n*(ith+1)/nth): this thread's share of n work items."""
+        f = self.f
+        lo = f.op(f"udiv i64 {f.op(f'mul i64 {n}, %ith')}, %nth")
+        hi = f.udiv(f.mul(n, f.add("%ith", 1)), "%nth")
+        return lo, hi
+
+    def unflatten(self, flat: str, dims) -> list[str]:
+        """Row-major indices of `flat` over dims (outermost first)."""
+        f = self.f
+        idx = []
+        rest = flat
+        for d in reversed(dims[1:]):
+            v = self.dim(d)
+            idx.append(f.op(f"urem i64 {rest}, {v}"))
+            rest = f.op(f"udiv i64 {rest}, {v}")
+        idx.append(rest)
+        return list(reversed(idx))
+
+    def ptr(self, v: View, idx: list[str], ty: str | None = None) -> str:
+        """Address of element idx of view v (idx may be shorter: leading dims)."""
+        f = self.f
+        off = str(v.offset)
+        for i, s in zip(idx, v.strides):
+            if s == 0 or i == "0":
+                continue
+            term = i if s == 1 else f.op(f"mul i64 {i}, {s}")
+            off = term if off == "0" else f.op(f"add i64 {off}, {term}")
+        ty = ty or ("i8" if is_quantized(v.dtype) else LLTYPE[v.dtype])
+        return f.gep(ty, self.base(v.slot), off)
+
+    def bview(self, v: View, out_shape) -> View:
+        """v broadcast to out_shape (trailing-aligned; size-1 dims get stride 0)."""
+        pad = len(out_shape) - v.rank
+        strides = [0] * pad + [0 if d == 1 and o != 1 else s
+                               for d, s, o in zip(v.shape, v.strides, out_shape[pad:])]
+        return View(v.slot, v.offset, tuple(out_shape), tuple(strides), v.dtype)
+
+    def load_f32(self, v: View, p: str) -> str:
+        f = self.f
+        if v.dtype == F32:
+            return f.load("float", p, 4)
+        if v.dtype == F16:
+            return f.op(f"fpext half {f.load('half', p, 2)} to float")
+        if v.dtype == BF16:
+            w = f.op(f"zext i16 {f.load('i16', p, 2)} to i32")
+            return f.op(f"bitcast i32 {f.op(f'shl i32 {w}, 16')} to float")
+        raise MoeGraphError(f"cannot load {v.dtype} as float")
+
+    def store_f32(self, v: View, value: str, p: str) -> None:
+        f = self.f
+        if v.dtype == F32:
+            f.store("float", value, p, 4)
+        elif v.dtype == F16:
+            f.store("half", f.op(f"fptrunc float {value} to half"), p, 2)
+        elif v.dtype == BF16:
+            f.store("i16", self.to_bf16(value), p, 2)
+        else:
+            raise MoeGraphError(f"cannot store float as {v.dtype}")
+
+    def to_bf16(self, value: str) -> str:
+        """ggml's fp32 -> bf16: round to nearest even on the bits; NaN made quiet."""
+        f = self.f
+        u = f.op(f"bitcast float {value} to i32")
+        isnan = f.op(f"fcmp uno float {value}, 0.0")
+        lsb = f.op(f"and i32 {f.op(f'lshr i32 {u}, 16')}, 1")
+        r = f.lshr(f.add(u, f.add(32767, lsb, TI32), TI32), 16, TI32)
+        nan = f.op(f"or i32 {f.op(f'lshr i32 {u}, 16')}, 64")
+        return f.op(f"trunc i32 {f.op(f'select i1 {isnan}, i32 {nan}, i32 {r}')} to i16")
+
+    def rows_loop(self, shape):
+        """Loop over this thread's rows of `shape` (all dims but the last): yields the outer
+        index list."""
+        outer = shape[:-1]
+        n = self.count(outer)
+        lo, hi = self.split(n)
+        return self.f.loop(lo, hi), outer
+
+    def text(self) -> str:
+        return self.f.text()
+
+
+# --------------------------------------------------------------------------- math helpers
+def vexp_fn() -> str:
+    """exp for float and <8 x float> (Cephes-style, ~1 ulp): range reduction by ln 2, a degree-6
+    polynomial, and scaling through the exponent bits; exp(x < -88) is exactly 0."""
+    out = []
+    for ty, n, sfx in (("float", 1, "f"), ("<8 x float>", 8, "v")):
+        def c(x):
+            return splat("float", n, f32(x)) if n > 1 else f32(x)
+        ity = "i32" if n == 1 else "<8 x i32>"
+        ci = (lambda x: splat("i32", 8, str(x))) if n > 1 else str
+        rnd = "@llvm.roundeven.f32" if n == 1 else "@llvm.roundeven.v8f32"
+        out.append(f"""
+define internal {ty} @exp_{sfx}({ty} %x0) alwaysinline {{
+  %lo = fcmp olt {ty} %x0, {c(-88.0)}
+  %x1 = call {ty} @llvm.minnum.{'f32' if n == 1 else 'v8f32'}({ty} %x0, {ty} {c(88.3762626647949)})
+  %x = call {ty} @llvm.maxnum.{'f32' if n == 1 else 'v8f32'}({ty} %x1, {ty} {c(-88.0)})
+  %t = fmul {ty} %x, {c(1.44269504088896341)}
+  %fx = call {ty} {rnd}({ty} %t)
+  %a = fmul {ty} %fx, {c(0.693359375)}
+  %r0 = fsub {ty} %x, %a
+  %b = fmul {ty} %fx, {c(-2.12194440e-4)}
+  %r = fsub {ty} %r0, %b
+  %p0 = fmul {ty} %r, {c(1.9875691500E-4)}
+  %p1 = fadd {ty} %p0, {c(1.3981999507E-3)}
+  %p2 = fmul {ty} %p1, %r
+  %p3 = fadd {ty} %p2, {c(8.3334519073E-3)}
+  %p4 = fmul {ty} %p3, %r
+  %p5 = fadd {ty} %p4, {c(4.1665795894E-2)}
+  %p6 = fmul {ty} %p5, %r
+  %p7 = fadd {ty} %p6, {c(1.6666665459E-1)}
+  %p8 = fmul {ty} %p7, %r
+  %p9 = fadd {ty} %p8, {c(5.0000001201E-1)}
+  %r2 = fmul {ty} %r, %r
+  %p10 = fmul {ty} %p9, %r2
+  %p11 = fadd {ty} %p10, %r
+  %y = fadd {ty} %p11, {c(1.0)}
+  %n = fptosi {ty} %fx to {ity}
+  %e = add {ity} %n, {ci(127)}
+  %bits = shl {ity} %e, {ci(23)}
+  %pow = bitcast {ity} %bits to {ty}
+  %res = fmul {ty} %y, %pow
+  %z = select {'i1' if n == 1 else '<8 x i1>'} %lo, {ty} {c(0.0)}, {ty} %res
+  ret {ty} %z
+}}""")
+    out.append("declare <8 x float> @llvm.minnum.v8f32(<8 x float>, <8 x float>)\n"
+               "declare <8 x float> @llvm.maxnum.v8f32(<8 x float>, <8 x float>)")
+    return "\n".join(out)
+
+
+def _unary(op: str, f: Fn, x: str) -> str:
+    if op == "SILU":      # x / (1 + exp(-x))
+        e = f.call("float", "@exp_f", f"float {f.op(f'fneg float {x}')}")
+        return f.op(f"fdiv float {x}, {f.op(f'fadd float 1.0, {e}')}")
+    if op == "SIGMOID":
+        e = f.call("float", "@exp_f", f"float {f.op(f'fneg float {x}')}")
+        return f.op(f"fdiv float 1.0, {f.op(f'fadd float 1.0, {e}')}")
+    if op == "GELU":      # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+        x3 = f.op(f"fmul float {x}, {f.op(f'fmul float {x}, {x}')}")
+        c3 = f.op(f"fmul float {f32(0.044715)}, {x3}")
+        inner = f.op(f"fmul float {f32(0.7978845608028654)}, {f.op(f'fadd float {x}, {c3}')}")
+        th = f.call("float", "@llvm.tanh.f32", f"float {inner}")
+        return f.op(f"fmul float {f.op(f'fmul float 0.5, {x}')}, {f.op(f'fadd float 1.0, {th}')}")
+    raise AssertionError(op)
+
+
+# --------------------------------------------------------------------------- kernels
+def emit(plan: Plan, step, index: int, n_threads_hint: int = 1) -> tuple[list[str], int]:
+    """IR functions (phases) for one step and the per-thread scratch bytes it needs."""
+    n = step.node
+    name = f"k{index}"
+    gen = GENERATORS.get(step.kind)
+    if gen is None:
+        raise MoeGraphError(f"the llvm backend has no kernel for {step.kind} ({n!r})")
+    return gen(plan, n, name)
+
+
+def _views(plan: Plan, n: Node):
+    return plan.views[n.id], [None if i is None else plan.views[i.id] for i in n.inputs]
+
+
+def k_elementwise(plan: Plan, n: Node, name: str):
+    """ADD, MUL, DIV, SCALE, unary ops, SWIGLU, CAST, CONT and copying RESHAPE."""
+    k = K(plan, name)
+    f = k.f
+    out, ins = _views(plan, n)
+    L = out.shape[-1]
+    loop, outer = k.rows_loop(out.shape)
+    if n.op == "RESHAPE":
+        return [_copy_reshape(plan, n, name)], 0
+    with loop as r:
+        idx = k.unflatten(r, outer) if outer else []
+        po = k.ptr(out, idx + ["0"])
+        if n.op in ("ADD", "MUL", "DIV"):
+            a, b = ins[0], k.bview(ins[1], out.shape)
+            pa, pb = k.ptr(a, idx + ["0"]), k.ptr(b, idx + ["0"])
+            bscalar = b.strides[-1] == 0
+            fop = {"ADD": "fadd", "MUL": "fmul", "DIV": "fdiv"}[n.op]
+            bv = k.load_f32(b, pb) if bscalar else None
+            with f.loop(0, k.dim(L)) as i:
+                x = k.load_f32(a, k.ptr(a, idx + [i]))
+                y = bv if bscalar else k.load_f32(b, k.ptr(b, idx + [i]))
+                f.store("float", f.op(f"{fop} float {x}, {y}"), f.gep("float", po, i), 4)
+        elif n.op == "SWIGLU":
+            g = ins[0]
+            half = None
+            if ins[1] is None:
+                half = out.shape[-1]
+                up = g
+            else:
+                up = ins[1]
+            with f.loop(0, k.dim(L)) as i:
+                gi = k.load_f32(g, k.ptr(g, idx + [i]))
+                u = k.load_f32(up, k.ptr(up, idx + [f.op(f"add i64 {i}, {half}") if half else i]))
+                s = _unary("SILU", f, gi)
+                f.store("float", f.op(f"fmul float {s}, {u}"), f.gep("float", po, i), 4)
+        else:
+            x = ins[0]
+            with f.loop(0, k.dim(L)) as i:
+                v = k.load_f32(x, k.ptr(x, idx + [i]))
+                if n.op == "SCALE":
+                    sc, bi = f32(n.attrs["scale"]), f32(n.attrs["bias"])
+                    v = f.op(f"fadd float {f.op(f'fmul float {v}, {sc}')}, {bi}")
+                elif n.op in ("SILU", "SIGMOID", "GELU"):
+                    v = _unary(n.op, f, v)
+                k.store_f32(out, v, k.ptr(out, idx + [i]))
+    return [k.text()], 0
+
+
+def _copy_reshape(plan: Plan, n: Node, name: str) -> str:
+    """Element-wise copy into a dense buffer, mapping the flat index through x's shape."""
+    k = K(plan, name)
+    f = k.f
+    out, (x,) = _views(plan, n)
+    total = k.count(out.shape)
+    lo, hi = k.split(total)
+    with f.loop(lo, hi) as e:
+        oi = k.unflatten(e, out.shape)
+        xi = k.unflatten(e, x.shape)
+        k.store_f32(out, k.load_f32(x, k.ptr(x, xi)), k.ptr(out, oi))
+    return k.text()
+
+
+def k_norm(plan: Plan, n: Node, name: str):
+    k = K(plan, name)
+    f = k.f
+    out, ins = _views(plan, n)
+    x = ins[0]
+    w = k.bview(ins[1], out.shape) if len(ins) > 1 and ins[1] is not None else None
+    L = out.shape[-1]
+    loop, outer = k.rows_loop(out.shape)
+    with loop as r:
+        idx = k.unflatten(r, outer) if outer else []
+        px = k.ptr(x, idx + ["0"])
+        s, m = f.var("double", "0.0"), f.var("double", "0.0")
+        if n.op == "NORM":
+            with f.loop(0, L) as i:
+                v = f.op(f"fpext float {f.load('float', f.gep('float', px, i))} to double")
+                m.set(f.op(f"fadd double {m.get()}, {v}"))
+            mean = f.op(f"fdiv double {m.get()}, {f64(L)}")
+        with f.loop(0, L) as i:
+            v = f.op(f"fpext float {f.load('float', f.gep('float', px, i))} to double")
+            if n.op == "NORM":
+                v = f.op(f"fsub double {v}, {mean}")
+            s.set(f.op(f"fadd double {s.get()}, {f.op(f'fmul double {v}, {v}')}"))
+        var = f.op(f"fadd double {f.op(f'fdiv double {s.get()}, {f64(L)}')}, {f64(n.attrs['eps'])}")
+        inv = f.op(f"fdiv double 1.0, {f.call('double', '@llvm.sqrt.f64', f'double {var}')}")
+        scale = f.op(f"fptrunc double {inv} to float")
+        meanf = f.op(f"fptrunc double {mean} to float") if n.op == "NORM" else None
+        po = k.ptr(out, idx + ["0"])
+        pw = k.ptr(w, idx + ["0"]) if w is not None else None
+        with f.loop(0, L) as i:
+            v = f.load("float", f.gep("float", px, i))
+            if meanf:
+                v = f.op(f"fsub float {v}, {meanf}")
+            y = f.op(f"fmul float {v}, {scale}")
+            if pw is not None:
+                y = f.op(f"fmul float {y}, {f.load('float', f.gep('float', pw, i) if w.strides[-1] else pw)}")
+            f.store("float", y, f.gep("float", po, i), 4)
+    return [k.text()], 0
+
+
+def k_soft_max(plan: Plan, n: Node, name: str):
+    k = K(plan, name)
+    f = k.f
+    out, ins = _views(plan, n)
+    x = ins[0]
+    mask = k.bview(ins[1], out.shape) if ins[1] is not None else None
+    L = k.dim(out.shape[-1])
+    scale = f32(n.attrs["scale"])
+    loop, outer = k.rows_loop(out.shape)
+    with loop as r:
+        idx = k.unflatten(r, outer) if outer else []
+        px, po = k.ptr(x, idx + ["0"]), k.ptr(out, idx + ["0"])
+        pm = k.ptr(mask, idx + ["0"]) if mask is not None else None
+        mx = f.var("float", f32(-math.inf))
+        with f.loop(0, L) as i:
+            v = f.op(f"fmul float {f.load('float', f.gep('float', px, i))}, {scale}")
+            if pm is not None:
+                v = f.op(f"fadd float {v}, {f.load('float', f.gep('float', pm, i))}")
+            f.store("float", v, f.gep("float", po, i), 4)
+            mx.set(f.call("float", "@llvm.maxnum.f32", f"float {mx.get()}", f"float {v}"))
+        s = f.var("double", "0.0")
+        m = mx.get()
+        with f.loop(0, L) as i:
+            p = f.gep("float", po, i)
+            x = f.load("float", p)
+            e = f.call("float", "@exp_f", f"float {f.op(f'fsub float {x}, {m}')}")
+            f.store("float", e, p, 4)
+            s.set(f.op(f"fadd double {s.get()}, {f.op(f'fpext float {e} to double')}"))
+        inv = f.op(f"fptrunc double {f.op(f'fdiv double 1.0, {s.get()}')} to float")
+        with f.loop(0, L) as i:
+            p = f.gep("float", po, i)
+            f.store("float", f.op(f"fmul float {f.load('float', p)}, {inv}"), p, 4)
+    return [k.text()], 0
+
+
+def k_rope(plan: Plan, n: Node, name: str):
+    """Per token: the cos/sin table once (ggml's float32 angle recurrence), then every head."""
+    k = K(plan, name)
+    f = k.f
+    out, (x, pos) = _views(plan, n)
+    T, H, D = out.shape
+    nd, mode = n.attrs["n_dims"], n.attrs["mode"]
+    half = nd // 2
+    step = f32(float(n.attrs["freq_base"]) ** (-2.0 / nd))
+    import numpy as np
+    step = f32(float(np.float32(n.attrs["freq_base"]) ** np.float32(-2.0 / nd)))
+    fs = f32(n.attrs["freq_scale"])
+    lo, hi = k.split(k.dim(T))
+    cs = f.op(f"getelementptr float, ptr %tls, i64 0")
+    sn = f.gep("float", "%tls", half)
+    with f.loop(lo, hi) as t:
+        p = f.op(f"sitofp i32 {f.load('i32', k.ptr(pos, [t]))} to float")
+        th = f.var("float", p)
+        with f.loop(0, half) as i:
+            a = f.op(f"fmul float {th.get()}, {fs}")
+            f.store("float", f.call("float", "@llvm.cos.f32", f"float {a}"), f.gep("float", cs, i), 4)
+            f.store("float", f.call("float", "@llvm.sin.f32", f"float {a}"), f.gep("float", sn, i), 4)
+            th.set(f.op(f"fmul float {th.get()}, {step}"))
+        with f.loop(0, H) as h:
+            px, po = k.ptr(x, [t, h, "0"]), k.ptr(out, [t, h, "0"])
+            with f.loop(0, half) as i:
+                if mode == 0:
+                    i0 = f.op(f"mul i64 {i}, 2")
+                    i1 = f.op(f"add i64 {i0}, 1")
+                else:
+                    i0, i1 = i, f.op(f"add i64 {i}, {half}")
+                x0 = f.load("float", f.gep("float", px, i0))
+                x1 = f.load("float", f.gep("float", px, i1))
+                c = f.load("float", f.gep("float", cs, i))
+                s = f.load("float", f.gep("float", sn, i))
+                y0 = f.op(f"fsub float {f.op(f'fmul float {x0}, {c}')}, {f.op(f'fmul float {x1}, {s}')}")
+                y1 = f.op(f"fadd float {f.op(f'fmul float {x0}, {s}')}, {f.op(f'fmul float {x1}, {c}')}")
+                f.store("float", y0, f.gep("float", po, i0), 4)
+                f.store("float", y1, f.gep("float", po, i1), 4)
+            with f.loop(nd, D) as i:
+                f.store("float", f.load("float", f.gep("float", px, i)), f.gep("float", po, i), 4)
+    return [k.text()], 8 * half
+
+
+def k_top_k(plan: Plan, n: Node, name: str):
+    """k passes of arg-max; ties go to the lower index (a stable descending sort)."""
+    k = K(plan, name)
+    f = k.f
+    out, (x,) = _views(plan, n)
+    E = x.shape[-1]
+    loop, outer = k.rows_loop(out.shape)
+    with loop as r:
+        idx = k.unflatten(r, outer) if outer else []
+        px, po = k.ptr(x, idx + ["0"]), k.ptr(out, idx + ["0"])
+        last_v, last_i = f.var("float", f32(math.inf)), f.var("i64", "-1")
+        with f.loop(0, n.attrs["k"]) as j:
+            best_v, best_i = f.var("float", f32(-math.inf)), f.var("i64", "-1")
+            lv, li = last_v.get(), last_i.get()
+            with f.loop(0, k.dim(E)) as i:
+                v = f.load("float", f.gep("float", px, i))
+                eq = f.op(f"fcmp oeq float {v}, {lv}")
+                later = f.op(f"icmp sgt i64 {i}, {li}")
+                after = f.op(f"or i1 {f.op(f'fcmp olt float {v}, {lv}')}, {f.op(f'and i1 {eq}, {later}')}")
+                better = f.op(f"or i1 {f.op(f'fcmp ogt float {v}, {best_v.get()}')}, {f.op(f'icmp eq i64 {best_i.get()}, -1')}")
+                take = f.op(f"and i1 {after}, {better}")
+                best_v.set(f.op(f"select i1 {take}, float {v}, float {best_v.get()}"))
+                best_i.set(f.op(f"select i1 {take}, i64 {i}, i64 {best_i.get()}"))
+            f.store("i32", f.op(f"trunc i64 {best_i.get()} to i32"), f.gep("i32", po, j), 4)
+            last_v.set(best_v.get())
+            last_i.set(best_i.get())
+    return [k.text()], 0
+
+
+def k_sum(plan: Plan, n: Node, name: str):
+    k = K(plan, name)
+    f = k.f
+    out, (x,) = _views(plan, n)
+    ax = n.attrs["axis"] % x.rank
+    total = k.count(out.shape)
+    lo, hi = k.split(total)
+    with f.loop(lo, hi) as e:
+        oi = k.unflatten(e, out.shape)
+        acc = f.var("float", "0.0")
+        with f.loop(0, k.dim(x.shape[ax])) as j:
+            xi = oi[:ax] + [j] + oi[ax:]
+            acc.set(f.op(f"fadd float {acc.get()}, {k.load_f32(x, k.ptr(x, xi))}"))
+        f.store("float", acc.get(), k.ptr(out, oi), 4)
+    return [k.text()], 0
+
+
+def k_concat(plan: Plan, n: Node, name: str):
+    k = K(plan, name)
+    f = k.f
+    out = plan.views[n.id]
+    ax = n.attrs["axis"] % out.rank
+    start = 0
+    for xn in n.inputs:
+        x = plan.views[xn.id]
+        total = k.count(x.shape)
+        lo, hi = k.split(total)
+        with f.loop(lo, hi) as e:
+            xi = k.unflatten(e, x.shape)
+            oi = list(xi)
+            oi[ax] = f.op(f"add i64 {xi[ax]}, {start}")
+            if out.dtype in (F32, F16, BF16):
+                k.store_f32(out, k.load_f32(x, k.ptr(x, xi)), k.ptr(out, oi))
+            else:
+                f.store("i32", f.load("i32", k.ptr(x, xi)), k.ptr(out, oi))
+        start += xn.shape[ax]
+    return [k.text()], 0
+
+
+def k_set_rows(plan: Plan, n: Node, name: str):
+    k = K(plan, name)
+    f = k.f
+    dst, src, idx = (plan.views[i.id] for i in n.inputs)
+    R = dst.shape[0]
+    rows = k.count(src.shape[:-1])
+    lo, hi = k.split(rows)
+    inner = src.shape[1:-1]
+    with f.loop(lo, hi) as r:
+        si = k.unflatten(r, src.shape[:-1])
+        row = f.op(f"sext i32 {f.load('i32', k.ptr(idx, [si[0]]))} to i64")
+        ok = f.op(f"icmp ult i64 {row}, {R}")    # never write out of bounds
+        with f.if_(ok):
+            ps = k.ptr(src, si + ["0"])
+            pd = k.ptr(dst, [row] + si[1:] + ["0"])
+            ty = LLTYPE[dst.dtype]
+            with f.loop(0, k.dim(src.shape[-1])) as i:
+                v = k.load_f32(src, f.gep("float", ps, i))
+                k.store_f32(dst, v, f.gep(ty, pd, i))
+    return [k.text()], 0
+
+
+def k_get_rows(plan: Plan, n: Node, name: str):
+    k = K(plan, name)
+    f = k.f
+    out, (table, ids) = _views(plan, n)
+    C = table.shape[-1]
+    R = table.shape[-2]
+    loop, outer = k.rows_loop(out.shape)
+    t = table.dtype
+    scratch = unpacked_bytes(t, C) if is_quantized(t) else 0
+    with loop as r:
+        oi = k.unflatten(r, outer) if outer else []
+        row = f.op(f"sext i32 {f.load('i32', k.ptr(ids, oi))} to i64")
+        ok = f.op(f"icmp ult i64 {row}, {R}")
+        rowc = f.op(f"select i1 {ok}, i64 {row}, i64 0")   # out-of-range ids read row 0 (validated upstream)
+        ti = oi[:-1] + [rowc]
+        po = k.ptr(out, oi + ["0"])
+        if is_quantized(t):
+            pw = k.ptr(table, ti)
+            f.call("void", f"@unpack_{t.name}", f"ptr {pw}", "ptr %tls", f"i64 {C}")
+            f.call("void", f"@dequant_{t.name}", "ptr %tls", f"ptr {po}", f"i64 {C}")
+        else:
+            with f.loop(0, k.dim(C)) as i:
+                v = k.load_f32(table, k.ptr(table, ti + [i]))
+                f.store("float", v, f.gep("float", po, i), 4)
+    return [k.text()], scratch
+
+
+def _act_quant_phase(k: K, b: View, rows_dims, vt, Kdim: int, dst: str) -> None:
+    """Phase 1 of a matmul: activation rows -> vec_dot_type rows (dense) at dst."""
+    f = k.f
+    n = k.count(rows_dims)
+    lo, hi = k.split(n)
+    rb = row_bytes(vt, Kdim)
+    with f.loop(lo, hi) as r:
+        bi = k.unflatten(r, rows_dims)
+        pb = k.ptr(b, bi + ["0"])
+        pd = f.gep("i8", dst, f.op(f"mul i64 {r}, {rb}"))
+        if vt in (GGMLType.Q8_0, GGMLType.Q8_1, GGMLType.Q8_K):
+            f.call("void", f"@quant_{vt.name}", f"ptr {pb}", f"ptr {pd}", f"i64 {Kdim}")
+        else:   # F16 / BF16 activations
+            with f.loop(0, Kdim) as i:
+                v = f.load("float", f.gep("float", pb, i))
+                if vt == F16:
+                    f.store("half", f.op(f"fptrunc float {v} to half"), f.gep("half", pd, i), 2)
+                else:
+                    f.store("i16", k.to_bf16(v), f.gep("i16", pd, i), 2)
+
+
+def _float_dot(k: K, wtype, pw: str, pa: str, Kdim: int) -> str:
+    """Dot product of a float weight row with an activation row already in vec_dot_type, in
+    float32 with 8 partial sums (vectorized by LLVM with fast-math reassociation)."""
+    f = k.f
+    acc = f.var("<8 x float>", "zeroinitializer")
+    ety, vty = {F32: ("float", "<8 x float>"), F16: ("half", "<8 x half>"), BF16: ("i16", "<8 x i16>")}[wtype]
+    nv = Kdim // 8
+
+    def vec(p, i):
+        v = f.load(vty, f.gep(ety, p, f.op(f"mul i64 {i}, 8")), 2)
+        if wtype == F16:
+            return f.op(f"fpext <8 x half> {v} to <8 x float>")
+        if wtype == BF16:
+            w = f.op(f"shl <8 x i32> {f.op(f'zext <8 x i16> {v} to <8 x i32>')}, {splat('i32', 8, '16')}")
+            return f.op(f"bitcast <8 x i32> {w} to <8 x float>")
+        return v
+    with f.loop(0, nv) as i:
+        acc.set(f.call("<8 x float>", "@llvm.fma.v8f32", f"<8 x float> {vec(pw, i)}",
+                       f"<8 x float> {vec(pa, i)}", f"<8 x float> {acc.get()}"))
+    s = f.var("float", f.call("float", "@llvm.vector.reduce.fadd.v8f32", "float 0.0", f"<8 x float> {acc.get()}"))
+    if Kdim % 8:
+        with f.loop(nv * 8, Kdim) as i:
+            a = k.load_f32(View(0, 0, (), (), wtype), f.gep(ety, pw, i))
+            b = k.load_f32(View(0, 0, (), (), wtype), f.gep(ety, pa, i))
+            s.set(f.op(f"call float @llvm.fma.f32(float {a}, float {b}, float {s.get()})"))
+    return s.get()
+
+
+def _row_dot(k: K, wtype, pw: str, pa: str, Kdim: int, unpacked: bool) -> str:
+    if is_quantized(wtype):
+        return k.f.call("float", f"@dot_{wtype.name}", "ptr %tls", f"ptr {pa}", f"i64 {Kdim}")
+    return _float_dot(k, wtype, pw, pa, Kdim)
+
+
+def k_mul_mat(plan: Plan, n: Node, name: str):
+    out, (a, b) = _views(plan, n)
+    if a.rank != 2:
+        raise MoeGraphError(f"llvm backend: batched MUL_MAT outside attention is not supported ({n!r})")
+    N, Kdim = a.shape
+    wt = a.dtype
+    vt = vec_dot_type(wt)
+    rows_dims = b.shape[:-1]
+    act_rb = row_bytes(vt, Kdim)
+    scratch_off = plan.scratch.get(n.id)
+    phases = []
+    quantized_acts = vt != F32
+    if quantized_acts:
+        k1 = K(plan, name + "a")
+        dst = k1.f.gep("i8", k1.base(0), scratch_off)
+        _act_quant_phase(k1, b, rows_dims, vt, Kdim, dst)
+        phases.append(k1.text())
+    k2 = K(plan, name + "b")
+    f = k2.f
+    M = k2.count(rows_dims)
+    lo, hi = k2.split(str(N))
+    acts = f.gep("i8", k2.base(0), scratch_off) if quantized_acts else None
+    wrb = row_bytes(wt, Kdim)
+    with f.loop(lo, hi) as j:
+        esize = 1 if is_quantized(wt) else (2 if wt in (F16, BF16) else 4)
+        pw = f.gep("i8", k2.base(a.slot), f.op(f"add i64 {a.offset * esize}, {f.op(f'mul i64 {j}, {a.strides[0] * esize}')}"))
+        if is_quantized(wt):
+            f.call("void", f"@unpack_{wt.name}", f"ptr {pw}", "ptr %tls", f"i64 {Kdim}")
+        with f.loop(0, M) as m:
+            if quantized_acts:
+                pa = f.gep("i8", acts, f.op(f"mul i64 {m}, {act_rb}"))
+            else:
+                pa = k2.ptr(b, k2.unflatten(m, rows_dims) + ["0"])
+            v = _row_dot(k2, wt, pw, pa, Kdim, True)
+            po = f.gep("float", k2.base(0), f.add(out.offset, f.add(f.mul(m, N), j)))
+            f.store("float", v, po, 4)
+    phases.append(k2.text())
+    return phases, unpacked_bytes(wt, Kdim) if is_quantized(wt) else 0
+
+
+def k_mul_mat_id(plan: Plan, n: Node, name: str):
+    out, (a, b, ids) = _views(plan, n)
+    E, N, Kdim = a.shape
+    T, S, _ = b.shape
+    kk = ids.shape[1]
+    wt = a.dtype
+    vt = vec_dot_type(wt)
+    act_rb = row_bytes(vt, Kdim)
+    base_off = plan.scratch[n.id]
+    rows_max = math.prod(plan.max_shape(b.shape[:-1]))
+    quantized_acts = vt != F32
+    lists_off = base_off + (rows_max * act_rb if quantized_acts else 0)
+    lists_off = (lists_off + 63) // 64 * 64
+    phases = []
+    k1 = K(plan, name + "a")
+    f = k1.f
+    if quantized_acts:
+        _act_quant_phase(k1, b, b.shape[:-1], vt, Kdim, f.gep("i8", k1.base(0), base_off))
+    # thread 0 buckets (token, slot) pairs by expert: counts[E], then lists[E][T*k]
+    is0 = f.op("icmp eq i64 %ith, 0")
+    with f.if_(is0):
+        cnt = f.gep("i8", k1.base(0), lists_off)
+        lst = f.gep("i8", cnt, 4 * E)
+        with f.loop(0, E) as e:
+            f.store("i32", "0", f.gep("i32", cnt, e), 4)
+        Tv = k1.dim(T)
+        with f.loop(0, Tv) as t:
+            with f.loop(0, kk) as j:
+                ev = f.op(f"sext i32 {f.load('i32', k1.ptr(ids, [t, j]))} to i64")
+                ok = f.op(f"icmp ult i64 {ev}, {E}")
+                with f.if_(ok):
+                    pc = f.gep("i32", cnt, ev)
+                    c = f.load("i32", pc, 4)
+                    slot = f.op(f"add i64 {f.op(f'mul i64 {ev}, {math.prod(plan.max_shape((T,))) * kk}')}, {f.op(f'sext i32 {c} to i64')}")
+                    f.store("i32", f.op(f"trunc i64 {f.add(f.mul(t, kk), j)} to i32"), f.gep("i32", lst, slot), 4)
+                    f.store("i32", f.op(f"add i32 {c}, 1"), pc, 4)
+    phases.append(k1.text())
+
+    k2 = K(plan, name + "b")
+    f = k2.f
+    cnt = f.gep("i8", k2.base(0), lists_off)
+    lst = f.gep("i8", cnt, 4 * E)
+    acts = f.gep("i8", k2.base(0), base_off)
+    lo, hi = k2.split(str(N))
+    esize = 1 if is_quantized(wt) else (2 if wt in (F16, BF16) else 4)
+    per_t = math.prod(plan.max_shape((T,))) * kk
+    with f.loop(0, E) as e:
+        c = f.op(f"sext i32 {f.load('i32', f.gep('i32', cnt, e), 4)} to i64")
+        with f.if_(f.op(f"icmp sgt i64 {c}, 0")):
+            with f.loop(lo, hi) as j:
+                woff = f.add(a.offset * esize, f.add(f.mul(e, a.strides[0] * esize), f.mul(j, a.strides[1] * esize)))
+                pw = f.gep("i8", k2.base(a.slot), woff)
+                if is_quantized(wt):
+                    f.call("void", f"@unpack_{wt.name}", f"ptr {pw}", "ptr %tls", f"i64 {Kdim}")
+                with f.loop(0, c) as q:
+                    tj = f.op(f"sext i32 {f.load('i32', f.gep('i32', lst, f.add(f.mul(e, per_t), q)), 4)} to i64")
+                    t = f.op(f"udiv i64 {tj}, {kk}")
+                    jj = f.op(f"urem i64 {tj}, {kk}")
+                    srow = jj if S != 1 else "0"
+                    row = f.op(f"add i64 {f.op(f'mul i64 {t}, {S}')}, {srow}")
+                    if quantized_acts:
+                        pa = f.gep("i8", acts, f.op(f"mul i64 {row}, {act_rb}"))
+                    else:
+                        pa = k2.ptr(b, [t, srow, "0"])
+                    v = _row_dot(k2, wt, pw, pa, Kdim, True)
+                    f.store("float", v, k2.ptr(out, [t, jj, j]), 4)
+    phases.append(k2.text())
+    return phases, unpacked_bytes(wt, Kdim) if is_quantized(wt) else 0
+
+
+def k_attention(plan: Plan, n: Node, name: str):
+    """out[h, t, :] = softmax(scale * q[t, h] . k[j, h/g] + mask[t, j]) . v[j, h/g], one (h, t)
+    per work item; with an F16 cache, q and the probabilities are rounded to F16 first (as
+    ggml-cpu's F16 matmuls do). Masked cells (-inf) are skipped."""
+    info = plan.attention[n.id]
+    k = K(plan, name)
+    f = k.f
+    out = plan.views[n.id]
+    q, kc, vc, mask = (plan.views[info[x].id] for x in ("q", "k", "v", "mask"))
+    T, H, D = q.shape
+    KV, Hkv, Dv = vc.shape
+    g = H // Hkv
+    scale = f32(info["scale"])
+    kf16 = kc.dtype == F16
+    vf16 = vc.dtype == F16
+    Tv, KVv = k.dim(T), k.dim(KV)
+    items = f.op(f"mul i64 {Tv}, {H}")
+    lo, hi = k.split(items)
+    scores = "%tls"
+    qbuf = f.gep("float", "%tls", plan.maxes["KV"])
+    with f.loop(lo, hi) as it:
+        h = f.op(f"urem i64 {it}, {H}")
+        t = f.op(f"udiv i64 {it}, {H}")
+        hk = f.op(f"udiv i64 {h}, {g}")
+        pq = k.ptr(q, [t, h, "0"])
+        with f.loop(0, D) as i:
+            v = f.load("float", f.gep("float", pq, i))
+            if kf16:
+                v = f.op(f"fpext half {f.op(f'fptrunc float {v} to half')} to float")
+            f.store("float", v, f.gep("float", qbuf, i), 4)
+        pm = k.ptr(k.bview(mask, (T, KV)), [t, "0"])
+        mx = f.var("float", f32(-math.inf))
+        with f.loop(0, KVv) as j:
+            mv = f.load("float", f.gep("float", pm, j))
+            live = f.op(f"fcmp ogt float {mv}, {f32(-math.inf)}")
+            ps = f.gep("float", scores, j)
+            f.store("float", f32(-math.inf), ps, 4)
+            with f.if_(live):
+                pk = k.ptr(kc, [j, hk, "0"])
+                acc = f.var("float", "0.0")
+                with f.loop(0, D) as i:
+                    kv = k.load_f32(kc, f.gep("half" if kf16 else "float", pk, i))
+                    acc.set(f.op(f"call float @llvm.fma.f32(float {f.load('float', f.gep('float', qbuf, i))}, float {kv}, float {acc.get()})"))
+                s = f.op(f"fadd float {f.op(f'fmul float {acc.get()}, {scale}')}, {mv}")
+                f.store("float", s, ps, 4)
+                mx.set(f.call("float", "@llvm.maxnum.f32", f"float {mx.get()}", f"float {s}"))
+        total = f.var("double", "0.0")
+        m = mx.get()
+        with f.loop(0, KVv) as j:
+            ps = f.gep("float", scores, j)
+            x = f.load("float", ps)
+            e = f.call("float", "@exp_f", f"float {f.op(f'fsub float {x}, {m}')}")
+            f.store("float", e, ps, 4)
+            total.set(f.op(f"fadd double {total.get()}, {f.op(f'fpext float {e} to double')}"))
+        inv = f.op(f"fptrunc double {f.op(f'fdiv double 1.0, {total.get()}')} to float")
+        po = k.ptr(out, [h, t, "0"])
+        with f.loop(0, Dv) as i:
+            f.store("float", "0.0", f.gep("float", po, i), 4)
+        with f.loop(0, KVv) as j:
+            p = f.op(f"fmul float {f.load('float', f.gep('float', scores, j))}, {inv}")
+            if vf16:
+                p = f.op(f"fpext half {f.op(f'fptrunc float {p} to half')} to float")
+            with f.if_(f.op(f"fcmp one float {p}, 0.0")):
+                pv = k.ptr(vc, [j, hk, "0"])
+                with f.loop(0, Dv) as i:
+                    o = f.gep("float", po, i)
+                    vv = k.load_f32(vc, f.gep("half" if vf16 else "float", pv, i))
+                    f.store("float", f.op(f"call float @llvm.fma.f32(float {p}, float {vv}, float {f.load('float', o)})"), o, 4)
+    return [k.text()], 4 * (plan.maxes["KV"] + D + 16)
+
+
+GENERATORS = {
+    **{op: k_elementwise for op in ("ADD", "MUL", "DIV", "SCALE", "SILU", "SIGMOID", "GELU",
+                                    "SWIGLU", "CAST", "CONT", "RESHAPE")},
+    "RMS_NORM": k_norm, "NORM": k_norm, "SOFT_MAX": k_soft_max, "ROPE": k_rope, "TOP_K": k_top_k,
+    "SUM": k_sum, "CONCAT": k_concat, "SET_ROWS": k_set_rows, "GET_ROWS": k_get_rows,
+    "MUL_MAT": k_mul_mat, "MUL_MAT_ID": k_mul_mat_id, "ATTENTION": k_attention,
+}
