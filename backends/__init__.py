@@ -41,4 +41,15 @@ def get_backend(name: str, **options):
 
 
 def default_backend() -> str:
-    return "numpy"
+    """llvm where llvmlite works on this machine, else the NumPy reference."""
+    global _default
+    if _default is None:
+        try:
+            from .llvm import available
+            _default = "llvm" if available() else "numpy"
+        except ImportError:
+            _default = "numpy"
+    return _default
+
+
+_default: str | None = None

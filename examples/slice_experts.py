@@ -10,6 +10,7 @@ perplexity.
 """
 import moegraph
 from moegraph.data import DEFAULT_MODEL
+from moegraph.dump import fmt_shape
 from moegraph.passes import run_passes
 
 # Held-out text: Revelation 21:1-7 (KJV); the model never saw Colossians .. Revelation.
@@ -38,7 +39,7 @@ for mode in ("soft", "hard"):
     experts = [n for n in g.toposort() if n.op == "MUL_MAT_ID"][:3]        # its gate, up, down
     ids_node = experts[0].inputs[2]
     print(f"  {mode} k=2, layer 0: TOP_K k={top_k.attrs['k']}; expert matmuls read ids "
-          f"{ids_node.op}{list(ids_node.shape)} -> {list(experts[-1].shape)}")
+          f"{ids_node.op}{fmt_shape(ids_node.shape)} -> {fmt_shape(experts[-1].shape)}")
 
 print(f"\n{'experts':<22}{'perplexity':>11}{'vs full':>9}")
 base = None

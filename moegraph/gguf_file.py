@@ -194,7 +194,9 @@ def write_gguf(path: str | os.PathLike, metadata: dict[str, Any], tensors: Itera
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for t in tensors:
-            w.write_tensor_data(np.ascontiguousarray(t.raw).view(np.uint8).reshape(-1))
+            # `raw` may also stream its bytes: any object with `nbytes` and `tofile(fout)`
+            raw = t.raw if not isinstance(t.raw, np.ndarray) else np.ascontiguousarray(t.raw).view(np.uint8).reshape(-1)
+            w.write_tensor_data(raw)
         w.close()
         os.replace(tmp, path)
     finally:

@@ -896,11 +896,37 @@ def _requant_levels(x, d, dm, lo: int, hi: int, keep):
 
 # --- K-quants ----------------------------------------------------------------------------------
 
+# The searches: the LLVM-JIT kernels (below) when llvmlite is there, else the NumPy ones. Both give
+# the same bytes; _USE_JIT = False forces NumPy (tests compare the two).
+_USE_JIT = True
+
+
+def _search_qkx2(kernel, xs, w, nmax, rmin, rdelta, nstep, use_mad):
+    r = _jit_search(kernel, xs, w, n_out_vecs=2) if _USE_JIT else None
+    if r is None:
+        return _make_qkx2_quants(xs, w, nmax, rmin, rdelta, nstep, use_mad)
+    return r[0], r[1], r[2].astype(np.uint8)
+
+
+def _search_qx(xs):
+    r = _jit_search("q6k_search", xs, n_out_vecs=1) if _USE_JIT else None
+    if r is None:
+        return _make_qx_quants_rmse1(xs, 32)
+    return r[0], r[1].astype(np.uint8)
+
+
+def _search_q3(xs):
+    r = _jit_search("q3k_search", xs, n_out_vecs=1) if _USE_JIT else None
+    if r is None:
+        return _make_q3_quants_rmse(xs, 4)
+    return r[0], r[1].astype(np.int32)
+
+
 def _wq_q2_k(x):
     nb = len(x)
     out = _blocks_out(GGMLType.Q2_K, nb)
     xs = _subblocks(x, 16)
-    scales, mins, L = _make_qkx2_quants(xs, np.abs(xs), 3, -0.5, 0.1, 15, use_mad=True)
+    scales, mins, L = _search_qkx2("q2k_search", xs, np.abs(xs), 3, -0.5, 0.1, 15, True)
     scales, mins = scales.reshape(nb, 16), mins.reshape(nb, 16)
     L = _unsub(L, nb).reshape(nb, 16, 16).astype(np.int32)
     q4 = _F32(15)
@@ -925,7 +951,7 @@ def _wq_q2_k(x):
 def _wq_q3_k(x):
     nb = len(x)
     out = _blocks_out(GGMLType.Q3_K, nb)
-    scales, L = _make_q3_quants_rmse(_subblocks(x, 16), 4)
+    scales, L = _search_q3(_subblocks(x, 16))
     scales = scales.reshape(nb, 16)
     L = _unsub(L, nb).reshape(nb, 16, 16)
     _, max_scale = _first_absmax(scales.T)
@@ -970,7 +996,8 @@ def _wq_k4(x, nmax: int, rmin: float, rdelta: float, nstep: int):
     xs = _subblocks(x, 32)
     av_x = np.sqrt(_fold0(xs * xs) / _F32(32))
     w = av_x + np.abs(xs)
-    scales, mins, L = _make_qkx2_quants(xs, w, nmax, rmin, rdelta, nstep, use_mad=False)
+    scales, mins, L = _search_qkx2(f"q{4 if nmax == 15 else 5}k_search", xs, w, nmax, rmin,
+                                   rdelta, nstep, False)
     scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
     L = _unsub(L, nb).reshape(nb, 8, 32).astype(np.int32)
     max_scale = np.maximum(scales.max(axis=1), 0)
@@ -1013,7 +1040,7 @@ def _wq_q5_k(x):
 def _wq_q6_k(x):
     nb = len(x)
     out = _blocks_out(GGMLType.Q6_K, nb)
-    scales, L = _make_qx_quants_rmse1(_subblocks(x, 16), 32)
+    scales, L = _search_qx(_subblocks(x, 16))
     scales = scales.reshape(nb, 16)
     L = _unsub(L, nb).reshape(nb, 16, 16).astype(np.int32)
     max_abs, max_scale = _first_absmax(scales.T)
@@ -1348,7 +1375,7 @@ def _ir_qx_rmse1(name: str, n: int, nmax: int) -> str:
         scale = k.sel(k.cmp("une", sl2, _ZERO), k.div(slx, sl2), _ZERO)
         v_scale, v_best = k.var(_V, scale), k.var(_V, k.mul(scale, slx))
         for step in [s for s in range(-9, 10) if s != 0]:
-            t = k.add(fn, _vf(0.1 * 1.0) if False else k.mul(_vf(0.1), _vf(step)))
+            t = k.add(fn, k.mul(_vf(0.1), _vf(step)))      # nmax + 0.1f*is
             iscale = k.div(k.neg(t), mx)
             ls, slx, sl2 = sums(iscale)
             best = v_best.get()

@@ -127,7 +127,8 @@ class Session:
 
     def run(self, tokens: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
         """Like forward, but returns every output of the graph (passes and analyses may add some,
-        e.g. the chosen experts)."""
+        e.g. the chosen experts). Longer inputs than the backend takes at once are split into
+        batches (like llama.cpp's ubatches)."""
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
         n, n_vocab = len(ids), self.model.config.n_vocab
         if n == 0:
@@ -139,6 +140,14 @@ class Session:
         if self.n_past + n > self.n_ctx:
             raise InputError(f"{self.n_past} tokens in the context + {n} new ones exceed the "
                              f"context size n_ctx={self.n_ctx} (reset() the session or use a larger n_ctx)")
+        step = getattr(self.executable, "max_tokens", None) or n
+        parts = [self._run_batch(ids[i:i + step]) for i in range(0, n, step)]
+        if len(parts) == 1:
+            return parts[0]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def _run_batch(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        n = len(ids)
         pos = np.arange(self.n_past, self.n_past + n, dtype=np.int32)
         n_kv = self.n_past + n
         mask = np.where(np.arange(n_kv)[None, :] <= pos[:, None], 0.0, -np.inf).astype(np.float32)

@@ -8,8 +8,9 @@ files load in llama.cpp as well as in moegraph (tensor names and GGUF dims as in
 ``src/llama-arch.cpp`` and ``src/models/<arch>.cpp``).
 
 Weights
-    Matrices, biases and routers are N(0, ``scale``); norm weights are 1 + N(0, 0.1) (near 1, as in
-    a trained model). Values depend only on (``seed``, the tensor's *unmerged* name, its shape):
+    Matrices, biases and routers are N(0, ``scale``) (or uniform with that deviation,
+    ``dist="uniform"``, 4x faster to draw); norm weights are 1 + N(0, 0.1) (near 1, as in a trained
+    model). Values depend only on (``seed``, the tensor's *unmerged* name, its shape):
     the same seed gives the same weights whatever the file type, and a file written with
     ``merged_gate_up=True`` / ``fused_qkv=True`` holds exactly the weights of the unmerged file.
     Tensors are generated, quantized and written chunk by chunk (one expert or about 4M values at
@@ -22,15 +23,19 @@ for a dense or shared-expert gate/up pair)
       gate rows, then the up rows (``build_moe_ffn`` views the first half as gate).
     * ``blk.N.attn_qkv`` (+ ``.bias``): rows Q, then K, then V (``build_qkv``).
     * Dense and shared-expert FFNs always stay split (``ffn_gate``/``ffn_up``[``_shexp``]).
+    * llama.cpp's loaders for llama, qwen2moe and qwen3moe accept ``attn_qkv`` (create_tensor_qkv)
+      but not ``ffn_gate_up_exps`` ("tensor 'blk.0.ffn_gate_exps.weight' not found"; only other
+      architectures use create_tensor_gate_up_exps), and the qwen2moe loader requires
+      ``output.weight``: such files are for moegraph, which must load what other engines merged.
 
 Tensor types
     ``F32``, ``F16``, ``BF16``, ``Q4_0``, ``Q4_1``, ``Q5_0``, ``Q5_1``, ``Q8_0`` (the same
     quantization as ``gguf.quants.quantize``) and ``Q4_K``, ``Q5_K``, ``Q6_K`` plus the mixes
     ``Q4_K_M`` / ``Q5_K_M`` (Q6_K for ``output``, and for ``attn_v`` / ``ffn_down[_exps]`` in the
     layers llama-quantize's ``use_more_bits`` picks). gguf-py has no
-    K-quant quantizer, so the K-quants here use a simple min/max scale search: valid blocks of the
-    exact ggml layout (they decode with ``gguf.quants.dequantize``), but not byte-identical with
-    llama-quantize. As in llama-quantize, 1-D tensors and the router ``ffn_gate_inp`` stay F32,
+    K-quant quantizer, so the K-quants here take plain min/max scales (no search): valid blocks of
+    the exact ggml layout (gguf-py and llama.cpp decode them), but not byte-identical with
+    llama-quantize and somewhat less accurate. As in llama-quantize, 1-D tensors and the router ``ffn_gate_inp`` stay F32,
     and a tensor whose rows are not a multiple of the type's block falls back (Q4_K -> Q5_0,
     Q5_K -> Q5_1, Q6_K -> Q8_0; then F16).
 

@@ -130,24 +130,42 @@ class LLVMExecutable:
 
     # -- code
     def _module(self, plan: Plan) -> tuple[str, int]:
+        """Kernels of all steps; identical kernels (same code up to their name: the same op on the
+        same shapes in another layer) are emitted once. The entry computes each call's operand
+        pointers (base of a slot + byte offset) and puts a barrier after every kernel."""
         quant_types = {n.dtype for n in self.graph.toposort() if n.op == "WEIGHT" and is_quantized(n.dtype)}
-        parts = [module_text(quant_types), vexp_fn(), BARRIER]
-        calls, tls = [], 64
+        parts = [module_text(quant_types, host_features()['avx2']), vexp_fn(), BARRIER]
+        body, tls, seen = [], 64, {}
+        bases = {}
         for i, step in enumerate(plan.steps):
-            fns, scratch = emit(plan, step, i)
+            kernels, scratch = emit(plan, step, i)
             tls = max(tls, scratch)
-            parts += fns
-            for text in fns:
-                fname = text.split("@", 1)[1].split("(", 1)[0]
-                calls.append(f"  call void @{fname}(ptr %ptrs, ptr %syms, i64 %ith, i64 %nth, ptr %tls)\n"
-                             f"  call void @barrier(ptr %bar, i64 %nth)")
+            for k in kernels:
+                text = k.text()
+                key = text.replace(f"@{k.f.name}(", "@KERNEL(", 1)
+                if key not in seen:
+                    seen[key] = k.f.name
+                    parts.append(text)
+                args = []
+                for (slot, off), _ in sorted(k.operands.items(), key=lambda kv: int(kv[1][3:])):
+                    if slot not in bases:
+                        bases[slot] = f"%base{slot}"
+                        body.insert(0, f"  %base{slot} = load ptr, ptr {_slot_ptr(slot)}, align 8")
+                        body.insert(0, f"  {_slot_ptr(slot)} = getelementptr inbounds ptr, ptr %ptrs, i64 {slot}")
+                    p = f"%a{len(body)}"
+                    body.append(f"  {p} = getelementptr i8, ptr %base{slot}, i64 {off}")
+                    args.append(f"ptr {p}")
+                extra = "".join(", " + a for a in args)
+                body.append(f"  call void @{seen[key]}(ptr %ptrs, ptr %syms, i64 %ith, i64 %nth, ptr %tls{extra})")
+                body.append("  call void @barrier(ptr %bar, i64 %nth)")
+        self.n_kernels, self.n_unique_kernels = sum(1 for b in body if "call void @k" in b), len(seen)
         tls = (tls + 63) // 64 * 64
         parts.append(f"""
 define void @{ENTRY}(ptr %ptrs, ptr %syms, i64 %ith, i64 %nth, ptr %tls0, i64 %tls_stride, ptr %bar) {{
 entry:
   %off = mul i64 %ith, %tls_stride
   %tls = getelementptr i8, ptr %tls0, i64 %off
-{chr(10).join(calls)}
+{chr(10).join(body)}
   ret void
 }}""")
         return "\n".join(parts), tls
@@ -159,6 +177,8 @@ entry:
                                         str(llvm.llvm_version_info), "v1"]).encode()).hexdigest()[:32]
         path = cache_dir() / f"{key}.o"
         cached = use_cache and path.exists()
+        if os.environ.get("MOEGRAPH_PERF_MAP"):
+            ir = ir.replace("define internal ", "define ")
         mod = llvm.parse_assembly(ir)
         mod.verify()
         target = llvm.Target.from_triple(llvm.get_process_triple())
@@ -187,6 +207,8 @@ entry:
         ee.finalize_object()
         self._ee, self._mod, self._tm = ee, mod, tm
         addr = ee.get_function_address(ENTRY)
+        if os.environ.get("MOEGRAPH_PERF_MAP"):   # symbols for `perf report` (external linkage)
+            _write_perf_map(ee, ir)
         self._fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                     ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p)(addr)
         return {"cache": "hit" if cached else "miss", "key": key, **{k: feats[k] for k in ("cpu", "avx2", "fma", "f16c")}}
@@ -258,6 +280,19 @@ entry:
             fu.result()
         return {name: arr[tuple(slice(0, s) for s in static_shape(o.shape, bindings))].copy()
                 for name, (o, arr) in self.outputs.items()}
+
+
+def _write_perf_map(ee, ir: str) -> None:
+    import re
+    names = re.findall(r"^define (?:internal )?\S+ @([\w.]+)\(", ir, flags=re.M)
+    addrs = sorted((ee.get_function_address(n), n) for n in names if ee.get_function_address(n))
+    with open(f"/tmp/perf-{os.getpid()}.map", "a") as fh:
+        for (a, n), (b, _) in zip(addrs, addrs[1:] + [(addrs[-1][0] + 4096, "")]):
+            fh.write(f"{a:x} {b - a:x} {n}\n")
+
+
+def _slot_ptr(slot: int) -> str:
+    return f"%slotp{slot}"
 
 
 def _dense(shape):

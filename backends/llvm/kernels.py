@@ -14,8 +14,8 @@ from moegraph.ir import BF16, F16, F32, I32, Node
 from moegraph.quants import GGMLType, is_quantized, row_bytes, vec_dot_type
 
 from .irgen import I32 as TI32, Fn, f32, f64, splat
-from .plan import SYMBOLS, Plan, View
-from .quantk import ACT_SIZE, LAYOUTS, unpacked_bytes
+from .plan import SYMBOLS, Plan, View, elem_size
+from .quantk import ACT_SIZE, DIRECT, LAYOUTS, unpacked_bytes
 
 PARAMS = [("ptr", "%ptrs"), ("ptr", "%syms"), ("i64", "%ith"), ("i64", "%nth"), ("ptr", "%tls")]
 LLTYPE = {F32: "float", F16: "half", I32: "i32", BF16: "i16"}
@@ -26,8 +26,19 @@ class K:
 
     def __init__(self, plan: Plan, name: str):
         self.plan = plan
-        self.f = Fn(name, PARAMS)
-        self._bases: dict[int, str] = {}
+        self.f = Fn(name, list(PARAMS))
+        self._bases: dict = {}
+        self.operands: dict[tuple[int, int], str] = {}   # (slot, byte offset) -> pointer param
+
+    def operand(self, slot: int, byte_offset: int = 0) -> str:
+        """A pointer parameter = base of `slot` + byte_offset, computed by the caller: kernels of
+        identical layers then have identical code and are compiled once."""
+        key = (slot, byte_offset)
+        if key not in self.operands:
+            name = f"%op{len(self.operands)}"
+            self.f.params.append(("ptr", name))
+            self.operands[key] = name
+        return self.operands[key]
 
     def _entry(self, key, ty: str, table: str, index: int) -> str:
         """A value loaded once in the entry block, so it dominates every use."""
@@ -38,9 +49,6 @@ class K:
             f.allocas.append(f"  {v} = load {ty}, ptr {p}, align 8")
             self._bases[key] = v
         return self._bases[key]
-
-    def base(self, slot: int) -> str:
-        return self._entry(("slot", slot), "ptr", "%ptrs", slot)
 
     def dim(self, d) -> str:
         if isinstance(d, int):
@@ -76,14 +84,14 @@ class K:
     def ptr(self, v: View, idx: list[str], ty: str | None = None) -> str:
         """Address of element idx of view v (idx may be shorter: leading dims)."""
         f = self.f
-        off = str(v.offset)
+        off = "0"
         for i, s in zip(idx, v.strides):
             if s == 0 or i == "0":
                 continue
             term = i if s == 1 else f.op(f"mul i64 {i}, {s}")
             off = term if off == "0" else f.op(f"add i64 {off}, {term}")
         ty = ty or ("i8" if is_quantized(v.dtype) else LLTYPE[v.dtype])
-        return f.gep(ty, self.base(v.slot), off)
+        return f.gep(ty, self.operand(v.slot, v.offset * elem_size(v.dtype)), off)
 
     def bview(self, v: View, out_shape) -> View:
         """v broadcast to out_shape (trailing-aligned; size-1 dims get stride 0)."""
@@ -202,8 +210,8 @@ def _unary(op: str, f: Fn, x: str) -> str:
 
 
 # --------------------------------------------------------------------------- kernels
-def emit(plan: Plan, step, index: int, n_threads_hint: int = 1) -> tuple[list[str], int]:
-    """IR functions (phases) for one step and the per-thread scratch bytes it needs."""
+def emit(plan: Plan, step, index: int) -> tuple[list["K"], int]:
+    """The kernels (phases) of one step, and the per-thread scratch bytes it needs."""
     n = step.node
     name = f"k{index}"
     gen = GENERATORS.get(step.kind)
@@ -261,7 +269,7 @@ def k_elementwise(plan: Plan, n: Node, name: str):
                 elif n.op in ("SILU", "SIGMOID", "GELU"):
                     v = _unary(n.op, f, v)
                 k.store_f32(out, v, k.ptr(out, idx + [i]))
-    return [k.text()], 0
+    return [k], 0
 
 
 def _copy_reshape(plan: Plan, n: Node, name: str) -> str:
@@ -275,7 +283,7 @@ def _copy_reshape(plan: Plan, n: Node, name: str) -> str:
         oi = k.unflatten(e, out.shape)
         xi = k.unflatten(e, x.shape)
         k.store_f32(out, k.load_f32(x, k.ptr(x, xi)), k.ptr(out, oi))
-    return k.text()
+    return k
 
 
 def k_norm(plan: Plan, n: Node, name: str):
@@ -314,7 +322,7 @@ def k_norm(plan: Plan, n: Node, name: str):
             if pw is not None:
                 y = f.op(f"fmul float {y}, {f.load('float', f.gep('float', pw, i) if w.strides[-1] else pw)}")
             f.store("float", y, f.gep("float", po, i), 4)
-    return [k.text()], 0
+    return [k], 0
 
 
 def k_soft_max(plan: Plan, n: Node, name: str):
@@ -349,7 +357,7 @@ def k_soft_max(plan: Plan, n: Node, name: str):
         with f.loop(0, L) as i:
             p = f.gep("float", po, i)
             f.store("float", f.op(f"fmul float {f.load('float', p)}, {inv}"), p, 4)
-    return [k.text()], 0
+    return [k], 0
 
 
 def k_rope(plan: Plan, n: Node, name: str):
@@ -393,7 +401,7 @@ def k_rope(plan: Plan, n: Node, name: str):
                 f.store("float", y1, f.gep("float", po, i1), 4)
             with f.loop(nd, D) as i:
                 f.store("float", f.load("float", f.gep("float", px, i)), f.gep("float", po, i), 4)
-    return [k.text()], 8 * half
+    return [k], 8 * half
 
 
 def k_top_k(plan: Plan, n: Node, name: str):
@@ -422,7 +430,7 @@ def k_top_k(plan: Plan, n: Node, name: str):
             f.store("i32", f.op(f"trunc i64 {best_i.get()} to i32"), f.gep("i32", po, j), 4)
             last_v.set(best_v.get())
             last_i.set(best_i.get())
-    return [k.text()], 0
+    return [k], 0
 
 
 def k_sum(plan: Plan, n: Node, name: str):
@@ -439,7 +447,7 @@ def k_sum(plan: Plan, n: Node, name: str):
             xi = oi[:ax] + [j] + oi[ax:]
             acc.set(f.op(f"fadd float {acc.get()}, {k.load_f32(x, k.ptr(x, xi))}"))
         f.store("float", acc.get(), k.ptr(out, oi), 4)
-    return [k.text()], 0
+    return [k], 0
 
 
 def k_concat(plan: Plan, n: Node, name: str):
@@ -461,7 +469,7 @@ def k_concat(plan: Plan, n: Node, name: str):
             else:
                 f.store("i32", f.load("i32", k.ptr(x, xi)), k.ptr(out, oi))
         start += xn.shape[ax]
-    return [k.text()], 0
+    return [k], 0
 
 
 def k_set_rows(plan: Plan, n: Node, name: str):
@@ -483,7 +491,7 @@ def k_set_rows(plan: Plan, n: Node, name: str):
             with f.loop(0, k.dim(src.shape[-1])) as i:
                 v = k.load_f32(src, f.gep("float", ps, i))
                 k.store_f32(dst, v, f.gep(ty, pd, i))
-    return [k.text()], 0
+    return [k], 0
 
 
 def k_get_rows(plan: Plan, n: Node, name: str):
@@ -510,7 +518,7 @@ def k_get_rows(plan: Plan, n: Node, name: str):
             with f.loop(0, k.dim(C)) as i:
                 v = k.load_f32(table, k.ptr(table, ti + [i]))
                 f.store("float", v, f.gep("float", po, i), 4)
-    return [k.text()], scratch
+    return [k], scratch
 
 
 def _act_quant_phase(k: K, b: View, rows_dims, vt, Kdim: int, dst: str) -> None:
@@ -564,7 +572,7 @@ def _float_dot(k: K, wtype, pw: str, pa: str, Kdim: int) -> str:
 
 def _row_dot(k: K, wtype, pw: str, pa: str, Kdim: int, unpacked: bool) -> str:
     if is_quantized(wtype):
-        return k.f.call("float", f"@dot_{wtype.name}", "ptr %tls", f"ptr {pa}", f"i64 {Kdim}")
+        return k.f.call("float", f"@dot_{wtype.name}", "ptr %tls", f"ptr {pa}", f"i64 {Kdim}", f"ptr {pw}")
     return _float_dot(k, wtype, pw, pa, Kdim)
 
 
@@ -582,19 +590,19 @@ def k_mul_mat(plan: Plan, n: Node, name: str):
     quantized_acts = vt != F32
     if quantized_acts:
         k1 = K(plan, name + "a")
-        dst = k1.f.gep("i8", k1.base(0), scratch_off)
+        dst = k1.operand(0, scratch_off)
         _act_quant_phase(k1, b, rows_dims, vt, Kdim, dst)
-        phases.append(k1.text())
+        phases.append(k1)
     k2 = K(plan, name + "b")
     f = k2.f
     M = k2.count(rows_dims)
     lo, hi = k2.split(str(N))
-    acts = f.gep("i8", k2.base(0), scratch_off) if quantized_acts else None
+    acts = k2.operand(0, scratch_off) if quantized_acts else None
     wrb = row_bytes(wt, Kdim)
     with f.loop(lo, hi) as j:
         esize = 1 if is_quantized(wt) else (2 if wt in (F16, BF16) else 4)
-        pw = f.gep("i8", k2.base(a.slot), f.op(f"add i64 {a.offset * esize}, {f.op(f'mul i64 {j}, {a.strides[0] * esize}')}"))
-        if is_quantized(wt):
+        pw = f.gep("i8", k2.operand(a.slot, a.offset * esize), f.mul(j, a.strides[0] * esize))
+        if is_quantized(wt) and wt not in DIRECT:
             f.call("void", f"@unpack_{wt.name}", f"ptr {pw}", "ptr %tls", f"i64 {Kdim}")
         with f.loop(0, M) as m:
             if quantized_acts:
@@ -602,9 +610,9 @@ def k_mul_mat(plan: Plan, n: Node, name: str):
             else:
                 pa = k2.ptr(b, k2.unflatten(m, rows_dims) + ["0"])
             v = _row_dot(k2, wt, pw, pa, Kdim, True)
-            po = f.gep("float", k2.base(0), f.add(out.offset, f.add(f.mul(m, N), j)))
+            po = f.gep("float", k2.operand(0, out.offset * 4), f.add(f.mul(m, N), j))
             f.store("float", v, po, 4)
-    phases.append(k2.text())
+    phases.append(k2)
     return phases, unpacked_bytes(wt, Kdim) if is_quantized(wt) else 0
 
 
@@ -625,11 +633,11 @@ def k_mul_mat_id(plan: Plan, n: Node, name: str):
     k1 = K(plan, name + "a")
     f = k1.f
     if quantized_acts:
-        _act_quant_phase(k1, b, b.shape[:-1], vt, Kdim, f.gep("i8", k1.base(0), base_off))
+        _act_quant_phase(k1, b, b.shape[:-1], vt, Kdim, k1.operand(0, base_off))
     # thread 0 buckets (token, slot) pairs by expert: counts[E], then lists[E][T*k]
     is0 = f.op("icmp eq i64 %ith, 0")
     with f.if_(is0):
-        cnt = f.gep("i8", k1.base(0), lists_off)
+        cnt = k1.operand(0, lists_off)
         lst = f.gep("i8", cnt, 4 * E)
         with f.loop(0, E) as e:
             f.store("i32", "0", f.gep("i32", cnt, e), 4)
@@ -644,13 +652,13 @@ def k_mul_mat_id(plan: Plan, n: Node, name: str):
                     slot = f.op(f"add i64 {f.op(f'mul i64 {ev}, {math.prod(plan.max_shape((T,))) * kk}')}, {f.op(f'sext i32 {c} to i64')}")
                     f.store("i32", f.op(f"trunc i64 {f.add(f.mul(t, kk), j)} to i32"), f.gep("i32", lst, slot), 4)
                     f.store("i32", f.op(f"add i32 {c}, 1"), pc, 4)
-    phases.append(k1.text())
+    phases.append(k1)
 
     k2 = K(plan, name + "b")
     f = k2.f
-    cnt = f.gep("i8", k2.base(0), lists_off)
+    cnt = k2.operand(0, lists_off)
     lst = f.gep("i8", cnt, 4 * E)
-    acts = f.gep("i8", k2.base(0), base_off)
+    acts = k2.operand(0, base_off)
     lo, hi = k2.split(str(N))
     esize = 1 if is_quantized(wt) else (2 if wt in (F16, BF16) else 4)
     per_t = math.prod(plan.max_shape((T,))) * kk
@@ -658,9 +666,9 @@ def k_mul_mat_id(plan: Plan, n: Node, name: str):
         c = f.op(f"sext i32 {f.load('i32', f.gep('i32', cnt, e), 4)} to i64")
         with f.if_(f.op(f"icmp sgt i64 {c}, 0")):
             with f.loop(lo, hi) as j:
-                woff = f.add(a.offset * esize, f.add(f.mul(e, a.strides[0] * esize), f.mul(j, a.strides[1] * esize)))
-                pw = f.gep("i8", k2.base(a.slot), woff)
-                if is_quantized(wt):
+                woff = f.add(f.mul(e, a.strides[0] * esize), f.mul(j, a.strides[1] * esize))
+                pw = f.gep("i8", k2.operand(a.slot, a.offset * esize), woff)
+                if is_quantized(wt) and wt not in DIRECT:
                     f.call("void", f"@unpack_{wt.name}", f"ptr {pw}", "ptr %tls", f"i64 {Kdim}")
                 with f.loop(0, c) as q:
                     tj = f.op(f"sext i32 {f.load('i32', f.gep('i32', lst, f.add(f.mul(e, per_t), q)), 4)} to i64")
@@ -674,7 +682,7 @@ def k_mul_mat_id(plan: Plan, n: Node, name: str):
                         pa = k2.ptr(b, [t, srow, "0"])
                     v = _row_dot(k2, wt, pw, pa, Kdim, True)
                     f.store("float", v, k2.ptr(out, [t, jj, j]), 4)
-    phases.append(k2.text())
+    phases.append(k2)
     return phases, unpacked_bytes(wt, Kdim) if is_quantized(wt) else 0
 
 
@@ -746,7 +754,7 @@ def k_attention(plan: Plan, n: Node, name: str):
                     o = f.gep("float", po, i)
                     vv = k.load_f32(vc, f.gep("half" if vf16 else "float", pv, i))
                     f.store("float", f.op(f"call float @llvm.fma.f32(float {p}, float {vv}, float {f.load('float', o)})"), o, 4)
-    return [k.text()], 4 * (plan.maxes["KV"] + D + 16)
+    return [k], 4 * (plan.maxes["KV"] + D + 16)
 
 
 GENERATORS = {

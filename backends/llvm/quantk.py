@@ -75,6 +75,7 @@ declare i32 @llvm.vector.reduce.add.v32i32(<32 x i32>)
 declare i32 @llvm.vector.reduce.add.v16i32(<16 x i32>)
 declare i32 @llvm.vector.reduce.add.v8i32(<8 x i32>)
 declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>)
+declare <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16>, <16 x i16>)
 declare float @llvm.fma.f32(float, float, float)
 declare float @llvm.exp.f32(float)
 declare float @llvm.cos.f32(float)
@@ -85,17 +86,48 @@ declare float @llvm.tanh.f32(float)
 """
 
 
-def isum_fn(n: int) -> str:
-    """int32 sum of n int8 products (n = 16 or 32): LLVM turns this into vpmaddwd on AVX2."""
-    return f"""
-define internal i32 @isum{n}(ptr %a, ptr %b) alwaysinline {{
-  %va = load <{n} x i8>, ptr %a, align 1
-  %vb = load <{n} x i8>, ptr %b, align 1
+def isum_fn(n: int, avx2: bool) -> str:
+    """Products of n int8 pairs (n = 16 or 32) summed pairwise into <8 x i32> partial sums (no
+    horizontal reduction: callers accumulate vectors and reduce once per row). On AVX2 this is
+    sign-extension plus vpmaddwd."""
+    lanes = ", ".join
+    if avx2:
+        if n == 32:
+            body = f"""
+  %wa = sext <32 x i8> %va to <32 x i16>
+  %wb = sext <32 x i8> %vb to <32 x i16>
+  %a0 = shufflevector <32 x i16> %wa, <32 x i16> poison, <16 x i32> <{lanes(f"i32 {i}" for i in range(16))}>
+  %a1 = shufflevector <32 x i16> %wa, <32 x i16> poison, <16 x i32> <{lanes(f"i32 {i}" for i in range(16, 32))}>
+  %b0 = shufflevector <32 x i16> %wb, <32 x i16> poison, <16 x i32> <{lanes(f"i32 {i}" for i in range(16))}>
+  %b1 = shufflevector <32 x i16> %wb, <32 x i16> poison, <16 x i32> <{lanes(f"i32 {i}" for i in range(16, 32))}>
+  %p0 = call <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16> %a0, <16 x i16> %b0)
+  %p1 = call <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16> %a1, <16 x i16> %b1)
+  %s = add <8 x i32> %p0, %p1"""
+        else:
+            body = """
+  %wa = sext <16 x i8> %va to <16 x i16>
+  %wb = sext <16 x i8> %vb to <16 x i16>
+  %s = call <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16> %wa, <16 x i16> %wb)"""
+    else:
+        parts = []
+        body = f"""
   %wa = sext <{n} x i8> %va to <{n} x i32>
   %wb = sext <{n} x i8> %vb to <{n} x i32>
-  %p = mul nsw <{n} x i32> %wa, %wb
-  %s = call i32 @llvm.vector.reduce.add.v{n}i32(<{n} x i32> %p)
-  ret i32 %s
+  %p = mul nsw <{n} x i32> %wa, %wb"""
+        prev = None
+        for q in range(n // 8):
+            body += f"\n  %q{q} = shufflevector <{n} x i32> %p, <{n} x i32> poison, <8 x i32> <{lanes(f'i32 {q * 8 + i}' for i in range(8))}>"
+            if prev is not None:
+                body += f"\n  %r{q} = add <8 x i32> {prev}, %q{q}"
+                prev = f"%r{q}"
+            else:
+                prev = f"%q{q}"
+        body += f"\n  %s = add <8 x i32> {prev}, zeroinitializer"
+    return f"""
+define internal <8 x i32> @isum{n}(ptr %a, ptr %b) alwaysinline {{
+  %va = load <{n} x i8>, ptr %a, align 1
+  %vb = load <{n} x i8>, ptr %b, align 1{body}
+  ret <8 x i32> %s
 }}"""
 
 
@@ -335,9 +367,10 @@ def unpack_fn(t: G) -> str:
 
 
 def dot_fn(t: G) -> str:
-    """@dot_<T>(ptr unpacked, ptr act, i64 K) -> float."""
+    """@dot_<T>(ptr unpacked, ptr act, i64 K, ptr raw_row) -> float. Types in DIRECT read the
+    raw weight row and need no unpacking."""
     L = LAYOUTS[t]
-    f = Fn(f"dot_{t.name}", [("ptr", "%u"), ("ptr", "%a"), ("i64", "%K")], ret="float")
+    f = Fn(f"dot_{t.name}", [("ptr", "%u"), ("ptr", "%a"), ("i64", "%K"), ("ptr", "%w")], ret="float")
     K = "%K"
     sc_off = f.op(f"and i64 {f.op(f'add i64 {K}, 15')}, -16")
     nsub = f.op(f"udiv i64 {K}, {L.sub}")
@@ -346,51 +379,91 @@ def dot_fn(t: G) -> str:
     d_off = f.op(f"add i64 {mn_off}, {f.op(f'mul i64 {nsub}, 4')}")
     dm_off = f.op(f"add i64 {d_off}, {f.op(f'mul i64 {nsup}, 4')}")
     sc, mn, dd, dm = (f.gep("i8", "%u", o) for o in (sc_off, mn_off, d_off, dm_off))
-    acc = f.var("float", "0.0")
+    acc = f.var("<8 x float>", "zeroinitializer")
+    extra = f.var("float", "0.0")     # Q8_1's m*s terms and K-quants' min terms
+
+    def splat8(x):
+        v = f.op(f"insertelement <8 x float> poison, float {x}, i64 0")
+        return f.op(f"shufflevector <8 x float> {v}, <8 x float> poison, <8 x i32> zeroinitializer")
+
+    def finish():
+        total = f.call("float", "@llvm.vector.reduce.fadd.v8f32", "float 0.0", f"<8 x float> {acc.get()}")
+        f(f"ret float {f.op(f'fadd float {total}, {extra.get()}')}")
+        return f.text()
+
     if L.act in (G.Q8_0, G.Q8_1):
         B, size = ACT_SIZE[L.act]
         qoff = 2 if L.act == G.Q8_0 else 4
         with f.loop(0, f.op(f"udiv i64 {K}, 32")) as b:
             ab = f.gep("i8", "%a", f.op(f"mul i64 {b}, {size}"))
-            s = f.call("i32", "@isum32", f"ptr {f.gep('i8', '%u', f.op(f'mul i64 {b}, 32'))}", f"ptr {f.gep('i8', ab, qoff)}")
+            if t in DIRECT:   # quants read straight from the weight block
+                wq = f.gep("i8", "%w", f.op(f"mul i64 {b}, {L.size}"))
+                s = DIRECT[t](f, wq, f.gep("i8", ab, qoff))
+                dw = f.op(f"fpext half {f.load('half', wq)} to float")
+            else:
+                s = f.call("<8 x i32>", "@isum32", f"ptr {f.gep('i8', '%u', f.op(f'mul i64 {b}, 32'))}", f"ptr {f.gep('i8', ab, qoff)}")
+                dw = f.load("float", f.gep("float", dd, b))
             da = f.op(f"fpext half {f.load('half', ab)} to float")
-            dw = f.load("float", f.gep("float", dd, b))
-            term = f.op(f"fmul float {f.op(f'fmul float {dw}, {da}')}, {f.op(f'sitofp i32 {s} to float')}")
+            sf = f.op(f"sitofp <8 x i32> {s} to <8 x float>")
+            acc.set(f.call("<8 x float>", "@llvm.fma.v8f32", f"<8 x float> {splat8(f.op(f'fmul float {dw}, {da}'))}",
+                           f"<8 x float> {sf}", f"<8 x float> {acc.get()}"))
             if L.act == G.Q8_1:
                 sa = f.op(f"fpext half {f.load('half', f.gep('i8', ab, 2))} to float")
-                term = f.op(f"call float @llvm.fma.f32(float {f.load('float', f.gep('float', dm, b))}, float {sa}, float {term})")
-            acc.set(f.op(f"fadd float {acc.get()}, {term}"))
-        f(f"ret float {acc.get()}")
-        return f.text()
+                mw = f.load("float", f.gep("float", dm, b))
+                extra.set(f.op(f"call float @llvm.fma.f32(float {mw}, float {sa}, float {extra.get()})"))
+        return finish()
     # K-quants with Q8_K activations
     nsb = L.super_ // L.sub
     with f.loop(0, nsup) as b:
         ab = f.gep("i8", "%a", f.op(f"mul i64 {b}, 292"))
         da = f.load("float", ab)
-        isc, imn = f.var("i32", "0"), f.var("i32", "0")
+        isc, imn = f.var("<8 x i32>", "zeroinitializer"), f.var("i32", "0")
         with f.loop(0, nsb) as j:
             sidx = f.op(f"add i64 {f.op(f'mul i64 {b}, {nsb}')}, {j}")
             qa = f.gep("i8", ab, f.op(f"add i64 {f.op(f'mul i64 {j}, {L.sub}')}, 4"))
             qw = f.gep("i8", "%u", f.op(f"add i64 {f.op(f'mul i64 {b}, 256')}, {f.op(f'mul i64 {j}, {L.sub}')}"))
-            s = f.call("i32", f"@isum{L.sub}", f"ptr {qw}", f"ptr {qa}")
+            s = f.call("<8 x i32>", f"@isum{L.sub}", f"ptr {qw}", f"ptr {qa}")
             scv = f.load("i32", f.gep("i32", sc, sidx))
-            isc.set(f.op(f"add i32 {isc.get()}, {f.op(f'mul i32 {scv}, {s}')}"))
-            mnv = f.load("i32", f.gep("i32", mn, sidx))
-            per = L.sub // 16
-            bs = f.op(f"sext i16 {f.load('i16', f.gep('i8', ab, f.add(f.mul(j, 2 * per), 260)))} to i32")
-            if per == 2:
-                bs2 = f.op(f"sext i16 {f.load('i16', f.gep('i8', ab, f.add(f.mul(j, 4), 262)))} to i32")
-                bs = f.op(f"add i32 {bs}, {bs2}")
-            imn.set(f.op(f"add i32 {imn.get()}, {f.op(f'mul i32 {mnv}, {bs}')}"))
+            scs = f.op(f"insertelement <8 x i32> poison, i32 {scv}, i64 0")
+            scs = f.op(f"shufflevector <8 x i32> {scs}, <8 x i32> poison, <8 x i32> zeroinitializer")
+            isc.set(f.op(f"add <8 x i32> {isc.get()}, {f.op(f'mul <8 x i32> {scs}, {s}')}"))
+            if t in (G.Q2_K, G.Q4_K, G.Q5_K):
+                mnv = f.load("i32", f.gep("i32", mn, sidx))
+                per = L.sub // 16
+                bs = f.op(f"sext i16 {f.load('i16', f.gep('i8', ab, f.add(f.mul(j, 2 * per), 260)))} to i32")
+                if per == 2:
+                    bs2 = f.op(f"sext i16 {f.load('i16', f.gep('i8', ab, f.add(f.mul(j, 4), 262)))} to i32")
+                    bs = f.op(f"add i32 {bs}, {bs2}")
+                imn.set(f.op(f"add i32 {imn.get()}, {f.op(f'mul i32 {mnv}, {bs}')}"))
         dw = f.load("float", f.gep("float", dd, b))
-        main = f.op(f"fmul float {dw}, {f.op(f'sitofp i32 {isc.get()} to float')}")
+        sf = f.op(f"sitofp <8 x i32> {isc.get()} to <8 x float>")
+        acc.set(f.call("<8 x float>", "@llvm.fma.v8f32", f"<8 x float> {splat8(f.op(f'fmul float {dw}, {da}'))}",
+                       f"<8 x float> {sf}", f"<8 x float> {acc.get()}"))
         if t in (G.Q2_K, G.Q4_K, G.Q5_K):
             dmw = f.load("float", f.gep("float", dm, b))
             mnf = f.op(f"sitofp i32 {imn.get()} to float")
-            main = f.op(f"fsub float {main}, {f.op(f'fmul float {dmw}, {mnf}')}")
-        acc.set(f.op(f"call float @llvm.fma.f32(float {da}, float {main}, float {acc.get()})"))
-    f(f"ret float {acc.get()}")
-    return f.text()
+            dmda = f.op(f"fmul float {dmw}, {da}")
+            extra.set(f.op(f"fsub float {extra.get()}, {f.op(f'fmul float {dmda}, {mnf}')}"))
+    return finish()
+
+
+def _direct_q8_0(f: Fn, wq: str, qa: str) -> str:
+    return f.call("<8 x i32>", "@isum32", f"ptr {f.gep('i8', wq, 2)}", f"ptr {qa}")
+
+
+def _direct_q4_0(f: Fn, wq: str, qa: str) -> str:
+    """Q4_0 nibbles unpacked in registers: low nibbles are values 0..15, high 16..31, minus 8."""
+    v = f.load("<16 x i8>", f.gep("i8", wq, 2))
+    lo = f.op(f"and <16 x i8> {v}, <{', '.join(['i8 15'] * 16)}>")
+    hi = f.op(f"lshr <16 x i8> {v}, <{', '.join(['i8 4'] * 16)}>")
+    q = f.op(f"shufflevector <16 x i8> {lo}, <16 x i8> {hi}, <32 x i32> <{', '.join(f'i32 {i}' for i in range(32))}>")
+    q = f.op(f"sub <32 x i8> {q}, <{', '.join(['i8 8'] * 32)}>")
+    tmp = f.op("alloca <32 x i8>, align 32")
+    f.store("<32 x i8>", q, tmp, 32)
+    return f.call("<8 x i32>", "@isum32", f"ptr {tmp}", f"ptr {qa}")
+
+
+DIRECT = {G.Q8_0: _direct_q8_0, G.Q4_0: _direct_q4_0}
 
 
 def dequant_row_fn(t: G) -> str:
@@ -426,8 +499,8 @@ def dequant_row_fn(t: G) -> str:
     return f.text()
 
 
-def module_text(types: set[G]) -> str:
-    parts = [DECLS, isum_fn(16), isum_fn(32)]
+def module_text(types: set[G], avx2: bool = True) -> str:
+    parts = [DECLS, isum_fn(16, avx2), isum_fn(32, avx2)]
     acts = {LAYOUTS[t].act for t in types}
     parts += [quantize_act_fn(a) for a in sorted(acts)]
     for t in sorted(types):
