@@ -221,6 +221,7 @@ IMPL = {
     "GELU": lambda ex, n, b, x: (0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))).astype(np.float32),
     "SIGMOID": lambda ex, n, b, x: (1 / (1 + np.exp(-as_f32(x).astype(np.float64)))).astype(np.float32),
     "CONT": lambda ex, n, b, x: np.ascontiguousarray(x),
+    "CLAMP": lambda ex, n, b, x: np.clip(as_f32(x), np.float32(n.attrs["min"]), np.float32(n.attrs["max"])),
     "SWIGLU": _swiglu,
     "MUL_MAT": _mul_mat,
     "MUL_MAT_ID": _mul_mat_id,

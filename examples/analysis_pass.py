@@ -22,8 +22,8 @@ VIEWS = {"RESHAPE", "PERMUTE", "SLICE"}        # no data moved: whoever reads th
 LEAVES = {"INPUT", "WEIGHT", "STATE"}
 # FLOPs per output element of the element-wise ops (exp, sqrt, division count as one).
 COLUMNS = ("count", "flops", "weight_bytes", "act_bytes", "written")
-PER_ELEMENT = {"ADD": 1, "MUL": 1, "DIV": 1, "SCALE": 2, "SILU": 4, "SIGMOID": 3, "GELU": 8,
-               "SWIGLU": 5, "RMS_NORM": 3, "NORM": 5, "SOFT_MAX": 5, "ROPE": 3}
+PER_ELEMENT = {"ADD": 1, "MUL": 1, "DIV": 1, "SCALE": 2, "CLAMP": 2, "SILU": 4, "SIGMOID": 3,
+               "GELU": 8, "SWIGLU": 5, "RMS_NORM": 3, "NORM": 5, "SOFT_MAX": 5, "ROPE": 3}
 
 
 def _numel(shape):

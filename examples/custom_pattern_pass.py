@@ -67,12 +67,13 @@ print("\n".join("    " + line for line in changed[:12]))
 builtin = to_text(run_passes(model.graph(n_ctx=64), ["fuse_norm"]))
 print("same graph as the built-in fuse_norm:", builtin == after)
 
-# ... and leaves the logits unchanged: run the model with and without it (the test every pass
-# gets, see tests/test_passes.py). Passes are given by name, as functions, or (name, options).
+# ... and leaves the logits unchanged: run the model with and without it on the reference backend
+# (the check every pass gets, see tests/test_passes.py). Passes are given by name, as functions,
+# or as (name, options) pairs.
 ids = model.tokenizer.encode("And God said, Let there be light: and there was light.")
-base = model.compile(n_ctx=64).forward(ids)
-fused = model.compile(n_ctx=64, passes=["tutorial_fuse_norm"]).forward(ids)
-also = model.compile(n_ctx=64, passes=[tutorial_fuse_norm, "cse"]).forward(ids)
+base = model.compile(backend="numpy", n_ctx=64).forward(ids)
+fused = model.compile(backend="numpy", n_ctx=64, passes=["tutorial_fuse_norm"]).forward(ids)
+also = model.compile(backend="numpy", n_ctx=64, passes=[tutorial_fuse_norm, "cse"]).forward(ids)
 print(f"logits with vs without the pass over {len(ids)} tokens: max |diff| = "
       f"{np.abs(fused - base).max():.1e}; bit-identical: {np.array_equal(fused, base)}, "
       f"{np.array_equal(also, base)}")

@@ -40,8 +40,8 @@ for r in pm.records:
 (out / "fused.json").write_text(to_json_text(fused))
 svg = render_svg(to_dot(fused), out / "fused.svg")     # False when Graphviz is not installed
 
-ops = lambda g: Counter(n.op for n in g.toposort())
-before, after = ops(graph), ops(fused)
+before = Counter(n.op for n in graph.toposort())
+after = Counter(n.op for n in fused.toposort())
 print("op counts that changed: " + ", ".join(f"{op} {before[op]} -> {after[op]}"
                                             for op in sorted(before | after) if before[op] != after[op]))
 merged = [n for n in fused.toposort() if n.op == "WEIGHT" and n.name.startswith("blk.0.")
@@ -54,7 +54,7 @@ for p in sorted(out.iterdir()):
 if not svg:
     print("  (no SVG: Graphviz `dot` is not installed)")
 
-print("\nlayer 0's experts after the passes (lines of fused.txt):")
+print("\nlayer 0's experts after the passes (lines of 02-fuse_up_gate.txt):")
 layer = node_layers(fused)                              # node id -> layer (None = outside)
 for n in fused.toposort():
     if layer[n.id] == 0 and (n.op in ("MUL_MAT_ID", "SWIGLU") or "_exps" in n.name):

@@ -1,7 +1,7 @@
 """Load a GGUF model, look at next-token logits, generate text and measure perplexity.
 
-    python examples/generate.py              # the bundled tiny MoE (moegraph.data.DEFAULT_MODEL)
-    python examples/generate.py MODEL.gguf   # any supported GGUF
+    python examples/generate.py                   # the bundled tiny MoE, NumPy reference backend
+    python examples/generate.py MODEL.gguf llvm   # any supported GGUF, another backend
 """
 import sys
 
@@ -22,6 +22,7 @@ But without faith it is impossible to please him: for he that cometh to God must
 """
 
 path = sys.argv[1] if len(sys.argv) > 1 else DEFAULT_MODEL
+backend = sys.argv[2] if len(sys.argv) > 2 else "numpy"   # None = the default (llvm where it works)
 
 # 1. Load: metadata and memory-mapped tensors; nothing is copied or dequantized yet.
 model = moegraph.load(path)
@@ -30,7 +31,9 @@ print(f"model: {model.path.name}: {c.arch}, {c.n_layer} layers, n_embd {c.n_embd
       f"{c.n_expert} experts (top-{c.n_expert_used}), vocab {c.n_vocab}")
 
 # 2. Compile: build the graph, (run passes,) hand it to a backend. The session owns the KV cache.
-session = model.compile(backend="numpy", n_ctx=128)
+#    The NumPy reference backend compiles at once; llvm compiles native code (cached on disk).
+session = model.compile(backend=backend, n_ctx=128)
+print(f"backend: {session.backend}, compiled in {session.compile_s:.2f} s")
 
 # 3. One forward step over a prompt: logits for every position, [n_tokens, n_vocab].
 tok = model.tokenizer

@@ -24,6 +24,8 @@ And he said unto me, It is done. I am Alpha and Omega, the beginning and the end
 He that overcometh shall inherit all things; and I will be his God, and he shall be my son.
 """
 CTX = 64
+BACKEND = "numpy"   # the reference interpreter compiles at once; "llvm" is native, but compiles
+                    # each new graph (each k here) for a while before its first run
 
 model = moegraph.load(DEFAULT_MODEL)
 k_model = model.config.n_expert_used
@@ -45,13 +47,14 @@ print(f"\n{'experts':<22}{'perplexity':>11}{'vs full':>9}")
 base = None
 for k, mode in [(k_model, "soft"), (2, "soft"), (2, "hard"), (1, "soft"), (1, "hard")]:
     # n_expert_used=... appends ("slice_experts", {"n_expert_used": k, "mode": mode}) to the passes
-    session = model.compile(n_ctx=CTX, n_expert_used=k, slice_mode=mode)
+    session = model.compile(backend=BACKEND, n_ctx=CTX, n_expert_used=k, slice_mode=mode)
     ppl = session.perplexity(ids, ctx=CTX).ppl
     base = base or ppl
     label = f"k={k}" + (" (the model's)" if k == k_model else f", {mode}")
     print(f"{label:<22}{ppl:>11.2f}{ppl / base - 1:>+9.1%}")
 
 # One k per layer (a list, or a dict layer -> k): keep 4 experts early, fewer later.
-session = model.compile(n_ctx=CTX, passes=[("slice_experts", {"n_expert_used": [4, 4, 2, 2]})])
+session = model.compile(backend=BACKEND, n_ctx=CTX,
+                        passes=[("slice_experts", {"n_expert_used": [4, 4, 2, 2]})])
 ppl = session.perplexity(ids, ctx=CTX).ppl
 print(f"{'k=[4, 4, 2, 2], soft':<22}{ppl:>11.2f}{ppl / base - 1:>+9.1%}")

@@ -373,6 +373,13 @@ _unary("SIGMOID", "1 / (1 + exp(-x)).")
 _unary("CONT", "x made contiguous: no change of value; marks where a view is materialized.")
 
 
+@defop("CLAMP", "x", min=-math.inf, max=math.inf)
+def _clamp(x, min, max):
+    """min(max(x, min), max)."""
+    _need_f32("CLAMP", x)
+    return x.shape, F32
+
+
 @defop("SWIGLU", "gate up?")
 def _swiglu(gate, up):
     """silu(gate) * up. With one input x [..., 2n]: gate = x[..., :n], up = x[..., n:] (the

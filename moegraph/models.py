@@ -97,7 +97,15 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
     if f.get(f"{arch}.rope.scaling.type", "none") == "linear":
         scale = 1.0 / float(key("rope.scaling.factor", 1.0))
     n_expert = int(key("expert_count", 0))
-    gating = {1: "softmax", 2: "sigmoid"}.get(int(key("expert_gating_func", 1)), "softmax")
+    n_ff = int(key("feed_forward_length", 0))
+    n_used = int(key("expert_used_count", 0))
+    # llama.cpp's defaults: llama sizes experts by feed_forward_length; the qwen MoEs use
+    # n_ff / n_expert_used when expert_feed_forward_length is absent, and a shared expert of n_ff.
+    if arch == "llama":
+        n_ff_exp = n_ff if n_expert else 0
+    else:
+        n_ff_exp = int(key("expert_feed_forward_length", 0)) or (n_ff // n_used if n_used else 0)
+    n_ff_shexp = int(key("expert_shared_feed_forward_length", 0)) or (n_ff if a.shared_expert else 0)
     return ModelConfig(
         arch=arch, n_vocab=n_vocab, n_embd=n_embd, n_layer=int(key("block_count")),
         n_head=n_head, n_head_kv=int(key("attention.head_count_kv", n_head)),
@@ -106,12 +114,9 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
         rms_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_dims=int(key("rope.dimension_count", head_dim)), rope_mode=a.rope_mode,
         rope_freq_base=float(key("rope.freq_base", 10000.0)), rope_freq_scale=scale,
-        n_ff=int(key("feed_forward_length", 0)),
-        n_expert=n_expert, n_expert_used=int(key("expert_used_count", 0)),
-        n_ff_exp=int(key("expert_feed_forward_length", key("feed_forward_length", 0) if n_expert else 0)),
-        n_ff_shexp=int(key("expert_shared_feed_forward_length", 0)),
-        expert_gating=gating,
-        expert_weights_norm=bool(key("expert_weights_norm", a.expert_weights_norm)),
+        n_ff=n_ff, n_expert=n_expert, n_expert_used=n_used, n_ff_exp=n_ff_exp, n_ff_shexp=n_ff_shexp,
+        expert_gating="softmax",   # all supported architectures; llama.cpp hard-codes it for them
+        expert_weights_norm=a.expert_weights_norm,
         expert_weights_scale=float(key("expert_weights_scale", 1.0)) or 1.0,
         qk_norm=a.qk_norm,
     )
@@ -215,9 +220,9 @@ class GraphBuilder:
         probs = g.soft_max(logits) if c.expert_gating == "softmax" else g.sigmoid(logits)
         ids = g.top_k(probs, k=k, name=f"{p}.expert_ids")                          # [T, k]
         weights = g.get_rows(g.reshape(probs, shape=(T, -1, 1)), ids)             # [T, k, 1]
-        if c.expert_weights_norm:
+        if c.expert_weights_norm:   # llama.cpp clamps the sum at 2^-14 before dividing
             total = g.reshape(g.sum(weights, axis=1), shape=(T, 1, 1))
-            weights = g.div(weights, total)
+            weights = g.div(weights, g.clamp(total, min=6.103515625e-5))
         if c.expert_weights_scale != 1.0:
             weights = g.scale(weights, scale=c.expert_weights_scale)
         xe = g.reshape(x, shape=(T, 1, n))

@@ -55,7 +55,9 @@ def moe_blocks(graph: Graph) -> list[MoEBlock]:
     blocks = []
     for i, m in enumerate(find(graph, ANY_TOP_K)):
         topk = m.top_k
-        mms = [u for u in users[topk] if u.op == "MUL_MAT_ID" and u.inputs[2] is topk]
+        # the experts run on the ids, or on a leading slice of them (after a hard slice)
+        id_nodes = [topk] + [u for u in users[topk] if u.op == "SLICE" and u.attrs["axis"] in (1, -1)]
+        mms = [u for i in id_nodes for u in users[i] if u.op == "MUL_MAT_ID" and u.inputs[2] is i]
         if not mms:
             continue
         full = ROUTER.match(topk) or ROUTER_SIGMOID.match(topk)
@@ -63,7 +65,7 @@ def moe_blocks(graph: Graph) -> list[MoEBlock]:
             (LAYER.match(u.inputs[0].name) for u in mms if LAYER.match(u.inputs[0].name)), None)
         b = MoEBlock(int(named.group(1)) if named else i, topk, full.router if full else None, mms)
         for w in find(graph, WEIGHTED_EXPERTS):
-            if w.ids is topk:
+            if any(w.ids is i for i in id_nodes):
                 b.weighting.append((w.root, 1 if w.root.inputs[0] is w.mm else 0))
         blocks.append(b)
     return blocks

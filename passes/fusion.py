@@ -86,10 +86,11 @@ def fuse_up_gate(graph: Graph) -> Graph:
         if m.wg.dtype != m.wu.dtype:
             return None
         w = g.weight(concat_weights(_merged_name(m.wg.name), [m.wg.data, m.wu.data], axis=-2))
+        name = _merged_name(m.wg.name).removesuffix(".weight")
         if m.root.inputs[0].op == "MUL_MAT_ID":
-            gu = g.mul_mat_id(w, m.x, m.ids, name=_merged_name(m.g.name or m.wg.name))
+            gu = g.mul_mat_id(w, m.x, m.ids, name=name)
         else:
-            gu = g.mul_mat(w, m.x, name=_merged_name(m.g.name or m.wg.name))
+            gu = g.mul_mat(w, m.x, name=name)
         return g.swiglu(gu, name=m.root.name)
     rewrite(graph, [(DENSE_GATE_UP, merge), (EXPERT_GATE_UP, merge)])
     return graph

@@ -18,12 +18,13 @@ EXAMPLES = ROOT / "examples"
 DOCS = ROOT / "docs"
 NOT_RUN = {"make_random_model.py"}   # a tool with its own arguments, tested by its owner
 
-# What each example must print (regular expressions, searched in stdout).
+# What each example must print (regular expressions, searched in stdout): facts of the bundled
+# model and of the passes, not node counts or ids, which change whenever a builder does.
 EXPECTED = {
     "generate.py": [r"model: tiny-qwen3moe-kjv-Q8_0\.gguf: qwen3moe", r"logits \(7, 4096\)",
                     r"greedy: And God said \S", r"sampled: And God said",
                     r"perplexity on Hebrews 11:1-6: \d+\.\d+ \(93 predictions"],
-    "custom_pattern_pass.py": [r"pattern matches 17 norms", r"rewrote 17 MULs: 254 -> 237",
+    "custom_pattern_pass.py": [r"pattern matches 17 norms", r"rewrote 17 MULs: \d+ -> \d+ live nodes",
                                r"\+%\d+ = RMS_NORM\(%4, %6 blk\.0\.attn_norm\.weight\)",
                                r"same graph as the built-in fuse_norm: True",
                                r"bit-identical: True, True", r"exit 0, .* 17 fewer MUL nodes"],
@@ -31,7 +32,7 @@ EXPECTED = {
                          r"prompt step \(T=128, KV=128\)",
                          r"weights read per generated token: 5\.12 MiB of 15\.75 MiB",
                          r"with slice_experts k=2: 3\.53 MiB"],
-    "dump_graph.py": [r"fuse_qkv +254 -> 250", r"fuse_up_gate +250 -> 242",
+    "dump_graph.py": [r"fuse_qkv +\d+ -> \d+ live nodes", r"fuse_up_gate +\d+ -> \d+ live nodes",
                       r"MUL_MAT_ID 12 -> 8", r"blk\.0\.ffn_gate_up_exps\.weight Q8_0 \[16, 512, 256\]",
                       r"fused\.dot", r"fused\.json", r"02-fuse_up_gate\.txt"],
     "slice_experts.py": [r"soft k=2, layer 0: TOP_K k=2", r"hard k=2, layer 0: TOP_K k=4.*SLICE",
@@ -45,7 +46,8 @@ def example_scripts() -> list[str]:
 
 
 def test_every_example_has_expectations():
-    assert set(example_scripts()) <= set(EXPECTED), "add the new example's expected output to EXPECTED"
+    missing = set(example_scripts()) - set(EXPECTED)
+    assert not missing, f"add what {sorted(missing)} must print to EXPECTED"
 
 
 @pytest.mark.parametrize("name", example_scripts())
@@ -76,14 +78,16 @@ def test_doc_snippets_run(doc):
     pass_names()                                      # load the built-in passes first
     registered = dict(PASSES)
     ns: dict = {"__name__": f"docs.{doc}"}
-    with contextlib.redirect_stdout(io.StringIO()):
-        for i, code in enumerate(python_blocks(DOCS / doc)):
-            exec(compile(code, f"{doc}, python block {i + 1}", "exec"), ns)  # noqa: S102
-        for name, fn in list(ns.items()):
-            if name.startswith("test_") and callable(fn):
-                fn()
-    PASSES.clear()                                    # the snippets' passes stay in the snippets
-    PASSES.update(registered)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            for i, code in enumerate(python_blocks(DOCS / doc)):
+                exec(compile(code, f"{doc}, python block {i + 1}", "exec"), ns)  # noqa: S102
+            for name, fn in list(ns.items()):
+                if name.startswith("test_") and callable(fn):
+                    fn()
+    finally:                                          # the snippets' passes stay in the snippets
+        PASSES.clear()
+        PASSES.update(registered)
 
 
 def test_ir_doc_op_table_is_current():

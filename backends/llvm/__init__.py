@@ -14,7 +14,7 @@ import hashlib
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +100,52 @@ done:
 """
 
 
+WORKER = """
+declare i32 @usleep(i32)
+; A worker thread's life: wait for a new generation number in ctl[0] (spinning, then yielding,
+; then sleeping when idle long), run the graph as thread ith, repeat until ctl[16] (quit) is set.
+define void @moegraph_worker(ptr %ptrs, ptr %syms, i64 %ith, i64 %nth, ptr %tls0, i64 %tls_stride, ptr %bar, ptr %ctl) {
+entry:
+  %quitp = getelementptr i8, ptr %ctl, i64 64
+  %g0 = load atomic i32, ptr %ctl acquire, align 4
+  br label %wait
+wait:
+  %seen = phi i32 [%g0, %entry], [%g, %ran]
+  br label %spin
+spin:
+  %n = phi i32 [0, %wait], [%n1, %yield], [%n1, %nap], [%n1, %spin2]
+  %cur = load atomic i32, ptr %ctl acquire, align 4
+  %q = load atomic i32, ptr %quitp acquire, align 4
+  %stop = icmp ne i32 %q, 0
+  br i1 %stop, label %exit, label %check
+check:
+  %same = icmp eq i32 %cur, %seen
+  %n1 = add i32 %n, 1
+  br i1 %same, label %spin2, label %run
+spin2:
+  %busy = icmp ult i32 %n, 20000
+  br i1 %busy, label %spin, label %idle
+idle:
+  %short = icmp ult i32 %n, 40000
+  br i1 %short, label %yield, label %nap
+yield:
+  %y = call i32 @sched_yield()
+  br label %spin
+nap:
+  %z = call i32 @usleep(i32 50)
+  br label %spin
+run:
+  call void @moegraph_graph(ptr %ptrs, ptr %syms, i64 %ith, i64 %nth, ptr %tls0, i64 %tls_stride, ptr %bar)
+  br label %ran
+ran:
+  %g = add i32 %cur, 0
+  br label %wait
+exit:
+  ret void
+}
+"""
+
+
 class LLVMBackend:
     name = "llvm"
 
@@ -126,7 +172,7 @@ class LLVMExecutable:
         self.compile_info = self._jit(ir, use_cache)
         self.compile_info["seconds"] = time.perf_counter() - t0
         self._allocate()
-        self._pool = ThreadPoolExecutor(max_workers=n_threads - 1) if n_threads > 1 else None
+        self._start_workers()
 
     # -- code
     def _module(self, plan: Plan) -> tuple[str, int]:
@@ -134,7 +180,7 @@ class LLVMExecutable:
         same shapes in another layer) are emitted once. The entry computes each call's operand
         pointers (base of a slot + byte offset) and puts a barrier after every kernel."""
         quant_types = {n.dtype for n in self.graph.toposort() if n.op == "WEIGHT" and is_quantized(n.dtype)}
-        parts = [module_text(quant_types, host_features()['avx2']), vexp_fn(), BARRIER]
+        parts = [module_text(quant_types, host_features()['avx2']), vexp_fn(), BARRIER, WORKER]
         body, tls, seen = [], 64, {}
         bases = {}
         for i, step in enumerate(plan.steps):
@@ -207,6 +253,9 @@ entry:
         ee.finalize_object()
         self._ee, self._mod, self._tm = ee, mod, tm
         addr = ee.get_function_address(ENTRY)
+        self._worker = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p)(
+            ee.get_function_address("moegraph_worker"))
         if os.environ.get("MOEGRAPH_PERF_MAP"):   # symbols for `perf report` (external linkage)
             _write_perf_map(ee, ir)
         self._fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
@@ -251,6 +300,22 @@ entry:
             n = int(np.prod(p.max_shape(o.shape)))
             self.outputs[name] = (o, self.arena[v.offset * 4:(v.offset + n) * 4].view(dt).reshape(p.max_shape(o.shape)))
 
+    def _start_workers(self) -> None:
+        """n_threads - 1 Python threads that enter native code once and stay there (ctypes
+        releases the GIL), waiting on a generation counter; stopped when the executable dies."""
+        self.ctl = np.zeros(32, np.int32)
+        self._threads = []
+        for i in range(1, self.n_threads):
+            args = (self.ptrs.ctypes.data, self.syms.ctypes.data, i, self.n_threads, self.tls.ctypes.data,
+                    self.tls_bytes, self.barrier.ctypes.data, self.ctl.ctypes.data)
+            t = threading.Thread(target=self._worker, args=args, daemon=True, name=f"moegraph-llvm-{i}")
+            t.start()
+            self._threads.append(t)
+        weakref.finalize(self, _stop_workers, self.ctl, self._threads, None)
+
+    def close(self) -> None:
+        _stop_workers(self.ctl, self._threads, None)
+
     def reset_state(self) -> None:
         for s in self.states.values():
             s[...] = 0
@@ -269,17 +334,19 @@ entry:
                 buf[tuple(slice(0, s) for s in np.shape(arr))] = arr
         for i, sym in enumerate(SYMBOLS):
             self.syms[i] = bindings.get(sym, 0)
-        args = (self.ptrs.ctypes.data, self.syms.ctypes.data, self.tls.ctypes.data,
-                self.tls_bytes, self.barrier.ctypes.data)
         nth = self.n_threads
-        ptrs, syms, tls, stride, bar = args
-        futures = [self._pool.submit(self._fn, ptrs, syms, i, nth, tls, stride, bar)
-                   for i in range(1, nth)] if self._pool else []
-        self._fn(ptrs, syms, 0, nth, tls, stride, bar)
-        for fu in futures:
-            fu.result()
+        if nth > 1:
+            self.ctl[0] += 1          # wake the workers (they run the graph as threads 1..nth-1)
+        self._fn(self.ptrs.ctypes.data, self.syms.ctypes.data, 0, nth, self.tls.ctypes.data,
+                 self.tls_bytes, self.barrier.ctypes.data)
         return {name: arr[tuple(slice(0, s) for s in static_shape(o.shape, bindings))].copy()
                 for name, (o, arr) in self.outputs.items()}
+
+
+def _stop_workers(ctl: np.ndarray, threads: list, _keepalive) -> None:
+    ctl[16] = 1
+    for t in threads:
+        t.join(timeout=5)
 
 
 def _write_perf_map(ee, ir: str) -> None:

@@ -268,6 +268,9 @@ def k_elementwise(plan: Plan, n: Node, name: str):
                     v = f.op(f"fadd float {f.op(f'fmul float {v}, {sc}')}, {bi}")
                 elif n.op in ("SILU", "SIGMOID", "GELU"):
                     v = _unary(n.op, f, v)
+                elif n.op == "CLAMP":
+                    v = f.call("float", "@llvm.maxnum.f32", f"float {v}", f"float {f32(n.attrs['min'])}")
+                    v = f.call("float", "@llvm.minnum.f32", f"float {v}", f"float {f32(n.attrs['max'])}")
                 k.store_f32(out, v, k.ptr(out, idx + [i]))
     return [k], 0
 
@@ -758,7 +761,7 @@ def k_attention(plan: Plan, n: Node, name: str):
 
 
 GENERATORS = {
-    **{op: k_elementwise for op in ("ADD", "MUL", "DIV", "SCALE", "SILU", "SIGMOID", "GELU",
+    **{op: k_elementwise for op in ("ADD", "MUL", "DIV", "SCALE", "SILU", "SIGMOID", "GELU", "CLAMP",
                                     "SWIGLU", "CAST", "CONT", "RESHAPE")},
     "RMS_NORM": k_norm, "NORM": k_norm, "SOFT_MAX": k_soft_max, "ROPE": k_rope, "TOP_K": k_top_k,
     "SUM": k_sum, "CONCAT": k_concat, "SET_ROWS": k_set_rows, "GET_ROWS": k_get_rows,

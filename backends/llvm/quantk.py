@@ -134,7 +134,7 @@ define internal <8 x i32> @isum{n}(ptr %a, ptr %b) alwaysinline {{
 # --------------------------------------------------------------------------- activations
 def quantize_act_fn(t: G) -> str:
     """@quant_<T>(ptr x, ptr out, i64 K): one row of float32 to ggml blocks (x86 rounding)."""
-    f = Fn(f"quant_{t.name}", [("ptr", "%x"), ("ptr", "%out"), ("i64", "%K")])
+    f = Fn(f"quant_{t.name}", [("ptr", "%x"), ("ptr", "%out"), ("i64", "%K")], attrs="noinline")
     B, size = ACT_SIZE[t]
     nb = f.op("udiv i64 %K, " + str(B))
     with f.loop(0, nb) as b:
@@ -198,7 +198,7 @@ def quantize_act_fn(t: G) -> str:
 def unpack_fn(t: G) -> str:
     """@unpack_<T>(ptr row, ptr dst, i64 K): one weight row to the common unpacked form."""
     L = LAYOUTS[t]
-    f = Fn(f"unpack_{t.name}", [("ptr", "%w"), ("ptr", "%u"), ("i64", "%K")])
+    f = Fn(f"unpack_{t.name}", [("ptr", "%w"), ("ptr", "%u"), ("i64", "%K")], attrs="noinline")
     K = "%K"
     sc_off = f.op(f"and i64 {f.op(f'add i64 {K}, 15')}, -16")
     nsub = f.op(f"udiv i64 {K}, {L.sub}")
@@ -370,7 +370,8 @@ def dot_fn(t: G) -> str:
     """@dot_<T>(ptr unpacked, ptr act, i64 K, ptr raw_row) -> float. Types in DIRECT read the
     raw weight row and need no unpacking."""
     L = LAYOUTS[t]
-    f = Fn(f"dot_{t.name}", [("ptr", "%u"), ("ptr", "%a"), ("i64", "%K"), ("ptr", "%w")], ret="float")
+    f = Fn(f"dot_{t.name}", [("ptr", "%u"), ("ptr", "%a"), ("i64", "%K"), ("ptr", "%w")], ret="float",
+           attrs="noinline")
     K = "%K"
     sc_off = f.op(f"and i64 {f.op(f'add i64 {K}, 15')}, -16")
     nsub = f.op(f"udiv i64 {K}, {L.sub}")
@@ -470,7 +471,7 @@ def dequant_row_fn(t: G) -> str:
     """@dequant_<T>(ptr unpacked, ptr out, i64 K): floats from the unpacked form, in ggml's
     operation order ((d*sc)*q - dmin*m)."""
     L = LAYOUTS[t]
-    f = Fn(f"dequant_{t.name}", [("ptr", "%u"), ("ptr", "%o"), ("i64", "%K")])
+    f = Fn(f"dequant_{t.name}", [("ptr", "%u"), ("ptr", "%o"), ("i64", "%K")], attrs="noinline")
     K = "%K"
     sc_off = f.op(f"and i64 {f.op(f'add i64 {K}, 15')}, -16")
     nsub = f.op(f"udiv i64 {K}, {L.sub}")
