@@ -66,7 +66,7 @@ def cache_dir() -> Path:
 
 BARRIER = """
 declare i32 @sched_yield()
-define internal void @barrier(ptr %bar, i64 %nth) {
+define internal void @barrier(ptr %bar, i64 %nth) noinline {
 entry:
   %one = icmp ule i64 %nth, 1
   br i1 %one, label %done, label %sync

@@ -26,7 +26,7 @@ class K:
 
     def __init__(self, plan: Plan, name: str):
         self.plan = plan
-        self.f = Fn(name, list(PARAMS))
+        self.f = Fn(name, list(PARAMS), attrs="noinline")   # the entry stays a list of calls
         self._bases: dict = {}
         self.operands: dict[tuple[int, int], str] = {}   # (slot, byte offset) -> pointer param
 
