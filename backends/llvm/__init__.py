@@ -28,6 +28,7 @@ from .plan import SYMBOLS, Plan
 from .quantk import module_text
 
 ENTRY = "moegraph_graph"
+PARALLEL_WORK = 32768   # estimated element operations above which a kernel is split among threads
 _llvm_lock = threading.Lock()
 _initialized = False
 
@@ -182,7 +183,7 @@ class LLVMExecutable:
         quant_types = {n.dtype for n in self.graph.toposort() if n.op == "WEIGHT" and is_quantized(n.dtype)}
         parts = [module_text(quant_types, host_features()['avx2']), vexp_fn(), BARRIER, WORKER]
         body, tls, seen = [], 64, {}
-        bases = {}
+        bases, calls = {}, []
         for i, step in enumerate(plan.steps):
             kernels, scratch = emit(plan, step, i)
             tls = max(tls, scratch)
@@ -201,10 +202,37 @@ class LLVMExecutable:
                     p = f"%a{len(body)}"
                     body.append(f"  {p} = getelementptr i8, ptr %base{slot}, i64 {off}")
                     args.append(f"ptr {p}")
-                extra = "".join(", " + a for a in args)
-                body.append(f"  call void @{seen[key]}(ptr %ptrs, ptr %syms, i64 %ith, i64 %nth, ptr %tls{extra})")
-                body.append("  call void @barrier(ptr %bar, i64 %nth)")
-        self.n_kernels, self.n_unique_kernels = sum(1 for b in body if "call void @k" in b), len(seen)
+                calls.append((seen[key], "".join(", " + a for a in args), k.work))
+        # Small kernels run on thread 0 alone (decided at run time from T and KV): a barrier is
+        # needed only around kernels that all threads share.
+        c = len(calls)
+        body.append("  %is0 = icmp eq i64 %ith, 0")
+        for j, (_, _, work) in enumerate(calls):
+            prod = "1"
+            for d in work:
+                v = str(d) if isinstance(d, int) else f"%sym{SYMBOLS.index(d)}"
+                body.append(f"  %w{j}_{len(body)} = mul i64 {prod}, {v}")
+                prod = f"%w{j}_{len(body) - 1}"
+            body.append(f"  %par{j} = icmp ugt i64 {prod}, {PARALLEL_WORK}")
+        for j, (fname, args, _) in enumerate(calls):
+            body.append(f"  %run{j} = or i1 %par{j}, %is0")
+            body.append(f"  %n{j} = select i1 %par{j}, i64 %nth, i64 1")
+            body.append(f"  br i1 %run{j}, label %do{j}, label %skip{j}")
+            body.append(f"do{j}:")
+            body.append(f"  call void @{fname}(ptr %ptrs, ptr %syms, i64 %ith, i64 %n{j}, ptr %tls{args})")
+            body.append(f"  br label %skip{j}")
+            body.append(f"skip{j}:")
+            nxt = f"%par{j + 1}" if j + 1 < c else "true"
+            body.append(f"  %sync{j} = or i1 %par{j}, {nxt}")
+            body.append(f"  br i1 %sync{j}, label %bar{j}, label %next{j}")
+            body.append(f"bar{j}:")
+            body.append("  call void @barrier(ptr %bar, i64 %nth)")
+            body.append(f"  br label %next{j}")
+            body.append(f"next{j}:")
+        syms = "\n".join(f"  %symp{i} = getelementptr inbounds i64, ptr %syms, i64 {i}\n"
+                          f"  %sym{i} = load i64, ptr %symp{i}, align 8" for i in range(len(SYMBOLS)))
+        body.insert(0, syms)
+        self.n_kernels, self.n_unique_kernels = len(calls), len(seen)
         tls = (tls + 63) // 64 * 64
         parts.append(f"""
 define void @{ENTRY}(ptr %ptrs, ptr %syms, i64 %ith, i64 %nth, ptr %tls0, i64 %tls_stride, ptr %bar) {{

@@ -29,6 +29,7 @@ class K:
         self.f = Fn(name, list(PARAMS), attrs="noinline")   # the entry stays a list of calls
         self._bases: dict = {}
         self.operands: dict[tuple[int, int], str] = {}   # (slot, byte offset) -> pointer param
+        self.work: tuple | None = None   # dims whose product estimates the work (threads or not)
 
     def operand(self, slot: int, byte_offset: int = 0) -> str:
         """A pointer parameter = base of `slot` + byte_offset, computed by the caller: kernels of
@@ -217,7 +218,11 @@ def emit(plan: Plan, step, index: int) -> tuple[list["K"], int]:
     gen = GENERATORS.get(step.kind)
     if gen is None:
         raise MoeGraphError(f"the llvm backend has no kernel for {step.kind} ({n!r})")
-    return gen(plan, n, name)
+    kernels, scratch = gen(plan, n, name)
+    for k in kernels:
+        if k.work is None:
+            k.work = tuple(n.shape)
+    return kernels, scratch
 
 
 def _views(plan: Plan, n: Node):
@@ -595,8 +600,10 @@ def k_mul_mat(plan: Plan, n: Node, name: str):
         k1 = K(plan, name + "a")
         dst = k1.operand(0, scratch_off)
         _act_quant_phase(k1, b, rows_dims, vt, Kdim, dst)
+        k1.work = (*rows_dims, Kdim)
         phases.append(k1)
     k2 = K(plan, name + "b")
+    k2.work = (*rows_dims, N, Kdim)
     f = k2.f
     M = k2.count(rows_dims)
     lo, hi = k2.split(str(N))
@@ -634,6 +641,7 @@ def k_mul_mat_id(plan: Plan, n: Node, name: str):
     lists_off = (lists_off + 63) // 64 * 64
     phases = []
     k1 = K(plan, name + "a")
+    k1.work = (T, S, Kdim)
     f = k1.f
     if quantized_acts:
         _act_quant_phase(k1, b, b.shape[:-1], vt, Kdim, k1.operand(0, base_off))
@@ -658,6 +666,7 @@ def k_mul_mat_id(plan: Plan, n: Node, name: str):
     phases.append(k1)
 
     k2 = K(plan, name + "b")
+    k2.work = (T, kk, N, Kdim)
     f = k2.f
     cnt = k2.operand(0, lists_off)
     lst = f.gep("i8", cnt, 4 * E)
@@ -689,17 +698,48 @@ def k_mul_mat_id(plan: Plan, n: Node, name: str):
     return phases, unpacked_bytes(wt, Kdim) if is_quantized(wt) else 0
 
 
+def _vec8(f: Fn, p: str, dtype, i) -> str:
+    """8 floats at element 8*i of a float or half row."""
+    if dtype == F16:
+        v = f.load("<8 x half>", f.gep("half", p, f.mul(i, 8)), 2)
+        return f.op(f"fpext <8 x half> {v} to <8 x float>")
+    return f.load("<8 x float>", f.gep("float", p, f.mul(i, 8)), 4)
+
+
+def _vec_dot_f32(f: Fn, x: str, y: str, ydtype, n: int) -> str:
+    """sum x[i] * y[i] over n (a multiple of 8) with an <8 x float> accumulator."""
+    acc = f.var("<8 x float>", "zeroinitializer")
+    with f.loop(0, n // 8) as i:
+        acc.set(f.call("<8 x float>", "@llvm.fma.v8f32", f"<8 x float> {_vec8(f, x, F32, i)}",
+                       f"<8 x float> {_vec8(f, y, ydtype, i)}", f"<8 x float> {acc.get()}"))
+    return f.call("float", "@llvm.vector.reduce.fadd.v8f32", "float 0.0", f"<8 x float> {acc.get()}")
+
+
+def _vec_axpy(f: Fn, a: str, x: str, xdtype, y: str, n: int) -> None:
+    """y[i] += a * x[i] over n (a multiple of 8)."""
+    av = f.op(f"insertelement <8 x float> poison, float {a}, i64 0")
+    av = f.op(f"shufflevector <8 x float> {av}, <8 x float> poison, <8 x i32> zeroinitializer")
+    with f.loop(0, n // 8) as i:
+        py = f.gep("float", y, f.mul(i, 8))
+        r = f.call("<8 x float>", "@llvm.fma.v8f32", f"<8 x float> {av}", f"<8 x float> {_vec8(f, x, xdtype, i)}",
+                   f"<8 x float> {f.load('<8 x float>', py, 4)}")
+        f.store("<8 x float>", r, py, 4)
+
+
 def k_attention(plan: Plan, n: Node, name: str):
     """out[h, t, :] = softmax(scale * q[t, h] . k[j, h/g] + mask[t, j]) . v[j, h/g], one (h, t)
     per work item; with an F16 cache, q and the probabilities are rounded to F16 first (as
     ggml-cpu's F16 matmuls do). Masked cells (-inf) are skipped."""
     info = plan.attention[n.id]
     k = K(plan, name)
+    k.work = (info["q"].shape[0], info["q"].shape[1], "KV", info["q"].shape[2])
     f = k.f
     out = plan.views[n.id]
     q, kc, vc, mask = (plan.views[info[x].id] for x in ("q", "k", "v", "mask"))
     T, H, D = q.shape
     KV, Hkv, Dv = vc.shape
+    if D % 8 or Dv % 8:
+        raise MoeGraphError(f"llvm attention needs head dims divisible by 8, got {D} and {Dv}")
     g = H // Hkv
     scale = f32(info["scale"])
     kf16 = kc.dtype == F16
@@ -728,11 +768,8 @@ def k_attention(plan: Plan, n: Node, name: str):
             f.store("float", f32(-math.inf), ps, 4)
             with f.if_(live):
                 pk = k.ptr(kc, [j, hk, "0"])
-                acc = f.var("float", "0.0")
-                with f.loop(0, D) as i:
-                    kv = k.load_f32(kc, f.gep("half" if kf16 else "float", pk, i))
-                    acc.set(f.op(f"call float @llvm.fma.f32(float {f.load('float', f.gep('float', qbuf, i))}, float {kv}, float {acc.get()})"))
-                s = f.op(f"fadd float {f.op(f'fmul float {acc.get()}, {scale}')}, {mv}")
+                dot = _vec_dot_f32(f, qbuf, pk, kc.dtype, D)
+                s = f.op(f"fadd float {f.op(f'fmul float {dot}, {scale}')}, {mv}")
                 f.store("float", s, ps, 4)
                 mx.set(f.call("float", "@llvm.maxnum.f32", f"float {mx.get()}", f"float {s}"))
         total = f.var("double", "0.0")
@@ -753,10 +790,7 @@ def k_attention(plan: Plan, n: Node, name: str):
                 p = f.op(f"fpext half {f.op(f'fptrunc float {p} to half')} to float")
             with f.if_(f.op(f"fcmp one float {p}, 0.0")):
                 pv = k.ptr(vc, [j, hk, "0"])
-                with f.loop(0, Dv) as i:
-                    o = f.gep("float", po, i)
-                    vv = k.load_f32(vc, f.gep("half" if vf16 else "float", pv, i))
-                    f.store("float", f.op(f"call float @llvm.fma.f32(float {p}, float {vv}, float {f.load('float', o)})"), o, 4)
+                _vec_axpy(f, p, pv, vc.dtype, po, Dv)
     return [k], 4 * (plan.maxes["KV"] + D + 16)
 
 
