@@ -7,7 +7,8 @@
 """
 from .errors import GGUFError, InputError, IRError, ModelError, MoeGraphError
 from .runtime import GenerationStats, Model, PerplexityResult, Session, load
+from .quantize import quantize  # noqa: E402  (moegraph.quantize(...) is the function)
 
 __version__ = "0.1.0"
-__all__ = ["load", "Model", "Session", "GenerationStats", "PerplexityResult", "MoeGraphError",
+__all__ = ["load", "quantize", "Model", "Session", "GenerationStats", "PerplexityResult", "MoeGraphError",
            "GGUFError", "ModelError", "IRError", "InputError", "__version__"]

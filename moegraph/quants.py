@@ -592,10 +592,25 @@ def _fold0(a: np.ndarray) -> np.ndarray:
 
 
 def _first_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Over axis 0: (amax, max) = (largest |x|, the first x that has it) as C's strict `>` loop."""
+    """Over axis 0: (amax, max) = (largest |x|, the first x that has it) as C's loop
+    `amax = max = 0; if (|x| > amax) { amax = |x|; max = x; }` (all zero: max = +0)."""
     ax = np.abs(x)
     idx = ax.argmax(axis=0)[None]
-    return (np.take_along_axis(ax, idx, axis=0)[0], np.take_along_axis(x, idx, axis=0)[0])
+    amax = np.take_along_axis(ax, idx, axis=0)[0]
+    mx = np.take_along_axis(x, idx, axis=0)[0]
+    return amax, np.where(amax > 0, mx, _F32(0))
+
+
+def _first_extreme(x: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """The first element of each row of x [nb, n] equal to v [nb] (C's `if (x < min) min = x`
+    keeps the first of equal values: this matters only for the sign of a zero)."""
+    zero = v == 0
+    if zero.any():
+        rows = np.nonzero(zero)[0]
+        first = (x[rows] == 0).argmax(axis=1)
+        v = v.copy()
+        v[rows] = x[rows, first]
+    return v
 
 
 def _fp16(v: np.ndarray) -> np.ndarray:
@@ -635,6 +650,11 @@ def _blocks_out(t: GGMLType, nb: int) -> np.ndarray:
 # --- 32-element blocks -------------------------------------------------------------------------
 
 def _wq_q8_0(x):
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        return _wq_q8_0_body(x)
+
+
+def _wq_q8_0_body(x):
     out = _blocks_out(GGMLType.Q8_0, len(x))
     amax = np.abs(x).max(axis=1)
     d = amax / _F32(127)
@@ -646,6 +666,11 @@ def _wq_q8_0(x):
 
 
 def _wq_q4_0_like(x, nlev: int, t: GGMLType):
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        return _wq_q4_0_like_body(x, nlev)
+
+
+def _wq_q4_0_like_body(x, nlev: int):
     # Q4_0 (nlev 8) and Q5_0 (nlev 16): d = max / -nlev with max the first element of largest |x|
     _, mx = _first_absmax(x.T)
     d = mx / _F32(-nlev)
@@ -656,7 +681,12 @@ def _wq_q4_0_like(x, nlev: int, t: GGMLType):
 
 
 def _wq_q4_1_like(x, nmax: int, clamp: bool):
-    mn, mx = x.min(axis=1), x.max(axis=1)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        return _wq_q4_1_like_body(x, nmax, clamp)
+
+
+def _wq_q4_1_like_body(x, nmax: int, clamp: bool):
+    mn, mx = _first_extreme(x, x.min(axis=1)), _first_extreme(x, x.max(axis=1))
     d = (mx - mn) / _F32(nmax)
     with np.errstate(divide="ignore"):
         iden = np.where(d != 0, _F32(1) / d, _F32(0)).astype(_F32)
@@ -925,6 +955,12 @@ def _search_q3(xs):
 def _wq_q2_k(x):
     nb = len(x)
     out = _blocks_out(GGMLType.Q2_K, nb)
+    r = _jit_kblocks("q2k", _subblocks(x, 16))
+    if r is not None:
+        Lq, sc, _, d, dmin = r
+        out["scales"], out["d"], out["dmin"] = sc.reshape(nb, 16), _fp16(d[::16]), _fp16(dmin[::16])
+        out["qs"] = _pack_crumbs(np.ascontiguousarray(Lq.T).reshape(nb, QK_K))
+        return out
     xs = _subblocks(x, 16)
     scales, mins, L = _search_qkx2("q2k_search", xs, np.abs(xs), 3, -0.5, 0.1, 15, True)
     scales, mins = scales.reshape(nb, 16), mins.reshape(nb, 16)
@@ -948,9 +984,31 @@ def _wq_q2_k(x):
     return out
 
 
+def _q3_k_pack(out, nb, ls, d16, L):
+    """Q3_K fields from the 6-bit scales ls [nb, 16], d16 and the final levels L [nb, 256] (0..7)."""
+    # the 16 6-bit scales: low nibbles in bytes 0..7 (j and j+8 share a byte), high crumbs of
+    # scale j at bits 2*(j//4) of byte 8 + j%4
+    packed = np.zeros((nb, 12), np.uint8)
+    packed[:, :8] = (ls[:, :8] & 0xF) | ((ls[:, 8:] & 0xF) << 4)
+    hi = (ls >> 4).reshape(nb, 4, 4)          # [nb, j//4, j%4]
+    packed[:, 8:] = hi[:, 0] | (hi[:, 1] << 2) | (hi[:, 2] << 4) | (hi[:, 3] << 6)
+    high = L > 3
+    # bit j//32 of hmask[j % 32] = the high bit of element j
+    out["hmask"] = np.packbits(high.reshape(nb, 8, 32).transpose(0, 2, 1), axis=2,
+                               bitorder="little").reshape(nb, 32)
+    out["qs"] = _pack_crumbs(np.where(high, L - 4, L))
+    out["scales"], out["d"] = packed, d16
+    return out
+
+
 def _wq_q3_k(x):
     nb = len(x)
     out = _blocks_out(GGMLType.Q3_K, nb)
+    r = _jit_kblocks("q3k", _subblocks(x, 16))
+    if r is not None:
+        Lq, ls, _, d, _ = r
+        L = np.ascontiguousarray(Lq.T).reshape(nb, QK_K)
+        return _q3_k_pack(out, nb, ls.reshape(nb, 16).astype(np.int32), _fp16(d[::16]), L)
     scales, L = _search_q3(_subblocks(x, 16))
     scales = scales.reshape(nb, 16)
     L = _unsub(L, nb).reshape(nb, 16, 16)
@@ -962,23 +1020,10 @@ def _wq_q3_k(x):
         d = _F32(1) / iscale
     ls = np.where(nz[:, None], ls, 0)
     d16 = np.where(nz, _fp16(d), np.float16(0))
-    # pack the 16 6-bit scales: low nibbles in bytes 0..7 (j and j+8 share a byte), high crumbs
-    # of scale j at bits 2*(j//4) of byte 8 + j%4
-    packed = np.zeros((nb, 12), np.uint8)
-    packed[:, :8] = (ls[:, :8] & 0xF) | ((ls[:, 8:] & 0xF) << 4)
-    hi = (ls >> 4).reshape(nb, 4, 4)          # [nb, j//4, j%4]
-    packed[:, 8:] = hi[:, 0] | (hi[:, 1] << 2) | (hi[:, 2] << 4) | (hi[:, 3] << 6)
     sc = np.where(nz[:, None], ls, 32) - 32  # the decoded scales (0 when the block is all zero)
     dl = d16.astype(_F32)[:, None] * sc.astype(_F32)
     L = _requant_levels(x.reshape(nb, 16, 16), dl, None, -4, 3, L - 4) + 4
-    L = L.reshape(nb, QK_K)
-    high = L > 3
-    # bit j//32 of hmask[j % 32] = the high bit of element j
-    out["hmask"] = np.packbits(high.reshape(nb, 8, 32).transpose(0, 2, 1), axis=2,
-                               bitorder="little").reshape(nb, 32)
-    out["qs"] = _pack_crumbs(np.where(high, L - 4, L))
-    out["scales"], out["d"] = packed, d16
-    return out
+    return _q3_k_pack(out, nb, ls, d16, L.reshape(nb, QK_K))
 
 
 def _k4_pack_scales(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
@@ -994,6 +1039,11 @@ def _wq_k4(x, nmax: int, rmin: float, rdelta: float, nstep: int):
     """The common part of Q4_K and Q5_K: (d16, dmin16, packed scales, L [nb, 256])."""
     nb = len(x)
     xs = _subblocks(x, 32)
+    r = _jit_kblocks("q4k" if nmax == 15 else "q5k", xs)
+    if r is not None:
+        Lq, ls, lm, d, dmin = r
+        return (_fp16(d[::8]), _fp16(dmin[::8]), _k4_pack_scales(ls.reshape(nb, 8), lm.reshape(nb, 8)),
+                np.ascontiguousarray(Lq.T).reshape(nb, QK_K))
     av_x = np.sqrt(_fold0(xs * xs) / _F32(32))
     w = av_x + np.abs(xs)
     scales, mins, L = _search_qkx2(f"q{4 if nmax == 15 else 5}k_search", xs, w, nmax, rmin,
@@ -1037,9 +1087,24 @@ def _wq_q5_k(x):
     return out
 
 
+def _q6_k_pack(out, nb, L, sc, d16):
+    L = L.astype(np.uint8).reshape(nb, 2, 4, 32)
+    lo, hi = L & 0xF, L >> 4
+    out["ql"] = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)],
+                               axis=2).reshape(nb, 128)
+    out["qh"] = (hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)).reshape(nb, 64)
+    out["scales"], out["d"] = sc, d16
+    return out
+
+
 def _wq_q6_k(x):
     nb = len(x)
     out = _blocks_out(GGMLType.Q6_K, nb)
+    r = _jit_kblocks("q6k", _subblocks(x, 16))
+    if r is not None:
+        Lq, sc, _, d, _ = r
+        return _q6_k_pack(out, nb, np.ascontiguousarray(Lq.T), sc.view(np.int8).reshape(nb, 16),
+                          _fp16(d[::16]))
     scales, L = _search_qx(_subblocks(x, 16))
     scales = scales.reshape(nb, 16)
     L = _unsub(L, nb).reshape(nb, 16, 16).astype(np.int32)
@@ -1052,13 +1117,8 @@ def _wq_q6_k(x):
     sc = np.where(zero[:, None], np.int8(0), sc)
     dl = d16.astype(_F32)[:, None] * sc.astype(_F32)
     L = _requant_levels(x.reshape(nb, 16, 16), dl, None, -32, 31, L - 32) + 32
-    L = np.where(zero[:, None, None], 0, L).astype(np.uint8).reshape(nb, 2, 4, 32)
-    lo, hi = L & 0xF, L >> 4
-    out["ql"] = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)],
-                               axis=2).reshape(nb, 128)
-    out["qh"] = (hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)).reshape(nb, 64)
-    out["scales"], out["d"] = sc, d16
-    return out
+    L = np.where(zero[:, None, None], 0, L)
+    return _q6_k_pack(out, nb, L, sc, d16)
 
 
 def _with_weight_quantizers() -> None:
@@ -1077,8 +1137,11 @@ _with_weight_quantizers()
 WEIGHT_TYPES: tuple[GGMLType, ...] = _PLAIN_FLOATS + tuple(
     t for t, tr in _TRAITS.items() if tr.quantize_blocks)
 
-# blocks per call of a quantizer: keeps every temporary of the searches inside the L2 cache
+# values per call of a block quantizer. NumPy kernels: every temporary stays inside the L2 cache.
+# JIT kernels: few temporaries, so larger chunks; the Python around each call (~0.1 ms, the only
+# time the GIL is held) is then under 5 % of the work.
 _QUANT_CHUNK_ELEMS = 1 << 15
+_JIT_CHUNK_ELEMS = 1 << 17
 
 
 def quantize_weights(x, t, out: np.ndarray | None = None) -> np.ndarray:
@@ -1115,51 +1178,60 @@ def quantize_weights(x, t, out: np.ndarray | None = None) -> np.ndarray:
         flat_out.view(np.uint16)[:] = _round_bf16(np.ascontiguousarray(xf)).view(np.uint32) >> 16
         return out
     blocks = xf.reshape(-1, tr.block_size)
+    fns = _jit_functions() if _USE_JIT else None
+    kernel = fns and fns.get(f"{tr.type.name.lower()}_blocks")
+    if kernel is not None:      # the whole block in native code, straight into `out`
+        xc = np.ascontiguousarray(xf, dtype=_F32)
+        if not flat_out.flags.c_contiguous:
+            raise ValueError("quantize_weights: out must be C-contiguous")
+        kernel(xc.ctypes.data, len(blocks), flat_out.ctypes.data)
+        return out
     dst = flat_out.view(tr.block_dtype)
-    step = max(1, _QUANT_CHUNK_ELEMS // tr.block_size)
+    native = fns is not None and f"{tr.type.name[:2].lower()}k_blocks" in fns
+    step = max(1, (_JIT_CHUNK_ELEMS if native else _QUANT_CHUNK_ELEMS) // tr.block_size)
     for i in range(0, len(blocks), step):
         dst[i:i + step] = tr.quantize_blocks(np.ascontiguousarray(blocks[i:i + step]))
     return out
 
 
 # ---------------------------------------------------------------------------------------------
-# The K-quant searches JIT-compiled with LLVM (llvmlite), when it is installed.
+# The weight quantizers JIT-compiled with LLVM (llvmlite).
 #
-# Same algorithms, same float32 operation order as the C code and the NumPy kernels above, but
-# vectorized across sub-blocks: SIMD lane j of a <8 x float> holds sub-block j of a group of 8,
-# so a candidate scale is tried on 8 sub-blocks per instruction and every value stays in
-# registers. The IR uses plain fadd/fsub/fmul/fdiv (no fast-math flags, no `contract`): LLVM then
-# neither reassociates nor fuses into FMA, so each lane computes exactly what ggml's scalar C
-# does. Inputs are position-major [n, M] (M a multiple of 8); calls through ctypes release the GIL.
+# Same algorithms, same float32 operation order as the C code and the NumPy kernels above, in
+# native code. K-quants are vectorized across sub-blocks: SIMD lane j of a <16 x float> holds
+# sub-block j of a group (the sub-blocks of a super-block are adjacent lanes), so a candidate scale
+# is tried on 16 sub-blocks per instruction; the whole block is done natively (weights, search,
+# fp16 super-block scales, final levels) and NumPy only packs the uint8 levels into the block
+# layout. The 32-element types do one block per <32 x float>, straight into the GGUF bytes.
+# The IR uses plain fadd/fsub/fmul/fdiv (no fast-math flags, no `contract`): LLVM then neither
+# reassociates nor fuses into FMA, so each lane computes exactly what ggml's scalar C does. Calls
+# go through ctypes, which releases the GIL. Without F16C only the searches are compiled (fp16
+# conversion would be a libcall); without llvmlite everything runs on the NumPy kernels.
 # ---------------------------------------------------------------------------------------------
 
 import threading as _threading
 
-_VW = 8                                    # lanes per vector
-_V, _VI, _VB = f"<{_VW} x float>", f"<{_VW} x i32>", f"<{_VW} x i1>"
+_VW = 16            # lanes per vector: two AVX2 registers, so two independent chains interleave
 
 
 def _llf(x: float) -> str:
     """An LLVM float literal: the float32 value in LLVM's double hex form."""
     import struct
     v = struct.unpack("<f", struct.pack("<f", float(x)))[0]
-    return "0x%016X" % struct.unpack("<Q", struct.pack("<d", v))[0]
+    return f"0x{struct.unpack('<Q', struct.pack('<d', v))[0]:016X}"
 
 
-def _vf(x: float) -> str:
-    return "<" + ", ".join([f"float {_llf(x)}"] * _VW) + ">"
-
-
-def _vi(x: int) -> str:
-    return "<" + ", ".join([f"i32 {int(x)}"] * _VW) + ">"
 
 
 class _KernelIR:
     """A tiny writer of vector LLVM IR: fresh SSA names, stack variables (mem2reg promotes them),
     counted loops. Every float op is emitted exactly as written, in order."""
 
-    def __init__(self, name: str, params: list[str]):
-        self.name, self.params = name, params
+    def __init__(self, name: str, params: list[str], vw: int | None = None):
+        vw = vw or _VW
+        self.name, self.params, self.vw = name, params, vw
+        self.V, self.VI, self.VB = f"<{vw} x float>", f"<{vw} x i32>", f"<{vw} x i1>"
+        self.zero = self.vf(0.0)
         self.allocas: list[str] = []
         self.body: list[str] = []
         self.n = 0
@@ -1177,32 +1249,59 @@ class _KernelIR:
         self.n += 1
         return f"{p}{self.n}"
 
+    def vf(self, x: float) -> str:
+        return "<" + ", ".join([f"float {_llf(x)}"] * self.vw) + ">"
+
+    def vi(self, x: int) -> str:
+        return "<" + ", ".join([f"i32 {int(x)}"] * self.vw) + ">"
+
     # float vectors
-    def add(self, a, b): return self.op(f"fadd {_V} {a}, {b}")
-    def sub(self, a, b): return self.op(f"fsub {_V} {a}, {b}")
-    def mul(self, a, b): return self.op(f"fmul {_V} {a}, {b}")
-    def div(self, a, b): return self.op(f"fdiv {_V} {a}, {b}")
-    def neg(self, a): return self.op(f"fneg {_V} {a}")
-    def abs(self, a): return self.op(f"call {_V} @llvm.fabs.v{_VW}f32({_V} {a})")
-    def cmp(self, pred, a, b): return self.op(f"fcmp {pred} {_V} {a}, {b}")
-    def sel(self, c, a, b, ty=_V): return self.op(f"select {_VB} {c}, {ty} {a}, {ty} {b}")
-    def and_(self, a, b): return self.op(f"and {_VB} {a}, {b}")
+    def add(self, a, b): return self.op(f"fadd {self.V} {a}, {b}")
+    def sub(self, a, b): return self.op(f"fsub {self.V} {a}, {b}")
+    def mul(self, a, b): return self.op(f"fmul {self.V} {a}, {b}")
+    def div(self, a, b): return self.op(f"fdiv {self.V} {a}, {b}")
+    def neg(self, a): return self.op(f"fneg {self.V} {a}")
+    def abs(self, a): return self.op(f"call {self.V} @llvm.fabs.v{self.vw}f32({self.V} {a})")
+    def cmp(self, pred, a, b): return self.op(f"fcmp {pred} {self.V} {a}, {b}")
+    def sel(self, c, a, b): return self.op(f"select {self.VB} {c}, {self.V} {a}, {self.V} {b}")
+    def and_(self, a, b): return self.op(f"and {self.VB} {a}, {b}")
 
     def nearest_clamp(self, v, lo: int, hi: int) -> str:
         """clamp(nearest_int(v), lo, hi) as float: ggml's bit trick, then integer MIN/MAX."""
-        t = self.add(v, _vf(12582912.0))
-        i = self.op(f"bitcast {_V} {t} to {_VI}")
-        i = self.op(f"and {_VI} {i}, {_vi(0x007FFFFF)}")
-        i = self.op(f"sub {_VI} {i}, {_vi(0x00400000)}")
-        c = self.op(f"icmp slt {_VI} {i}, {_vi(lo)}")
-        i = self.op(f"select {_VB} {c}, {_VI} {_vi(lo)}, {_VI} {i}")
-        c = self.op(f"icmp sgt {_VI} {i}, {_vi(hi)}")
-        i = self.op(f"select {_VB} {c}, {_VI} {_vi(hi)}, {_VI} {i}")
-        return self.op(f"sitofp {_VI} {i} to {_V}")
+        t = self.add(v, self.vf(12582912.0))
+        i = self.op(f"bitcast {self.V} {t} to {self.VI}")
+        i = self.op(f"and {self.VI} {i}, {self.vi(0x007FFFFF)}")
+        i = self.op(f"sub {self.VI} {i}, {self.vi(0x00400000)}")
+        c = self.op(f"icmp slt {self.VI} {i}, {self.vi(lo)}")
+        i = self.op(f"select {self.VB} {c}, {self.VI} {self.vi(lo)}, {self.VI} {i}")
+        c = self.op(f"icmp sgt {self.VI} {i}, {self.vi(hi)}")
+        i = self.op(f"select {self.VB} {c}, {self.VI} {self.vi(hi)}, {self.VI} {i}")
+        return self.op(f"sitofp {self.VI} {i} to {self.V}")
+
+    def splat(self, scalar: str) -> str:
+        e = self.op(f"insertelement {self.V} poison, float {scalar}, i32 0")
+        return self.op(f"shufflevector {self.V} {e}, {self.V} poison, <{self.vw} x i32> zeroinitializer")
+
+    def gep(self, base: str, g: str) -> str:
+        return self.op(f"getelementptr inbounds float, ptr {base}, i64 {g}")
+
+    def if_any(self, cond: str):
+        """`if (any lane of cond) { ... }` as a branch (the body is skipped when no lane needs it)."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def cm():
+            then, done = self.label("then"), self.label("endif")
+            self.line(f"br i1 {self.any(cond)}, label %{then}, label %{done}")
+            self.line(f"{then}:")
+            yield
+            self.line(f"br label %{done}")
+            self.line(f"{done}:")
+        return cm()
 
     def any(self, c) -> str:
-        b = self.op(f"bitcast {_VB} {c} to i{_VW}")
-        return self.op(f"icmp ne i{_VW} {b}, 0")
+        b = self.op(f"bitcast {self.VB} {c} to i{self.vw}")
+        return self.op(f"icmp ne i{self.vw} {b}, 0")
 
     # memory: element (i, lane group g) of a position-major [n, M] array
     def ptr(self, base: str, i: int, g: str, M: str) -> str:
@@ -1211,13 +1310,13 @@ class _KernelIR:
         return self.op(f"getelementptr inbounds float, ptr {base}, i64 {off}")
 
     def load(self, p: str) -> str:
-        return self.op(f"load {_V}, ptr {p}, align 4")
+        return self.op(f"load {self.V}, ptr {p}, align 4")
 
     def store(self, v: str, p: str) -> None:
-        self.line(f"store {_V} {v}, ptr {p}, align 4")
+        self.line(f"store {self.V} {v}, ptr {p}, align 4")
 
     # variables and loops
-    def var(self, ty: str, init: str) -> "_KVar":
+    def var(self, ty: str, init: str) -> _KVar:
         self.n += 1
         name = f"%v{self.n}"
         self.allocas.append(f"  {name} = alloca {ty}, align 32")
@@ -1260,11 +1359,8 @@ class _KVar:
         self.k.line(f"store {self.ty} {v}, ptr {self.ptr}, align 32")
 
 
-_ZERO = _vf(0.0)
-
-
 def _ir_first_absmax(k: _KernelIR, xs: list[str]) -> tuple[str, str]:
-    amax, mx = _ZERO, _ZERO
+    amax, mx = k.zero, k.zero
     for xi in xs:                      # if (ax > amax) { amax = ax; max = x[i]; }
         ax = k.abs(xi)
         c = k.cmp("ogt", ax, amax)
@@ -1272,185 +1368,473 @@ def _ir_first_absmax(k: _KernelIR, xs: list[str]) -> tuple[str, str]:
     return amax, mx
 
 
-def _ir_qkx2(name: str, n: int, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool) -> str:
-    """make_qkx2_quants(n, nmax, x, weights, L, &the_min, Laux, rmin, rdelta, nstep, use_mad)."""
-    k = _KernelIR(name, ["ptr %x", "ptr %w", "i64 %M", "ptr %scale", "ptr %themin", "ptr %L"])
-    fn = _vf(nmax)
-    with k.loop("0", "%M", _VW) as g:
-        xs = [k.load(k.ptr("%x", i, g, "%M")) for i in range(n)]
-        ws = [k.load(k.ptr("%w", i, g, "%M")) for i in range(n)]
-        lp = [k.ptr("%L", i, g, "%M") for i in range(n)]
-        mn, mx, sum_w, sum_x = xs[0], xs[0], ws[0], k.mul(ws[0], xs[0])
-        for xi, wi in zip(xs[1:], ws[1:]):
-            mn = k.sel(k.cmp("olt", xi, mn), xi, mn)
-            mx = k.sel(k.cmp("ogt", xi, mx), xi, mx)
-            sum_w = k.add(sum_w, wi)
-            sum_x = k.add(sum_x, k.mul(wi, xi))
-        mn = k.sel(k.cmp("ogt", mn, _ZERO), _ZERO, mn)
-        mn0 = mn
-        degenerate = k.cmp("oeq", mx, mn)
+def _emit_qkx2(k: _KernelIR, xs, ws, lp, nmax: int, rmin: float, rdelta: float, nstep: int,
+               use_mad: bool) -> tuple[str, str]:
+    """make_qkx2_quants(n, nmax, x, weights, L, &the_min, Laux, rmin, rdelta, nstep, use_mad) on
+    the lanes: stores L (float levels) at the pointers lp, returns (scale, the_min)."""
+    fn = k.vf(nmax)
+    mn, mx, sum_w, sum_x = xs[0], xs[0], ws[0], k.mul(ws[0], xs[0])
+    for xi, wi in zip(xs[1:], ws[1:]):
+        mn = k.sel(k.cmp("olt", xi, mn), xi, mn)
+        mx = k.sel(k.cmp("ogt", xi, mx), xi, mx)
+        sum_w = k.add(sum_w, wi)
+        sum_x = k.add(sum_x, k.mul(wi, xi))
+    mn = k.sel(k.cmp("ogt", mn, k.zero), k.zero, mn)
+    mn0 = mn
+    degenerate = k.cmp("oeq", mx, mn)
 
-        def error(scale, ls, mn):
-            e = _ZERO
-            for xi, wi, li in zip(xs, ws, ls):
-                diff = k.sub(k.add(k.mul(scale, li), mn), xi)
-                diff = k.abs(diff) if use_mad else k.mul(diff, diff)
-                e = k.add(e, k.mul(wi, diff))
-            return e
+    def error(scale, ls, mn):
+        e = k.zero
+        for xi, wi, li in zip(xs, ws, ls):
+            diff = k.sub(k.add(k.mul(scale, li), mn), xi)
+            diff = k.abs(diff) if use_mad else k.mul(diff, diff)
+            e = k.add(e, k.mul(wi, diff))
+        return e
 
-        iscale = k.div(fn, k.sub(mx, mn))
-        scale = k.div(_vf(1.0), iscale)
-        ls = [k.nearest_clamp(k.mul(iscale, k.sub(xi, mn)), 0, nmax) for xi in xs]
-        for li, p in zip(ls, lp):
-            k.store(li, p)
-        best = k.var(_V, error(scale, ls, mn))
-        v_scale, v_min = k.var(_V, scale), k.var(_V, mn)
-        with k.loop("0", str(nstep + 1), 1, "i32") as step:
-            mn = v_min.get()
-            fstep = k.op(f"sitofp i32 {step} to float")
-            num = k.op(f"fmul float {_llf(rdelta)}, {fstep}")
-            num = k.op(f"fadd float {_llf(rmin)}, {num}")
-            num = k.op(f"fadd float {num}, {_llf(nmax)}")
-            num = k.op(f"insertelement {_V} poison, float {num}, i32 0")
-            num = k.op(f"shufflevector {_V} {num}, {_V} poison, <{_VW} x i32> zeroinitializer")
-            iscale = k.div(num, k.sub(mx, mn))
-            la = [k.nearest_clamp(k.mul(iscale, k.sub(xi, mn)), 0, nmax) for xi in xs]
-            sum_l = sum_l2 = sum_xl = _ZERO
-            for xi, wi, li in zip(xs, ws, la):
-                wl = k.mul(wi, li)
-                sum_l = k.add(sum_l, wl)
-                sum_l2 = k.add(sum_l2, k.mul(wl, li))
-                sum_xl = k.add(sum_xl, k.mul(wl, xi))
-            D = k.sub(k.mul(sum_w, sum_l2), k.mul(sum_l, sum_l))
-            this_scale = k.div(k.sub(k.mul(sum_w, sum_xl), k.mul(sum_x, sum_l)), D)
-            this_min = k.div(k.sub(k.mul(sum_l2, sum_x), k.mul(sum_l, sum_xl)), D)
-            pos = k.cmp("ogt", this_min, _ZERO)
-            this_min = k.sel(pos, _ZERO, this_min)
-            this_scale = k.sel(pos, k.div(sum_xl, sum_l2), this_scale)
-            cur = error(this_scale, la, this_min)
-            b = best.get()
-            better = k.and_(k.cmp("ogt", D, _ZERO), k.cmp("olt", cur, b))
-            then, done = k.label("upd"), k.label("noupd")
-            k.line(f"br i1 {k.any(better)}, label %{then}, label %{done}")
-            k.line(f"{then}:")
+    iscale = k.div(fn, k.sub(mx, mn))
+    scale = k.div(k.vf(1.0), iscale)
+    ls = [k.nearest_clamp(k.mul(iscale, k.sub(xi, mn)), 0, nmax) for xi in xs]
+    for li, p in zip(ls, lp):
+        k.store(li, p)
+    best = k.var(k.V, error(scale, ls, mn))
+    v_scale, v_min = k.var(k.V, scale), k.var(k.V, mn)
+    with k.loop("0", str(nstep + 1), 1, "i32") as step:
+        mn = v_min.get()
+        fstep = k.op(f"sitofp i32 {step} to float")
+        num = k.op(f"fmul float {_llf(rdelta)}, {fstep}")
+        num = k.op(f"fadd float {_llf(rmin)}, {num}")
+        num = k.op(f"fadd float {num}, {_llf(nmax)}")
+        iscale = k.div(k.splat(num), k.sub(mx, mn))
+        la = [k.nearest_clamp(k.mul(iscale, k.sub(xi, mn)), 0, nmax) for xi in xs]
+        sum_l = sum_l2 = sum_xl = k.zero
+        for xi, wi, li in zip(xs, ws, la):
+            wl = k.mul(wi, li)
+            sum_l = k.add(sum_l, wl)
+            sum_l2 = k.add(sum_l2, k.mul(wl, li))
+            sum_xl = k.add(sum_xl, k.mul(wl, xi))
+        D = k.sub(k.mul(sum_w, sum_l2), k.mul(sum_l, sum_l))
+        this_scale = k.div(k.sub(k.mul(sum_w, sum_xl), k.mul(sum_x, sum_l)), D)
+        this_min = k.div(k.sub(k.mul(sum_l2, sum_x), k.mul(sum_l, sum_xl)), D)
+        pos = k.cmp("ogt", this_min, k.zero)
+        this_min = k.sel(pos, k.zero, this_min)
+        this_scale = k.sel(pos, k.div(sum_xl, sum_l2), this_scale)
+        cur = error(this_scale, la, this_min)
+        b = best.get()
+        better = k.and_(k.cmp("ogt", D, k.zero), k.cmp("olt", cur, b))
+        with k.if_any(better):
             for li, p in zip(la, lp):
                 k.store(k.sel(better, li, k.load(p)), p)
             best.set(k.sel(better, cur, b))
             v_scale.set(k.sel(better, this_scale, v_scale.get()))
             v_min.set(k.sel(better, this_min, mn))
-            k.line(f"br label %{done}")
-            k.line(f"{done}:")
-        scale = k.sel(degenerate, _ZERO, v_scale.get())
-        mn = k.sel(degenerate, mn0, v_min.get())
-        k.store(scale, k.op(f"getelementptr inbounds float, ptr %scale, i64 {g}"))
-        k.store(k.neg(mn), k.op(f"getelementptr inbounds float, ptr %themin, i64 {g}"))
-        for p in lp:
-            k.store(k.sel(degenerate, _ZERO, k.load(p)), p)
-    return k.text()
+    scale = k.sel(degenerate, k.zero, v_scale.get())
+    mn = k.sel(degenerate, mn0, v_min.get())
+    for p in lp:
+        k.store(k.sel(degenerate, k.zero, k.load(p)), p)
+    return scale, k.neg(mn)
 
 
-def _ir_qx_rmse1(name: str, n: int, nmax: int) -> str:
-    """make_qx_quants(n, nmax, x, L, rmse_type=1, NULL); L is stored as level + nmax."""
-    k = _KernelIR(name, ["ptr %x", "i64 %M", "ptr %scale", "ptr %L"])
-    fn = _vf(nmax)
-    with k.loop("0", "%M", _VW) as g:
-        xs = [k.load(k.ptr("%x", i, g, "%M")) for i in range(n)]
-        lp = [k.ptr("%L", i, g, "%M") for i in range(n)]
-        amax, mx = _ir_first_absmax(k, xs)
-        zero = k.cmp("olt", amax, _vf(1e-15))
-        ws = [k.mul(xi, xi) for xi in xs]
-        wxs = [k.mul(wi, xi) for wi, xi in zip(ws, xs)]
+def _emit_qx_rmse1(k: _KernelIR, xs, lp, nmax: int) -> str:
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, NULL): stores L (level + nmax), returns scale."""
+    fn = k.vf(nmax)
+    amax, mx = _ir_first_absmax(k, xs)
+    zero = k.cmp("olt", amax, k.vf(1e-15))
+    ws = [k.mul(xi, xi) for xi in xs]
+    wxs = [k.mul(wi, xi) for wi, xi in zip(ws, xs)]
 
-        def sums(iscale):
-            ls = [k.nearest_clamp(k.mul(iscale, xi), -nmax, nmax - 1) for xi in xs]
-            slx = sl2 = _ZERO
-            for wi, wxi, li in zip(ws, wxs, ls):
-                slx = k.add(slx, k.mul(wxi, li))
-                sl2 = k.add(sl2, k.mul(k.mul(wi, li), li))
-            return ls, slx, sl2
+    def sums(iscale):
+        ls = [k.nearest_clamp(k.mul(iscale, xi), -nmax, nmax - 1) for xi in xs]
+        slx = sl2 = k.zero
+        for wi, wxi, li in zip(ws, wxs, ls):
+            slx = k.add(slx, k.mul(wxi, li))
+            sl2 = k.add(sl2, k.mul(k.mul(wi, li), li))
+        return ls, slx, sl2
 
-        ls, slx, sl2 = sums(k.div(_vf(-nmax), mx))
-        for li, p in zip(ls, lp):
-            k.store(li, p)
-        scale = k.sel(k.cmp("une", sl2, _ZERO), k.div(slx, sl2), _ZERO)
-        v_scale, v_best = k.var(_V, scale), k.var(_V, k.mul(scale, slx))
-        for step in [s for s in range(-9, 10) if s != 0]:
-            t = k.add(fn, k.mul(_vf(0.1), _vf(step)))      # nmax + 0.1f*is
-            iscale = k.div(k.neg(t), mx)
-            ls, slx, sl2 = sums(iscale)
-            best = v_best.get()
-            better = k.and_(k.cmp("ogt", sl2, _ZERO), k.cmp("ogt", k.mul(slx, slx), k.mul(best, sl2)))
-            then, done = k.label("upd"), k.label("noupd")
-            k.line(f"br i1 {k.any(better)}, label %{then}, label %{done}")
-            k.line(f"{then}:")
+    ls, slx, sl2 = sums(k.div(k.vf(-nmax), mx))
+    for li, p in zip(ls, lp):
+        k.store(li, p)
+    scale = k.sel(k.cmp("une", sl2, k.zero), k.div(slx, sl2), k.zero)
+    v_scale, v_best = k.var(k.V, scale), k.var(k.V, k.mul(scale, slx))
+    for step in [s for s in range(-9, 10) if s != 0]:
+        t = k.add(fn, k.mul(k.vf(0.1), k.vf(step)))      # nmax + 0.1f*is
+        iscale = k.div(k.neg(t), mx)
+        ls, slx, sl2 = sums(iscale)
+        best = v_best.get()
+        better = k.and_(k.cmp("ogt", sl2, k.zero), k.cmp("ogt", k.mul(slx, slx), k.mul(best, sl2)))
+        with k.if_any(better):
             for li, p in zip(ls, lp):
                 k.store(k.sel(better, li, k.load(p)), p)
             scale = k.sel(better, k.div(slx, sl2), v_scale.get())
             v_scale.set(scale)
             v_best.set(k.sel(better, k.mul(scale, slx), best))
-            k.line(f"br label %{done}")
-            k.line(f"{done}:")
-        k.store(k.sel(zero, _ZERO, v_scale.get()), k.op(f"getelementptr inbounds float, ptr %scale, i64 {g}"))
-        for p in lp:
-            k.store(k.sel(zero, _ZERO, k.add(k.load(p), fn)), p)
+    for p in lp:
+        k.store(k.sel(zero, k.zero, k.add(k.load(p), fn)), p)
+    return k.sel(zero, k.zero, v_scale.get())
+
+
+def _emit_q3(k: _KernelIR, xs, lp, nmax: int) -> str:
+    """make_q3_quants(n, nmax, x, L, do_rmse=true): stores L (level + nmax; 0 if all zero),
+    returns scale."""
+    n = len(xs)
+    amax, mx = _ir_first_absmax(k, xs)
+    zero = k.cmp("olt", amax, k.vf(1e-15))
+    iscale = k.div(k.vf(-nmax), mx)
+    ws = [k.mul(xi, xi) for xi in xs]
+    wxs = [k.mul(wi, xi) for wi, xi in zip(ws, xs)]
+    ls = [k.nearest_clamp(k.mul(iscale, xi), -nmax, nmax - 1) for xi in xs]
+    sumlx = suml2 = k.zero
+    for wi, wxi, li in zip(ws, wxs, ls):
+        sumlx = k.add(sumlx, k.mul(wxi, li))
+        suml2 = k.add(suml2, k.mul(k.mul(wi, li), li))
+    # five passes of coordinate descent (a sub-block whose pass changed nothing would change
+    # nothing in the next one either, so running all five equals C's early break)
+    for _ in range(5):
+        for i in range(n):
+            wi, xi, wxi, li = ws[i], xs[i], wxs[i], ls[i]
+            slx = k.sub(sumlx, k.mul(wxi, li))
+            sl2 = k.sub(suml2, k.mul(k.mul(wi, li), li))
+            new_l = k.nearest_clamp(k.div(k.mul(xi, sl2), slx), -nmax, nmax - 1)
+            slx2 = k.add(slx, k.mul(wxi, new_l))
+            sl22 = k.add(sl2, k.mul(k.mul(wi, new_l), new_l))
+            take = k.and_(k.and_(k.cmp("ogt", slx, k.zero), k.cmp("une", new_l, li)),
+                          k.and_(k.cmp("ogt", sl22, k.zero),
+                                 k.cmp("ogt", k.mul(k.mul(slx2, slx2), suml2),
+                                       k.mul(k.mul(sumlx, sumlx), sl22))))
+            ls[i] = k.sel(take, new_l, li)
+            sumlx = k.sel(take, slx2, sumlx)
+            suml2 = k.sel(take, sl22, suml2)
+    scale = k.sel(k.cmp("ogt", suml2, k.zero), k.div(sumlx, suml2), k.zero)
+    for li, p in zip(ls, lp):
+        k.store(k.sel(zero, k.zero, k.add(li, k.vf(nmax))), p)
+    return k.sel(zero, k.zero, scale)
+
+
+def _ir_search(name: str, kind: str) -> str:
+    """Only the search of a K-quant, position-major: x [n, M] (+ weights for qkx2) -> scale [M]
+    (+ the_min [M]), L float [n, M]. Used where fp16 conversion is not native (no F16C)."""
+    n, nmax, args = _KQ[kind]
+    if kind in ("q2k", "q4k", "q5k"):
+        k = _KernelIR(name, ["ptr %x", "ptr %w", "i64 %M", "ptr %scale", "ptr %themin", "ptr %L"])
+    else:
+        k = _KernelIR(name, ["ptr %x", "i64 %M", "ptr %scale", "ptr %L"])
+    with k.loop("0", "%M", k.vw) as g:
+        xs = [k.load(k.ptr("%x", i, g, "%M")) for i in range(n)]
+        lp = [k.ptr("%L", i, g, "%M") for i in range(n)]
+        if kind in ("q2k", "q4k", "q5k"):
+            ws = [k.load(k.ptr("%w", i, g, "%M")) for i in range(n)]
+            scale, the_min = _emit_qkx2(k, xs, ws, lp, nmax, *args)
+            k.store(the_min, k.gep("%themin", g))
+        elif kind == "q6k":
+            scale = _emit_qx_rmse1(k, xs, lp, nmax)
+        else:
+            scale = _emit_q3(k, xs, lp, nmax)
+        k.store(scale, k.gep("%scale", g))
     return k.text()
 
 
-def _ir_q3_rmse(name: str, n: int, nmax: int) -> str:
-    """make_q3_quants(n, nmax, x, L, do_rmse=true); L is stored as level + nmax (0 if all zero)."""
-    k = _KernelIR(name, ["ptr %x", "i64 %M", "ptr %scale", "ptr %L"])
-    with k.loop("0", "%M", _VW) as g:
+# kind -> (values per sub-block, nmax, qkx2 arguments (rmin, rdelta, nstep, use_mad))
+_KQ = {"q2k": (16, 3, (-0.5, 0.1, 15, True)), "q3k": (16, 4, ()), "q4k": (32, 15, (-1.0, 0.1, 20, False)),
+       "q5k": (32, 31, (-0.5, 0.1, 15, False)), "q6k": (16, 32, ())}
+
+
+def _ir_kquant(name: str, kind: str) -> str:
+    """A whole K-quant super-block in native code, position-major (lane = sub-block; the
+    sub-blocks of one super-block are adjacent lanes): weights, the search, the super-block scales
+    (fp16 by LLVM's fptrunc: round to nearest even, as ggml) and the final levels, as
+    quantize_row_*_ref. Outputs: final levels uint8 [n, M]; per sub-block the 8-bit scale fields
+    (uint8 [M]; Q4_K/Q5_K also the mins) and per lane its super-block's d (and dmin) as float."""
+    n, nmax, args = _KQ[kind]
+    per = 8 if kind in ("q4k", "q5k") else 16          # sub-blocks per super-block
+    k = _KernelIR(name, ["ptr %x", "i64 %M", "ptr %L", "ptr %Lq", "ptr %sc", "ptr %mq",
+                         "ptr %dout", "ptr %dminout"])
+    V, VI, VB = k.V, k.VI, k.VB
+    V8 = f"<{k.vw} x i8>"
+    assert k.vw % per == 0
+
+    def seg_max(v):
+        """max(0, v over each super-block's lanes), broadcast to those lanes: C's
+        `m = 0; if (s > m) m = s;` (a zero result is +0)."""
+        step = 1
+        while step < per:
+            perm = k.op(f"shufflevector {V} {v}, {V} poison, <{k.vw} x i32> <"
+                        + ", ".join(f"i32 {i ^ step}" for i in range(k.vw)) + ">")
+            v = k.sel(k.cmp("ogt", perm, v), perm, v)
+            step *= 2
+        return k.sel(k.cmp("ogt", v, k.zero), v, k.zero)
+
+    def first_absmax_lane(v):
+        """(amax, the first lane's value with |v| == amax; +0 if all zero), broadcast (per == vw)."""
+        av = k.abs(v)
+        am = k.op(f"call float @llvm.vector.reduce.fmax.v{k.vw}f32({V} {av})")
+        c = k.op(f"fcmp oeq {V} {av}, {k.splat(am)}")
+        m = k.op(f"bitcast {VB} {c} to i{k.vw}")
+        m = k.op(f"zext i{k.vw} {m} to i32") if k.vw < 32 else m
+        j = k.op(f"call i32 @llvm.cttz.i32(i32 {m}, i1 false)")
+        val = k.op(f"extractelement {V} {v}, i32 {j}")
+        pos = k.op(f"fcmp ogt float {am}, 0.0")
+        val = k.op(f"select i1 {pos}, float {val}, float 0.0")
+        return k.splat(am), k.splat(val)
+
+    def half(v):          # fp32 -> fp16 -> fp32 (round to nearest even)
+        h = k.op(f"fptrunc {V} {v} to <{k.vw} x half>")
+        return k.op(f"fpext <{k.vw} x half> {h} to {V}")
+
+    def to_int(v):        # nearest_int(v) as i32
+        t = k.add(v, k.vf(12582912.0))
+        i = k.op(f"bitcast {V} {t} to {VI}")
+        i = k.op(f"and {VI} {i}, {k.vi(0x007FFFFF)}")
+        return k.op(f"sub {VI} {i}, {k.vi(0x00400000)}")
+
+    def imin(i, c):       # MIN(c, i) signed
+        lim = k.vi(c)
+        return k.op(f"select {VB} {k.op(f'icmp slt {VI} {i}, {lim}')}, {VI} {i}, {VI} {lim}")
+
+    def imax(i, c):
+        lim = k.vi(c)
+        return k.op(f"select {VB} {k.op(f'icmp sgt {VI} {i}, {lim}')}, {VI} {i}, {VI} {lim}")
+
+    def store_u8(vi, base, g):
+        b = k.op(f"trunc {VI} {vi} to {V8}")
+        k.line(f"store {V8} {b}, ptr {k.op(f'getelementptr inbounds i8, ptr {base}, i64 {g}')}, align 1")
+
+    def final_levels(xs, lp, g, d, dm, lo, hi, zero=None):
+        """L = clamp(nearest_int((x + dm)/d), lo, hi) - lo where d != 0, else the search's L
+        (and 0 in the lanes of `zero`)."""
+        nz = k.cmp("une", d, k.zero)
+        for i, (xi, p) in enumerate(zip(xs, lp)):
+            v = xi if dm is None else k.add(xi, dm)
+            li = k.op(f"sitofp {VI} {imin(imax(to_int(k.div(v, d)), lo), hi)} to {V}")
+            li = k.sel(nz, k.add(li, k.vf(-lo)), k.load(p))
+            if zero is not None:
+                li = k.sel(zero, k.zero, li)
+            off = k.op(f"add i64 {k.op(f'mul i64 {i}, %M')}, {g}")
+            store_u8(k.op(f"fptosi {V} {li} to {VI}"), "%Lq", off)
+
+    with k.loop("0", "%M", k.vw) as g:
         xs = [k.load(k.ptr("%x", i, g, "%M")) for i in range(n)]
         lp = [k.ptr("%L", i, g, "%M") for i in range(n)]
-        amax, mx = _ir_first_absmax(k, xs)
-        zero = k.cmp("olt", amax, _vf(1e-15))
-        iscale = k.div(_vf(-nmax), mx)
-        ws = [k.mul(xi, xi) for xi in xs]
-        wxs = [k.mul(wi, xi) for wi, xi in zip(ws, xs)]
-        ls = [k.nearest_clamp(k.mul(iscale, xi), -nmax, nmax - 1) for xi in xs]
-        sumlx = suml2 = _ZERO
-        for wi, wxi, li in zip(ws, wxs, ls):
-            sumlx = k.add(sumlx, k.mul(wxi, li))
-            suml2 = k.add(suml2, k.mul(k.mul(wi, li), li))
-        # five passes of coordinate descent (a sub-block whose pass changed nothing would change
-        # nothing in the next one either, so running all five equals C's early break)
-        for _ in range(5):
-            for i in range(n):
-                wi, xi, wxi, li = ws[i], xs[i], wxs[i], ls[i]
-                slx = k.sub(sumlx, k.mul(wxi, li))
-                sl2 = k.sub(suml2, k.mul(k.mul(wi, li), li))
-                new_l = k.nearest_clamp(k.div(k.mul(xi, sl2), slx), -nmax, nmax - 1)
-                slx2 = k.add(slx, k.mul(wxi, new_l))
-                sl22 = k.add(sl2, k.mul(k.mul(wi, new_l), new_l))
-                take = k.and_(k.and_(k.cmp("ogt", slx, _ZERO), k.cmp("une", new_l, li)),
-                              k.and_(k.cmp("ogt", sl22, _ZERO),
-                                     k.cmp("ogt", k.mul(k.mul(slx2, slx2), suml2),
-                                           k.mul(k.mul(sumlx, sumlx), sl22))))
-                ls[i] = k.sel(take, new_l, li)
-                sumlx = k.sel(take, slx2, sumlx)
-                suml2 = k.sel(take, sl22, suml2)
-        scale = k.sel(k.cmp("ogt", suml2, _ZERO), k.div(sumlx, suml2), _ZERO)
-        k.store(k.sel(zero, _ZERO, scale), k.op(f"getelementptr inbounds float, ptr %scale, i64 {g}"))
-        for li, p in zip(ls, lp):
-            k.store(k.sel(zero, _ZERO, k.add(li, _vf(nmax))), p)
+        if kind in ("q4k", "q5k"):
+            sum_x2 = k.zero
+            for xi in xs:
+                sum_x2 = k.add(sum_x2, k.mul(xi, xi))
+            av_x = k.op(f"call {V} @llvm.sqrt.v{k.vw}f32({V} {k.div(sum_x2, k.vf(32.0))})")
+            ws = [k.add(av_x, k.abs(xi)) for xi in xs]
+        elif kind == "q2k":
+            ws = [k.abs(xi) for xi in xs]
+        if kind in ("q2k", "q4k", "q5k"):
+            scale, the_min = _emit_qkx2(k, xs, ws, lp, nmax, *args)
+        elif kind == "q6k":
+            scale = _emit_qx_rmse1(k, xs, lp, nmax)
+        else:
+            scale = _emit_q3(k, xs, lp, nmax)
+
+        if kind in ("q4k", "q5k"):
+            max_scale, max_min = seg_max(scale), seg_max(the_min)
+            inv_s = k.sel(k.cmp("ogt", max_scale, k.zero), k.div(k.vf(63.0), max_scale), k.zero)
+            inv_m = k.sel(k.cmp("ogt", max_min, k.zero), k.div(k.vf(63.0), max_min), k.zero)
+            # uint8_t ls = nearest_int(...); ls = MIN(63, ls)
+            ls = k.op(f"and {VI} {to_int(k.mul(inv_s, scale))}, {k.vi(255)}")
+            lm = k.op(f"and {VI} {to_int(k.mul(inv_m, the_min))}, {k.vi(255)}")
+            ls, lm = imin(ls, 63), imin(lm, 63)
+            d16 = half(k.div(max_scale, k.vf(63.0)))
+            dmin16 = half(k.div(max_min, k.vf(63.0)))
+            d = k.mul(d16, k.op(f"sitofp {VI} {ls} to {V}"))
+            dm = k.mul(dmin16, k.op(f"sitofp {VI} {lm} to {V}"))
+            final_levels(xs, lp, g, d, dm, 0, nmax)
+            store_u8(ls, "%sc", g)
+            store_u8(lm, "%mq", g)
+            k.store(d16, k.gep("%dout", g))
+            k.store(dmin16, k.gep("%dminout", g))
+        elif kind == "q2k":
+            max_scale, max_min = seg_max(scale), seg_max(the_min)
+            q4 = k.vf(15.0)
+            pos_s = k.cmp("ogt", max_scale, k.zero)
+            pos_m = k.cmp("ogt", max_min, k.zero)
+            lo = k.op(f"and {VI} {to_int(k.mul(k.div(q4, max_scale), scale))}, {k.vi(255)}")
+            lo = k.op(f"select {VB} {pos_s}, {VI} {lo}, {VI} zeroinitializer")
+            hi = k.op(f"shl {VI} {to_int(k.mul(k.div(q4, max_min), the_min))}, {k.vi(4)}")
+            sc = k.op(f"and {VI} {k.op(f'or {VI} {lo}, {hi}')}, {k.vi(255)}")
+            sc = k.op(f"select {VB} {pos_m}, {VI} {sc}, {VI} {lo}")
+            d16 = half(k.sel(pos_s, k.div(max_scale, q4), k.zero))
+            dmin16 = half(k.sel(pos_m, k.div(max_min, q4), k.zero))
+            dl = k.mul(d16, k.op(f"sitofp {VI} {k.op(f'and {VI} {sc}, {k.vi(15)}')} to {V}"))
+            ml = k.mul(dmin16, k.op(f"sitofp {VI} {k.op(f'lshr {VI} {sc}, {k.vi(4)}')} to {V}"))
+            final_levels(xs, lp, g, dl, ml, 0, 3)
+            store_u8(sc, "%sc", g)
+            k.store(d16, k.gep("%dout", g))
+            k.store(dmin16, k.gep("%dminout", g))
+        elif kind == "q3k":
+            _, max_scale = first_absmax_lane(scale)
+            nz = k.cmp("une", max_scale, k.zero)
+            iscale = k.div(k.vf(-32.0), max_scale)
+            li = to_int(k.mul(iscale, scale))
+            li = k.op(f"trunc {VI} {li} to {V8}")                        # int8_t l = nearest_int(..)
+            li = k.op(f"sext {V8} {li} to {VI}")
+            li = k.op(f"add {VI} {imin(imax(li, -32), 31)}, {k.vi(32)}")
+            li = k.op(f"select {VB} {nz}, {VI} {li}, {VI} zeroinitializer")
+            d16 = half(k.sel(nz, k.div(k.vf(1.0), iscale), k.zero))
+            sc = k.op(f"select {VB} {nz}, {VI} {k.op(f'sub {VI} {li}, {k.vi(32)}')}, {VI} zeroinitializer")
+            d = k.mul(d16, k.op(f"sitofp {VI} {sc} to {V}"))
+            final_levels(xs, lp, g, d, None, -4, 3)
+            store_u8(li, "%sc", g)
+            k.store(d16, k.gep("%dout", g))
+        else:  # q6k
+            max_abs, max_scale = first_absmax_lane(scale)
+            zero = k.cmp("olt", max_abs, k.vf(1e-15))
+            iscale = k.div(k.vf(-128.0), max_scale)
+            d16 = half(k.sel(zero, k.zero, k.div(k.vf(1.0), iscale)))
+            sci = imin(to_int(k.mul(iscale, scale)), 127)
+            sci = k.op(f"trunc {VI} {sci} to {V8}")                     # int8_t scales[ib]
+            sci = k.op(f"sext {V8} {sci} to {VI}")
+            sci = k.op(f"select {VB} {zero}, {VI} zeroinitializer, {VI} {sci}")
+            d = k.mul(d16, k.op(f"sitofp {VI} {sci} to {V}"))
+            final_levels(xs, lp, g, d, None, -32, 31, zero)     # all-zero block: memset 0
+            store_u8(sci, "%sc", g)
+            k.store(d16, k.gep("%dout", g))
+    return k.text()
+
+
+def _ir_block32(name: str, kind: str) -> str:
+    """A whole 32-element block type (Q8_0, Q4_0, Q5_0, Q4_1, Q5_1), row-major: block i of x
+    (32 floats) -> block i of out (the GGUF bytes), as quantize_row_*_ref. One block is one
+    <32 x float> (LLVM splits it over AVX2 registers); fp16 is LLVM's fptrunc (round to nearest
+    even, as ggml's conversion)."""
+    k = _KernelIR(name, ["ptr %x", "i64 %nb", "ptr %out"], vw=32)
+    V, VI = k.V, k.VI
+    V8 = "<32 x i8>"
+    size = {"q8_0": 34, "q4_0": 18, "q5_0": 22, "q4_1": 20, "q5_1": 24}[kind]
+
+    def splat(v):
+        e = k.op(f"insertelement {V} poison, float {v}, i32 0")
+        return k.op(f"shufflevector {V} {e}, {V} poison, <32 x i32> zeroinitializer")
+
+    def first_equal(x, v):
+        # the first element of x equal to v (v is one of them): C's first-wins ties
+        c = k.op(f"fcmp oeq {V} {x}, {splat(v)}")
+        m = k.op(f"bitcast <32 x i1> {c} to i32")
+        i = k.op(f"call i32 @llvm.cttz.i32(i32 {m}, i1 false)")
+        return k.op(f"extractelement {V} {x}, i32 {i}")
+
+    def fp16(v):
+        h = k.op(f"fptrunc float {v} to half")
+        return k.op(f"bitcast half {h} to i16")
+
+    def inv(d):   # d ? 1.0f/d : 0.0f
+        nz = k.op(f"fcmp une float {d}, 0.0")
+        r = k.op(f"fdiv float 1.0, {d}")
+        return k.op(f"select i1 {nz}, float {r}, float 0.0")
+
+    def to_i8(v):  # C float -> int8_t/uint8_t: cvttss2si to int32, keep the low byte
+        i = k.op(f"fptosi {V} {v} to {VI}")
+        return k.op(f"trunc {VI} {i} to {V8}")
+
+    def nibbles(q):   # qs[j] = (q[j] & 15) | (q[j+16] & 15) << 4
+        lo = k.op(f"shufflevector {V8} {q}, {V8} poison, <16 x i32> <{', '.join(f'i32 {j}' for j in range(16))}>")
+        hi = k.op(f"shufflevector {V8} {q}, {V8} poison, <16 x i32> <{', '.join(f'i32 {j}' for j in range(16, 32))}>")
+        m = "<" + ", ".join(["i8 15"] * 16) + ">"
+        lo = k.op(f"and <16 x i8> {lo}, {m}")
+        hi = k.op(f"and <16 x i8> {hi}, {m}")
+        hi = k.op(f"shl <16 x i8> {hi}, <{', '.join(['i8 4'] * 16)}>")
+        return k.op(f"or <16 x i8> {lo}, {hi}")
+
+    def high_bits(q):  # bit 4 of element j -> bit j of a little-endian u32
+        b = k.op(f"and {V8} {q}, <{', '.join(['i8 16'] * 32)}>")
+        c = k.op(f"icmp ne {V8} {b}, zeroinitializer")
+        return k.op(f"bitcast <32 x i1> {c} to i32")
+
+    with k.loop("0", "%nb", 1) as i:
+        off = k.op(f"mul i64 {i}, 32")
+        px = k.op(f"getelementptr inbounds float, ptr %x, i64 {off}")
+        x = k.op(f"load {V}, ptr {px}, align 4")
+        ob = k.op(f"mul i64 {i}, {size}")
+        obp = k.op(f"getelementptr inbounds i8, ptr %out, i64 {ob}")
+
+        def store_at(ty, v, o):
+            p = k.op(f"getelementptr inbounds i8, ptr {obp}, i64 {o}")
+            k.line(f"store {ty} {v}, ptr {p}, align 1")
+
+        if kind in ("q8_0", "q4_0", "q5_0"):
+            ax = k.abs(x)
+            amax = k.op(f"call float @llvm.vector.reduce.fmax.v32f32({V} {ax})")
+            if kind == "q8_0":
+                d = k.op(f"fdiv float {amax}, {_llf(127.0)}")
+                q = k.op(f"call {V} @llvm.round.v32f32({V} {k.mul(x, splat(inv(d)))})")   # roundf
+                store_at("i16", fp16(d), 0)
+                store_at(V8, to_i8(q), 2)
+            else:
+                nlev = 8 if kind == "q4_0" else 16
+                # max = the first x with |x| == amax (+0 when the block is all zero)
+                c = k.op(f"fcmp oeq {V} {ax}, {splat(amax)}")
+                m = k.op(f"bitcast <32 x i1> {c} to i32")
+                j = k.op(f"call i32 @llvm.cttz.i32(i32 {m}, i1 false)")
+                mx = k.op(f"extractelement {V} {x}, i32 {j}")
+                pos = k.op(f"fcmp ogt float {amax}, 0.0")
+                mx = k.op(f"select i1 {pos}, float {mx}, float 0.0")
+                d = k.op(f"fdiv float {mx}, {_llf(-nlev)}")
+                v = k.add(k.mul(x, splat(inv(d))), k.vf(nlev + 0.5))
+                q = to_i8(v)
+                lim = f"<{', '.join([f'i8 {2 * nlev - 1}'] * 32)}>"
+                c = k.op(f"icmp sgt {V8} {q}, {lim}")                 # MIN(2*nlev-1, (int8_t)v)
+                q = k.op(f"select <32 x i1> {c}, {V8} {lim}, {V8} {q}")
+                store_at("i16", fp16(d), 0)
+                if kind == "q4_0":
+                    store_at("<16 x i8>", nibbles(q), 2)
+                else:
+                    store_at("i32", high_bits(q), 2)
+                    store_at("<16 x i8>", nibbles(q), 6)
+        else:
+            nmax = 15 if kind == "q4_1" else 31
+            mn = first_equal(x, k.op(f"call float @llvm.vector.reduce.fmin.v32f32({V} {x})"))
+            mx = first_equal(x, k.op(f"call float @llvm.vector.reduce.fmax.v32f32({V} {x})"))
+            rng = k.op(f"fsub float {mx}, {mn}")
+            d = k.op(f"fdiv float {rng}, {_llf(nmax)}")
+            v = k.add(k.mul(k.sub(x, splat(mn)), splat(inv(d))), k.vf(0.5))
+            q = to_i8(v)
+            if kind == "q4_1":
+                lim = f"<{', '.join(['i8 15'] * 32)}>"
+                c = k.op(f"icmp sgt {V8} {q}, {lim}")
+                q = k.op(f"select <32 x i1> {c}, {V8} {lim}, {V8} {q}")
+            store_at("i16", fp16(d), 0)
+            store_at("i16", fp16(mn), 2)
+            if kind == "q4_1":
+                store_at("<16 x i8>", nibbles(q), 4)
+            else:
+                store_at("i32", high_bits(q), 4)
+                store_at("<16 x i8>", nibbles(q), 8)
     return k.text()
 
 
 # kernel name -> (IR generator, its arguments)
 _JIT_KERNELS = {
-    "q2k_search": (_ir_qkx2, (16, 3, -0.5, 0.1, 15, True)),
-    "q4k_search": (_ir_qkx2, (32, 15, -1.0, 0.1, 20, False)),
-    "q5k_search": (_ir_qkx2, (32, 31, -0.5, 0.1, 15, False)),
-    "q6k_search": (_ir_qx_rmse1, (16, 32)),
-    "q3k_search": (_ir_q3_rmse, (16, 4)),
+    **{f"{kind}_search": (_ir_search, (kind,)) for kind in _KQ},
+    **{f"{kind}_blocks": (_ir_kquant, (kind,)) for kind in _KQ},
+    "q8_0_blocks": (_ir_block32, ("q8_0",)),
+    "q4_0_blocks": (_ir_block32, ("q4_0",)),
+    "q5_0_blocks": (_ir_block32, ("q5_0",)),
+    "q4_1_blocks": (_ir_block32, ("q4_1",)),
+    "q5_1_blocks": (_ir_block32, ("q5_1",)),
 }
 _jit_lock = _threading.Lock()
 _jit_state: dict = {}
 
 
-def _jit_module_text() -> str:
-    decl = f"declare {_V} @llvm.fabs.v{_VW}f32({_V})"
-    return "\n\n".join([decl] + [gen(name, *args) for name, (gen, args) in _JIT_KERNELS.items()])
+def _jit_kernel_names(f16c: bool) -> list[str]:
+    # the block kernels convert to fp16 with fptrunc: one instruction with F16C, else a libcall
+    # the JIT may not resolve; without F16C those types use the NumPy kernels
+    # with F16C: whole blocks natively; without: only the K-quant searches (the rest in NumPy)
+    return [n for n in _JIT_KERNELS if n.endswith("_blocks") == f16c]
+
+
+def _jit_module_text(names: list[str] | None = None) -> str:
+    decls = ["declare <32 x float> @llvm.round.v32f32(<32 x float>)", "declare i32 @llvm.cttz.i32(i32, i1)"]
+    for w in sorted({_VW, 32}):
+        v = f"<{w} x float>"
+        decls += [f"declare {v} @llvm.fabs.v{w}f32({v})", f"declare {v} @llvm.sqrt.v{w}f32({v})",
+                  f"declare float @llvm.vector.reduce.fmax.v{w}f32({v})",
+                  f"declare float @llvm.vector.reduce.fmin.v{w}f32({v})"]
+    names = list(_JIT_KERNELS) if names is None else names
+    return "\n\n".join(decls + [gen(n, *_JIT_KERNELS[n][1]) for n in names
+                                  for gen in [_JIT_KERNELS[n][0]]])
 
 
 def _jit_cache_dir():
@@ -1462,8 +1846,9 @@ def _jit_cache_dir():
 
 
 def _jit_functions() -> dict | None:
-    """The compiled search kernels as ctypes functions, or None without llvmlite (or with
-    MOEGRAPH_QUANT_JIT=0). Compiled once per process; the object code is cached on disk."""
+    """The compiled kernels as ctypes functions, or None without llvmlite (or with
+    MOEGRAPH_QUANT_JIT=0; =search: only the K-quant searches, as on a CPU without F16C).
+    Compiled once per process; the object code is cached on disk."""
     import os
     if os.environ.get("MOEGRAPH_QUANT_JIT", "1") == "0":
         return None
@@ -1474,14 +1859,19 @@ def _jit_functions() -> dict | None:
         try:
             import ctypes
             import hashlib
+
             import llvmlite.binding as llvm
         except ImportError:
             return None
         try:
             llvm.initialize_native_target()
             llvm.initialize_native_asmprinter()
-            ir = _jit_module_text()
             cpu, feats = llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten()
+            f16c = bool(llvm.get_host_cpu_features().get("f16c"))
+            if os.environ.get("MOEGRAPH_QUANT_JIT") == "search":   # what a host without F16C runs
+                f16c = False
+            names = _jit_kernel_names(f16c)
+            ir = _jit_module_text(names)
             key = hashlib.sha256("\n".join([ir, cpu, feats, str(llvm.llvm_version_info)]).encode()).hexdigest()[:24]
             path = _jit_cache_dir() / f"{key}.o"
             cached = path.exists()
@@ -1508,15 +1898,40 @@ def _jit_functions() -> dict | None:
             P, I = ctypes.c_void_p, ctypes.c_int64
             sig = {"q2k_search": (P, P, I, P, P, P), "q4k_search": (P, P, I, P, P, P),
                    "q5k_search": (P, P, I, P, P, P), "q6k_search": (P, I, P, P), "q3k_search": (P, I, P, P)}
+            sig.update({f"{t}_blocks": (P, I, P) for t in ("q8_0", "q4_0", "q5_0", "q4_1", "q5_1")})
+            sig.update({f"{t}_blocks": (P, I, P, P, P, P, P, P) for t in _KQ})
             fns = {name: ctypes.CFUNCTYPE(None, *sig[name])(ee.get_function_address(name))
-                   for name in _JIT_KERNELS}
+                   for name in names}
             _jit_state.update(fns=fns, ee=ee, mod=mod, tm=tm)
             return fns
-        except Exception as e:  # a broken LLVM: the NumPy kernels give the same bytes
+        except Exception as e:  # noqa: BLE001 (a broken LLVM: the NumPy kernels give the same bytes)
             import warnings
             warnings.warn(f"moegraph: LLVM JIT of the quantization kernels failed ({type(e).__name__}: "
                           f"{e}); using the NumPy kernels", RuntimeWarning)
             return None
+
+
+def _jit_kblocks(kind: str, xs: np.ndarray):
+    """A K-quant's whole blocks in native code (see _ir_kquant) on position-major sub-blocks
+    xs [n, M]: (final levels uint8 [n, M], scale fields uint8 [M], mins uint8 [M],
+    d float32 [M], dmin float32 [M]) per sub-block, or None without the JIT."""
+    fns = _jit_functions() if _USE_JIT else None
+    fn = fns and fns.get(f"{kind}_blocks")
+    if fn is None:
+        return None
+    n, M = xs.shape
+    Mp = -(-M // _VW) * _VW
+    if Mp != M or not xs.flags.c_contiguous:
+        b = np.zeros((n, Mp), _F32)
+        b[:, :M] = xs
+        xs = b
+    L = np.empty((n, Mp), _F32)
+    Lq = np.empty((n, Mp), np.uint8)
+    sc, mq = np.empty(Mp, np.uint8), np.empty(Mp, np.uint8)
+    d, dmin = np.empty(Mp, _F32), np.empty(Mp, _F32)
+    fn(xs.ctypes.data, Mp, L.ctypes.data, Lq.ctypes.data, sc.ctypes.data, mq.ctypes.data,
+       d.ctypes.data, dmin.ctypes.data)
+    return Lq[:, :M], sc[:M], mq[:M], d[:M], dmin[:M]
 
 
 def _jit_search(name: str, *arrays: np.ndarray, n_out_vecs: int) -> tuple[np.ndarray, ...] | None:
