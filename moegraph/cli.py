@@ -177,6 +177,10 @@ def _pass_names(text: str | None) -> list[str]:
         raise MoeGraphError(f"unknown pass{'es' if len(bad) > 1 else ''} "
                             f"{', '.join(map(repr, bad))}; available passes: {', '.join(known)} "
                             "(`--passes help` describes them)")
+    for name, flags in (("slice_experts", "--n-expert-used K [--slice-mode soft|hard]"),
+                        ("prune_experts", "--prune-experts N --calib FILE")):
+        if name in names:
+            raise MoeGraphError(f"--passes {name}: this pass needs options; use {flags}")
     return names
 
 
@@ -282,8 +286,8 @@ def _expert_usage(model, args, text: str, label: str):
     n_tokens = len(model.tokenizer.encode(text))
     total = max(1, n_tokens // ctx)
     n_chunks = total if getattr(args, "calib_chunks", None) is None else min(args.calib_chunks, total)
-    _err(f"moegraph: {label}: {n_tokens} tokens, {n_chunks} chunk{'s' if n_chunks != 1 else ''} "
-         f"of {ctx} tokens")
+    _err(f"moegraph: {label}: {n_tokens} tokens; {n_chunks} of {total} chunk"
+         f"{'s' if total != 1 else ''} of {ctx} tokens")
     bar = tqdm(total=n_chunks, desc=label, unit="chunk", file=sys.stderr, dynamic_ncols=True)
     try:
         return expert_usage(model, text, ctx=ctx, n_chunks=n_chunks,
@@ -694,10 +698,10 @@ def cmd_perplexity(args) -> int:
         _err(f"moegraph: no --calib given: the experts to keep are measured on the evaluated "
              f"text {args.file} itself (an optimistic choice; pass --calib FILE to avoid it)")
         args.calib = args.file
-    k_text = args.n_expert_used
-    passes = _pass_names(args.passes) + _expert_passes(
-        model, args, _parse_k(k_text, ":") if k_text is not None else None, args.slice_mode,
-        _prune_counts(args.prune_experts)[0] if args.prune_experts is not None else None)
+    k = _parse_k(args.n_expert_used, ":") if args.n_expert_used is not None else None
+    prune = _prune_counts(args.prune_experts)[0] if args.prune_experts is not None else None
+    passes = _pass_names(args.passes) + _expert_passes(model, args, k, _slice_modes(args.slice_mode)[0],
+                                                       prune)
     t0 = time.perf_counter()
     session = _compile(model, args, ctx, passes)
     compile_s = time.perf_counter() - t0
@@ -978,6 +982,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print a unified diff of the text dump before vs after the passes (with "
                         "--after-each: before vs after each pass)")
     sp.set_defaults(func=cmd_dump)
+    from .quantize import add_parser as add_quantize_parser
+    add_quantize_parser(sub, [debug])
+    from .bench import add_parser as add_bench_parser
+    add_bench_parser(sub, [debug])
     return p
 
 
