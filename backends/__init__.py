@@ -15,6 +15,7 @@ from moegraph.errors import MoeGraphError
 _REGISTRY = {
     "numpy": "moegraph.backends.reference:NumpyBackend",
     "llvm": "moegraph.backends.llvm:LLVMBackend",
+    "cuda": "moegraph.backends.cuda:CUDABackend",
 }
 
 

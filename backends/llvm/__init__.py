@@ -108,10 +108,10 @@ declare i32 @usleep(i32)
 define void @moegraph_worker(ptr %ptrs, ptr %syms, i64 %ith, i64 %nth, ptr %tls0, i64 %tls_stride, ptr %bar, ptr %ctl) {
 entry:
   %quitp = getelementptr i8, ptr %ctl, i64 64
-  %g0 = load atomic i32, ptr %ctl acquire, align 4
   br label %wait
 wait:
-  %seen = phi i32 [%g0, %entry], [%g, %ran]
+  ; generation 0 = no run yet (the thread may start after the first run was requested)
+  %seen = phi i32 [0, %entry], [%g, %ran]
   br label %spin
 spin:
   %n = phi i32 [0, %wait], [%n1, %yield], [%n1, %nap], [%n1, %spin2]

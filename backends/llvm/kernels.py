@@ -626,15 +626,35 @@ def k_mul_mat(plan: Plan, n: Node, name: str):
     return phases, unpacked_bytes(wt, Kdim) if is_quantized(wt) else 0
 
 
-def k_mul_mat_id(plan: Plan, n: Node, name: str):
-    out, (a, b, ids) = _views(plan, n)
+def k_moe_swiglu(plan: Plan, n: Node, name: str):
+    """silu(gate . x) * (up . x) per selected expert, from a merged [gate; up] tensor or two
+    tensors, without storing either product (ik_llama.cpp's fused MoE up/gate)."""
+    info = plan.moe_swiglu[n.id]
+    return k_mul_mat_id(plan, info["gate"], name, swiglu=(n, info["up"]))
+
+
+def k_mul_mat_id(plan: Plan, n: Node, name: str, swiglu=None):
+    out = plan.views.get(n.id)           # absent when fused into a SWIGLU
+    a, b, ids = (plan.views[i.id] for i in n.inputs)
+    scratch_node = n
+    a_up, up_row0 = None, 0
+    if swiglu is not None:
+        scratch_node, up = swiglu
+        out = plan.views[scratch_node.id]
+        if up is None:                       # merged: rows [0, F) gate, [F, 2F) up
+            up_row0 = a.shape[1] // 2
+            a_up = a
+        else:
+            a_up = plan.views[up.inputs[0].id]
     E, N, Kdim = a.shape
+    if up_row0:
+        N = up_row0
     T, S, _ = b.shape
     kk = ids.shape[1]
     wt = a.dtype
     vt = vec_dot_type(wt)
     act_rb = row_bytes(vt, Kdim)
-    base_off = plan.scratch[n.id]
+    base_off = plan.scratch[scratch_node.id]
     rows_max = math.prod(plan.max_shape(b.shape[:-1]))
     quantized_acts = vt != F32
     lists_off = base_off + (rows_max * act_rb if quantized_acts else 0)
@@ -666,7 +686,7 @@ def k_mul_mat_id(plan: Plan, n: Node, name: str):
     phases.append(k1)
 
     k2 = K(plan, name + "b")
-    k2.work = (T, kk, N, Kdim)
+    k2.work = (T, kk, N, Kdim) if a_up is None else (T, kk, 2 * N, Kdim)
     f = k2.f
     cnt = k2.operand(0, lists_off)
     lst = f.gep("i8", cnt, 4 * E)
@@ -678,22 +698,27 @@ def k_mul_mat_id(plan: Plan, n: Node, name: str):
         c = f.op(f"sext i32 {f.load('i32', f.gep('i32', cnt, e), 4)} to i64")
         with f.if_(f.op(f"icmp sgt i64 {c}, 0")):
             with f.loop(lo, hi) as j:
-                woff = f.add(f.mul(e, a.strides[0] * esize), f.mul(j, a.strides[1] * esize))
-                pw = f.gep("i8", k2.operand(a.slot, a.offset * esize), woff)
-                if is_quantized(wt) and wt not in DIRECT:
-                    f.call("void", f"@unpack_{wt.name}", f"ptr {pw}", "ptr %tls", f"i64 {Kdim}")
-                with f.loop(0, c) as q:
-                    tj = f.op(f"sext i32 {f.load('i32', f.gep('i32', lst, f.add(f.mul(e, per_t), q)), 4)} to i64")
-                    t = f.op(f"udiv i64 {tj}, {kk}")
-                    jj = f.op(f"urem i64 {tj}, {kk}")
-                    srow = jj if S != 1 else "0"
-                    row = f.op(f"add i64 {f.op(f'mul i64 {t}, {S}')}, {srow}")
-                    if quantized_acts:
-                        pa = f.gep("i8", acts, f.op(f"mul i64 {row}, {act_rb}"))
-                    else:
-                        pa = k2.ptr(b, [t, srow, "0"])
-                    v = _row_dot(k2, wt, pw, pa, Kdim, True)
-                    f.store("float", v, k2.ptr(out, [t, jj, j]), 4)
+                passes = [(a, j, False)] if a_up is None else [(a, j, False), (a_up, f.add(j, up_row0), True)]
+                for w, r, second in passes:
+                    woff = f.add(f.mul(e, w.strides[0] * esize), f.mul(r, w.strides[1] * esize))
+                    pw = f.gep("i8", k2.operand(w.slot, w.offset * esize), woff)
+                    if is_quantized(wt) and wt not in DIRECT:
+                        f.call("void", f"@unpack_{wt.name}", f"ptr {pw}", "ptr %tls", f"i64 {Kdim}")
+                    with f.loop(0, c) as q:
+                        tj = f.op(f"sext i32 {f.load('i32', f.gep('i32', lst, f.add(f.mul(e, per_t), q)), 4)} to i64")
+                        t = f.op(f"udiv i64 {tj}, {kk}")
+                        jj = f.op(f"urem i64 {tj}, {kk}")
+                        srow = jj if S != 1 else "0"
+                        row = f.op(f"add i64 {f.op(f'mul i64 {t}, {S}')}, {srow}")
+                        if quantized_acts:
+                            pa = f.gep("i8", acts, f.op(f"mul i64 {row}, {act_rb}"))
+                        else:
+                            pa = k2.ptr(b, [t, srow, "0"])
+                        v = _row_dot(k2, wt, pw, pa, Kdim, True)
+                        po = k2.ptr(out, [t, jj, j])
+                        if second:   # out holds the gate product: out = silu(gate) * up
+                            v = f.op(f"fmul float {_unary('SILU', f, f.load('float', po, 4))}, {v}")
+                        f.store("float", v, po, 4)
     phases.append(k2)
     return phases, unpacked_bytes(wt, Kdim) if is_quantized(wt) else 0
 
@@ -800,4 +825,5 @@ GENERATORS = {
     "RMS_NORM": k_norm, "NORM": k_norm, "SOFT_MAX": k_soft_max, "ROPE": k_rope, "TOP_K": k_top_k,
     "SUM": k_sum, "CONCAT": k_concat, "SET_ROWS": k_set_rows, "GET_ROWS": k_get_rows,
     "MUL_MAT": k_mul_mat, "MUL_MAT_ID": k_mul_mat_id, "ATTENTION": k_attention,
+    "MOE_SWIGLU": k_moe_swiglu,
 }

@@ -92,7 +92,23 @@ class Plan:
         users = self.graph.users()
         self.fused_into: dict[int, Node] = {}
         self.attention: dict[int, dict] = {}
+        self.moe_swiglu: dict[int, dict] = {}
         for n in self.order:
+            # SWIGLU over expert matmuls: gate and up computed in one kernel, never stored
+            if n.op == "SWIGLU":
+                g, u = n.inputs
+                if (u is None and g.op == "MUL_MAT_ID" and len(users[g]) == 1
+                        and g.inputs[0].op == "WEIGHT"):
+                    self.moe_swiglu[n.id] = dict(gate=g, up=None)
+                    self.fused_into[g.id] = n
+                elif (u is not None and g.op == u.op == "MUL_MAT_ID" and g.inputs[1] is u.inputs[1]
+                      and g.inputs[2] is u.inputs[2] and g.inputs[0].dtype == u.inputs[0].dtype
+                      and g.inputs[0].shape == u.inputs[0].shape and len(users[g]) == 1
+                      and len(users[u]) == 1 and g is not u):
+                    self.moe_swiglu[n.id] = dict(gate=g, up=u)
+                    self.fused_into[g.id] = n
+                    self.fused_into[u.id] = n
+                continue
             # softmax(q k^T * scale + mask) v  ->  one attention kernel (no [H, T, KV] buffer)
             if n.op != "MUL_MAT" or n.inputs[1].op != "SOFT_MAX":
                 continue
@@ -177,10 +193,14 @@ class Plan:
     def _kind(self, n: Node) -> str:
         if n.id in self.attention:
             return "ATTENTION"
+        if n.id in self.moe_swiglu:
+            return "MOE_SWIGLU"
         return n.op
 
     def _scratch_bytes(self, n: Node) -> int:
         from moegraph.quants import vec_dot_type
+        if n.id in self.moe_swiglu:
+            n = self.moe_swiglu[n.id]["gate"]
         if n.op in ("MUL_MAT", "MUL_MAT_ID") and n.id not in self.attention:
             a, b = n.inputs[0], n.inputs[1]
             vt = vec_dot_type(a.dtype)

@@ -1,0 +1,621 @@
+"""CUDA C for a planned graph: one kernel (or a few phases) per Step of the backend-neutral Plan
+(backends/llvm/plan.py), shapes and strides baked in as constants, symbolic dims (T, KV) read
+from a small device array at run time, every index bounds-checked.
+
+Every kernel has the signature  k(const long long* syms, char* p0, char* p1, ...)  where pN are
+operand pointers (slot base + byte offset, computed by the runtime), so identical kernels of
+different layers share one function. Each kernel loops grid-stride over its work items, so any
+grid size is correct; the runtime sizes grids from the bound dims (or their maxima when a CUDA
+graph is captured).
+
+Work-item modes: "thread" (one thread per item), "warp" (one warp per item, 4 warps a block),
+"block" (one block per item), "single" (one block in all)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moegraph.errors import MoeGraphError
+from moegraph.ir import BF16, F16, F32, I32, Node
+from moegraph.quants import GGMLType as G
+from moegraph.quants import is_quantized, row_bytes, vec_dot_type
+
+from ..llvm.plan import SYMBOLS, Plan, View, elem_size
+
+HEADER = (Path(__file__).with_name("header.cu")).read_text()
+CTYPE = {F32: "float", F16: "u16", BF16: "u16", I32: "int"}
+DOT_TYPES = (G.Q8_0, G.Q4_0, G.Q4_1, G.Q5_0, G.Q5_1, G.Q4_K, G.Q5_K, G.Q6_K)
+FLOAT_W = (F32, F16, BF16)
+ACT_BYTES = {G.Q8_0: (32, 34), G.Q8_1: (32, 36), G.Q8_K: (256, 292)}
+WARPS_PER_BLOCK = 4
+
+
+@dataclass
+class Launch:
+    """One kernel launch of a step: function name, operands (slot, byte offset), work items."""
+    name: str
+    operands: list[tuple[int, int]]
+    items: tuple            # dims (int or symbol) whose product is the number of work items
+    mode: str = "thread"
+    block: int = 256
+    smem: int = 0           # dynamic shared memory bytes (at the dims' maxima)
+
+
+@dataclass
+class Program:
+    source: str
+    launches: list[Launch] = field(default_factory=list)
+    n_unique: int = 0
+
+
+def f32lit(x: float) -> str:
+    if math.isnan(x):
+        return "__int_as_float(0x7fc00000)"
+    if math.isinf(x):
+        return "__int_as_float(0x7f800000)" if x > 0 else "__int_as_float(0xff800000)"
+    import numpy as np
+    return f"__int_as_float({int(np.float32(x).view(np.int32))})"
+
+
+class KB:
+    """Kernel builder: operands, dims, indexing and typed loads/stores for one kernel."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.operands: list[tuple[int, int]] = []
+        self.lines: list[str] = []
+
+    def op(self, slot: int, byte_offset: int) -> str:
+        key = (slot, byte_offset)
+        if key not in self.operands:
+            self.operands.append(key)
+        return f"p{self.operands.index(key)}"
+
+    def base(self, v: View) -> str:
+        return self.op(v.slot, v.offset * elem_size(v.dtype))
+
+    @staticmethod
+    def dim(d) -> str:
+        return f"{d}LL" if isinstance(d, int) else f"sym_{d}"
+
+    def count(self, dims) -> str:
+        return "*".join(f"({self.dim(d)})" for d in dims) or "1LL"
+
+    @staticmethod
+    def offset(v: View, idx: list[str]) -> str:
+        terms = [f"({i})*{s}LL" if s != 1 else f"({i})" for i, s in zip(idx, v.strides) if s != 0 and i != "0"]
+        return " + ".join(terms) or "0"
+
+    def unflatten(self, flat: str, dims, prefix: str) -> list[str]:
+        """Emits index variables prefix0.. for `flat` over dims (row-major)."""
+        names = [f"{prefix}{i}" for i in range(len(dims))]
+        if not dims:
+            return []
+        self.lines.append(f"    i64 {prefix}_rem = {flat};")
+        for i in range(len(dims) - 1, 0, -1):
+            self.lines.append(f"    i64 {names[i]} = {prefix}_rem % {self.dim(dims[i])}; {prefix}_rem /= {self.dim(dims[i])};")
+        self.lines.append(f"    i64 {names[0]} = {prefix}_rem;")
+        return names
+
+    def load(self, v: View, idx: list[str]) -> str:
+        p = f"{self.base(v)}"
+        o = self.offset(v, idx)
+        if v.dtype == F32:
+            return f"((const float*){p})[{o}]"
+        if v.dtype == F16:
+            return f"h2f(((const u16*){p})[{o}])"
+        if v.dtype == BF16:
+            return f"bf2f(((const u16*){p})[{o}])"
+        if v.dtype == I32:
+            return f"((const int*){p})[{o}]"
+        raise MoeGraphError(f"cuda: cannot load {v.dtype.name} elements")
+
+    def store(self, v: View, idx: list[str], value: str) -> str:
+        p = self.base(v)
+        o = self.offset(v, idx)
+        if v.dtype == F32:
+            return f"((float*){p})[{o}] = {value};"
+        if v.dtype == F16:
+            return f"((u16*){p})[{o}] = f2h({value});"
+        if v.dtype == BF16:
+            return f"((u16*){p})[{o}] = f2bf({value});"
+        if v.dtype == I32:
+            return f"((int*){p})[{o}] = {value};"
+        raise MoeGraphError(f"cuda: cannot store {v.dtype.name} elements")
+
+    @staticmethod
+    def bview(v: View, out_shape) -> View:
+        pad = len(out_shape) - v.rank
+        strides = [0] * pad + [0 if d == 1 and o != 1 else s
+                               for d, s, o in zip(v.shape, v.strides, out_shape[pad:])]
+        return View(v.slot, v.offset, tuple(out_shape), tuple(strides), v.dtype)
+
+    def finish(self, name: str, body_lines: list[str], mode: str) -> str:
+        params = ", ".join(["const i64* __restrict__ syms"] + [f"u8* p{i}" for i in range(len(self.operands))])
+        syms = " ".join(f"const i64 sym_{s} = syms[{i}];" for i, s in enumerate(SYMBOLS))
+        loop = {
+            "thread": "for (i64 it = blockIdx.x * (i64)blockDim.x + threadIdx.x; it < total; it += (i64)gridDim.x * blockDim.x) {",
+            "warp": "const int lane = threadIdx.x & 31;\n  for (i64 it = (blockIdx.x * (i64)blockDim.x + threadIdx.x) >> 5; it < total; it += ((i64)gridDim.x * blockDim.x) >> 5) {",
+            "block": "for (i64 it = blockIdx.x; it < total; it += gridDim.x) {",
+            "single": "if (blockIdx.x == 0) { const i64 it = 0; (void)it;",
+        }[mode]
+        return (f'extern "C" __global__ void {name}({params}) {{\n  {syms} (void)sym_T; (void)sym_KV;\n'
+                + "\n".join(self.lines) + f"\n  {loop}\n" + "\n".join(body_lines) + "\n  }\n}\n")
+
+
+# --------------------------------------------------------------------------- generators
+def _views(plan: Plan, n: Node):
+    return plan.views[n.id], [None if i is None else plan.views[i.id] for i in n.inputs]
+
+
+def g_elementwise(plan: Plan, n: Node):
+    k = KB(plan)
+    out, ins = _views(plan, n)
+    total = k.count(out.shape)
+    k.lines.append(f"  const i64 total = {total};")
+    body_k = KB.__new__(KB)
+    body = []
+    k.lines_backup = k.lines
+    k.lines = body
+    oi = k.unflatten("it", out.shape, "o")
+    if n.op in ("ADD", "MUL", "DIV"):
+        b = k.bview(ins[1], out.shape)
+        sym = {"ADD": "+", "MUL": "*", "DIV": "/"}[n.op]
+        val = f"{k.load(ins[0], oi)} {sym} {k.load(b, oi)}"
+    elif n.op == "SWIGLU":
+        if ins[1] is None:
+            half = out.shape[-1]
+            g, u = k.load(ins[0], oi), k.load(ins[0], oi[:-1] + [f"{oi[-1]} + {half}"])
+        else:
+            g, u = k.load(ins[0], oi), k.load(ins[1], oi)
+        val = f"silu_f({g}) * {u}"
+    elif n.op in ("CONT", "CAST"):
+        val = k.load(ins[0], oi)
+    elif n.op == "RESHAPE":
+        xi = k.unflatten("it", ins[0].shape, "x")
+        val = k.load(ins[0], xi)
+    else:
+        x = k.load(ins[0], oi)
+        if n.op == "SCALE":
+            val = f"{x} * {f32lit(n.attrs['scale'])} + {f32lit(n.attrs['bias'])}"
+        elif n.op == "SILU":
+            val = f"silu_f({x})"
+        elif n.op == "SIGMOID":
+            val = f"sigmoid_f({x})"
+        elif n.op == "GELU":
+            val = f"gelu_f({x})"
+        elif n.op == "CLAMP":
+            val = f"fminf(fmaxf({x}, {f32lit(n.attrs['min'])}), {f32lit(n.attrs['max'])})"
+        else:
+            raise MoeGraphError(f"cuda: no elementwise kernel for {n.op}")
+    if out.dtype == I32 or (ins[0] is not None and ins[0].dtype == I32 and n.op in ("CONT", "RESHAPE")):
+        body.append(f"    {k.store(out, oi, val)}")
+    else:
+        body.append(f"    {{ float v = {val}; {k.store(out, oi, 'v')} }}")
+    k.lines = k.lines_backup
+    return [(k, body, "thread", tuple(out.shape), 256, 0)]
+
+
+def g_norm(plan: Plan, n: Node):
+    k = KB(plan)
+    out, ins = _views(plan, n)
+    x = ins[0]
+    w = k.bview(ins[1], out.shape) if len(ins) > 1 and ins[1] is not None else None
+    L = out.shape[-1]
+    k.lines.append(f"  const i64 total = {k.count(out.shape[:-1])};")
+    body = []
+    k.lines, saved = body, k.lines
+    idx = k.unflatten("it", out.shape[:-1], "r")
+    xv = lambda i: k.load(x, idx + [i])
+    body.append("    double m = 0.0;")
+    if n.op == "NORM":
+        body.append(f"    for (i64 i = threadIdx.x; i < {L}; i += blockDim.x) m += (double){xv('i')};")
+        body.append(f"    m = block_sum_d(m) / {L}.0;")
+    body.append("    double s = 0.0;")
+    body.append(f"    for (i64 i = threadIdx.x; i < {L}; i += blockDim.x) {{ double v = (double){xv('i')} - m; s += v * v; }}")
+    body.append(f"    s = block_sum_d(s);")
+    body.append(f"    const float scale = (float)(1.0 / sqrt(s / {L}.0 + {float(n.attrs['eps'])!r}));")
+    body.append("    const float meanf = (float)m;")
+    val = f"({xv('i')} - meanf) * scale" if n.op == "NORM" else f"{xv('i')} * scale"
+    if w is not None:
+        val = f"({val}) * {k.load(w, idx + ['i'])}"
+    body.append(f"    for (i64 i = threadIdx.x; i < {L}; i += blockDim.x) {{ float y = {val}; {k.store(out, idx + ['i'], 'y')} }}")
+    body.append("    __syncthreads();")
+    k.lines = saved
+    return [(k, body, "block", tuple(out.shape[:-1]), 256, 0)]
+
+
+def g_soft_max(plan: Plan, n: Node):
+    k = KB(plan)
+    out, ins = _views(plan, n)
+    x = ins[0]
+    mask = k.bview(ins[1], out.shape) if ins[1] is not None else None
+    L = k.dim(out.shape[-1])
+    k.lines.append(f"  const i64 total = {k.count(out.shape[:-1])};")
+    body = []
+    k.lines, saved = body, k.lines
+    idx = k.unflatten("it", out.shape[:-1], "r")
+    o = f"((float*){k.base(out)})"
+    oo = lambda i: f"{o}[{k.offset(out, idx + [i])}]"
+    mterm = f" + {k.load(mask, idx + ['i'])}" if mask is not None else ""
+    body.append("    float mx = NEG_INF;")
+    body.append(f"    for (i64 i = threadIdx.x; i < {L}; i += blockDim.x) {{ float v = {k.load(x, idx + ['i'])} * {f32lit(n.attrs['scale'])}{mterm}; {oo('i')} = v; mx = fmaxf(mx, v); }}")
+    body.append("    mx = block_max(mx);")
+    body.append("    double s = 0.0;")
+    body.append(f"    for (i64 i = threadIdx.x; i < {L}; i += blockDim.x) {{ float e = expf({oo('i')} - mx); {oo('i')} = e; s += (double)e; }}")
+    body.append("    const float inv = (float)(1.0 / block_sum_d(s));")
+    body.append(f"    for (i64 i = threadIdx.x; i < {L}; i += blockDim.x) {oo('i')} *= inv;")
+    body.append("    __syncthreads();")
+    k.lines = saved
+    if out.dtype != F32:
+        raise MoeGraphError("cuda: SOFT_MAX writes F32")
+    return [(k, body, "block", tuple(out.shape[:-1]), 256, 0)]
+
+
+def g_rope(plan: Plan, n: Node):
+    import numpy as np
+    k = KB(plan)
+    out, (x, pos) = _views(plan, n)
+    T, H, D = out.shape
+    nd, mode = n.attrs["n_dims"], n.attrs["mode"]
+    half = nd // 2
+    step = f32lit(float(np.float32(n.attrs["freq_base"]) ** np.float32(-2.0 / nd)))
+    fs = f32lit(n.attrs["freq_scale"])
+    k.lines.append(f"  const i64 total = {k.count((T, H, D - half))};")
+    body = []
+    k.lines, saved = body, k.lines
+    t, h, i = k.unflatten("it", (T, H, D - half), "q")
+    body.append(f"    if ({i} < {half}) {{")
+    body.append(f"      float th = (float){k.load(pos, [t])};")
+    body.append(f"      for (i64 j = 0; j < {i}; j++) th = __fmul_rn(th, {step});")
+    body.append(f"      const float a = __fmul_rn(th, {fs}); const float c = cosf(a), s = sinf(a);")
+    i0, i1 = (f"2*{i}", f"2*{i}+1") if mode == 0 else (i, f"{i}+{half}")
+    body.append(f"      const float x0 = {k.load(x, [t, h, i0])}, x1 = {k.load(x, [t, h, i1])};")
+    body.append(f"      {{ float y = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s)); {k.store(out, [t, h, i0], 'y')} }}")
+    body.append(f"      {{ float y = __fadd_rn(__fmul_rn(x0, s), __fmul_rn(x1, c)); {k.store(out, [t, h, i1], 'y')} }}")
+    body.append("    } else {")
+    body.append(f"      const i64 d = {i} - {half} + {nd}; float y = {k.load(x, [t, h, 'd'])}; {k.store(out, [t, h, 'd'], 'y')}")
+    body.append("    }")
+    k.lines = saved
+    return [(k, body, "thread", (T, H, D - half), 256, 0)]
+
+
+def g_top_k(plan: Plan, n: Node):
+    k = KB(plan)
+    out, (x,) = _views(plan, n)
+    E = k.dim(x.shape[-1])
+    k.lines.append(f"  const i64 total = {k.count(out.shape[:-1])};")
+    body = []
+    k.lines, saved = body, k.lines
+    idx = k.unflatten("it", out.shape[:-1], "r")
+    body.append(f"    float lv = {f32lit(math.inf)}; i64 li = -1;")
+    body.append(f"    for (int j = 0; j < {n.attrs['k']}; j++) {{")
+    body.append(f"      float bv = NEG_INF; i64 bi = -1;")
+    body.append(f"      for (i64 i = 0; i < {E}; i++) {{ float v = {k.load(x, idx + ['i'])};")
+    body.append("        bool after = v < lv || (v == lv && i > li); bool better = v > bv || bi == -1;")
+    body.append("        if (after && better) { bv = v; bi = i; } }")
+    body.append(f"      {k.store(out, idx + ['j'], '(int)bi')}")
+    body.append("      lv = bv; li = bi; }")
+    k.lines = saved
+    return [(k, body, "thread", tuple(out.shape[:-1]), 128, 0)]
+
+
+def g_sum(plan: Plan, n: Node):
+    k = KB(plan)
+    out, (x,) = _views(plan, n)
+    ax = n.attrs["axis"] % x.rank
+    k.lines.append(f"  const i64 total = {k.count(out.shape)};")
+    body = []
+    k.lines, saved = body, k.lines
+    oi = k.unflatten("it", out.shape, "o")
+    xi = oi[:ax] + ["j"] + oi[ax:]
+    body.append(f"    float acc = 0.0f; for (i64 j = 0; j < {k.dim(x.shape[ax])}; j++) acc += {k.load(x, xi)};")
+    body.append(f"    {k.store(out, oi, 'acc')}")
+    k.lines = saved
+    return [(k, body, "thread", tuple(out.shape), 256, 0)]
+
+
+def g_concat(plan: Plan, n: Node):
+    out = plan.views[n.id]
+    ax = n.attrs["axis"] % out.rank
+    res, start = [], 0
+    for xn in n.inputs:
+        x = plan.views[xn.id]
+        k = KB(plan)
+        k.lines.append(f"  const i64 total = {k.count(x.shape)};")
+        body = []
+        k.lines, saved = body, k.lines
+        xi = k.unflatten("it", x.shape, "x")
+        oi = list(xi)
+        oi[ax] = f"{xi[ax]} + {start}"
+        v = k.load(x, xi)
+        body.append(f"    {k.store(out, oi, v)}" if out.dtype == I32 else f"    {{ float v = {v}; {k.store(out, oi, 'v')} }}")
+        k.lines = saved
+        res.append((k, body, "thread", tuple(x.shape), 256, 0))
+        start += xn.shape[ax]
+    return res
+
+
+def g_set_rows(plan: Plan, n: Node):
+    k = KB(plan)
+    dst, src, idx = (plan.views[i.id] for i in n.inputs)
+    R = dst.shape[0]
+    k.lines.append(f"  const i64 total = {k.count(src.shape)};")
+    body = []
+    k.lines, saved = body, k.lines
+    si = k.unflatten("it", src.shape, "s")
+    body.append(f"    const i64 row = {k.load(idx, [si[0]])};")
+    body.append(f"    if (row >= 0 && row < {R}) {{ float v = {k.load(src, si)}; {k.store(dst, ['row'] + si[1:], 'v')} }}")
+    k.lines = saved
+    return [(k, body, "thread", tuple(src.shape), 256, 0)]
+
+
+def g_get_rows(plan: Plan, n: Node):
+    k = KB(plan)
+    out, (table, ids) = _views(plan, n)
+    R, C = table.shape[-2], table.shape[-1]
+    k.lines.append(f"  const i64 total = {k.count(out.shape)};")
+    body = []
+    k.lines, saved = body, k.lines
+    oi = k.unflatten("it", out.shape, "o")
+    body.append(f"    i64 row = {k.load(ids, oi[:-1])}; if (row < 0 || row >= {R}) row = 0;")
+    ti = oi[:-2] + ["row"]
+    if is_quantized(table.dtype):
+        if table.dtype not in DOT_TYPES:
+            raise MoeGraphError(f"cuda: GET_ROWS from {table.dtype.name} tables is not supported")
+        p = f"((const u8*){k.base(table)} + {k.offset(table, ti)})"
+        val = f"deq_{table.dtype.name}({p}, {oi[-1]})"
+    else:
+        val = k.load(table, ti + [oi[-1]])
+    body.append(f"    {{ float v = {val}; {k.store(out, oi, 'v')} }}")
+    k.lines = saved
+    return [(k, body, "thread", tuple(out.shape), 256, 0)]
+
+
+def _act_phase(plan: Plan, b: View, rows_dims, vt, Kdim: int, scratch_off: int):
+    """Activation rows -> dense vec_dot_type rows at arena[scratch_off]."""
+    k = KB(plan)
+    dst = k.op(0, scratch_off)
+    rb = row_bytes(vt, Kdim)
+    body = []
+    if vt in ACT_BYTES:
+        bs, size = ACT_BYTES[vt]
+        nb = Kdim // bs
+        k.lines.append(f"  const i64 total = {k.count(rows_dims)} * {nb};")
+        k.lines, saved = body, k.lines
+        body.append(f"    const i64 r = it / {nb}, blk = it % {nb};")
+        ri = k.unflatten("r", rows_dims, "b")
+        body.append(f"    float v[{bs}];")
+        body.append(f"    for (int i = 0; i < {bs}; i++) v[i] = {k.load(b, ri + [f'blk * {bs} + i'])};")
+        u8p = f"{dst} + r * {rb}LL + blk * {size}"
+        if vt == G.Q8_K:
+            body.append(f"    quant_q8_k_block(v, {u8p});")
+        else:
+            body.append(f"    quant_q8_0_block(v, {u8p}, {'true' if vt == G.Q8_1 else 'false'});")
+        k.lines = saved
+        return k, body, "thread", (*rows_dims, nb), 128, 0
+    k.lines.append(f"  const i64 total = {k.count(rows_dims)} * {Kdim};")
+    k.lines, saved = body, k.lines
+    body.append(f"    const i64 r = it / {Kdim}, i = it % {Kdim};")
+    ri = k.unflatten("r", rows_dims, "b")
+    conv = "f2h" if vt == F16 else "f2bf"
+    body.append(f"    ((u16*)({dst}))[r * {Kdim}LL + i] = {conv}({k.load(b, ri + ['i'])});")
+    k.lines = saved
+    return k, body, "thread", (*rows_dims, Kdim), 256, 0
+
+
+def _row_dot(k: KB, wt, wptr: str, aptr: str, b: View | None, bidx: list[str] | None, Kdim: int) -> list[str]:
+    """Lines leaving the warp's dot product of a weight row and an activation row in `s`."""
+    if wt in DOT_TYPES:
+        nc = Kdim // 32
+        return [f"      float s = 0.0f; for (int c = lane; c < {nc}; c += 32) s += dot_{wt.name}({wptr}, {aptr}, c);",
+                "      s = warp_sum(s);"]
+    if wt == F32:
+        return [f"      float s = 0.0f; for (i64 i = lane; i < {Kdim}; i += 32) s += ((const float*)({wptr}))[i] * {k.load(b, bidx + ['i'])};",
+                "      s = warp_sum(s);"]
+    cv = "h2f" if wt == F16 else "bf2f"
+    return [f"      float s = 0.0f; for (i64 i = lane; i < {Kdim}; i += 32) s += {cv}(((const u16*)({wptr}))[i]) * {cv}(((const u16*)({aptr}))[i]);",
+            "      s = warp_sum(s);"]
+
+
+def _check_weight(n: Node, wt):
+    if wt not in DOT_TYPES and wt not in FLOAT_W:
+        raise MoeGraphError(f"cuda: {n.op} with {wt.name} weights is not supported "
+                            f"(supported: {', '.join(t.name for t in (*FLOAT_W, *DOT_TYPES))})")
+
+
+def g_mul_mat(plan: Plan, n: Node):
+    out, (a, b) = _views(plan, n)
+    if a.rank != 2:
+        raise MoeGraphError(f"cuda: batched MUL_MAT outside attention is not supported ({n!r})")
+    N, Kdim = a.shape
+    wt = a.dtype
+    _check_weight(n, wt)
+    vt = vec_dot_type(wt)
+    rows_dims = b.shape[:-1]
+    phases = []
+    sc = plan.scratch.get(n.id, 0)
+    if vt != F32:
+        phases.append(_act_phase(plan, b, rows_dims, vt, Kdim, sc))
+    k = KB(plan)
+    M = k.count(rows_dims)
+    k.lines.append(f"  const i64 M = {M};")
+    k.lines.append(f"  const i64 total = M * {N};")
+    body = []
+    k.lines, saved = body, k.lines
+    body.append(f"    const i64 nn = it / M, m = it % M;")
+    esz = 1 if is_quantized(wt) else elem_size(wt)
+    wptr = f"((const u8*){k.base(a)} + nn * {a.strides[0] * esz}LL)"
+    if vt != F32:
+        aptr = f"((const u8*){k.op(0, sc)} + m * {row_bytes(vt, Kdim)}LL)"
+        bidx = None
+    else:
+        aptr = None
+        bidx = k.unflatten("m", rows_dims, "b")
+    body.append("    {")
+    body += _row_dot(k, wt, wptr, aptr, b, bidx, Kdim)
+    body.append(f"      if (lane == 0) ((float*){k.base(out)})[m * {N}LL + nn] = s;")
+    body.append("    }")
+    k.lines = saved
+    phases.append((k, body, "warp", (*rows_dims, N), 32 * WARPS_PER_BLOCK, 0))
+    return phases
+
+
+def g_moe_swiglu(plan: Plan, n: Node):
+    """silu(gate . x) * (up . x) per selected expert (merged [gate; up] or two tensors), neither
+    product stored: one warp computes both dots of an (expert, row)."""
+    info = plan.moe_swiglu[n.id]
+    return g_mul_mat_id(plan, info["gate"], swiglu=(n, info["up"]))
+
+
+def g_mul_mat_id(plan: Plan, n: Node, swiglu=None):
+    out = plan.views.get(n.id)
+    a, b, ids = (plan.views[i.id] for i in n.inputs)
+    scratch_node = n
+    a_up, up_row0 = None, 0
+    if swiglu is not None:
+        scratch_node, up = swiglu
+        out = plan.views[scratch_node.id]
+        if up is None:
+            up_row0, a_up = a.shape[1] // 2, a
+        else:
+            a_up = plan.views[up.inputs[0].id]
+    E, N, Kdim = a.shape
+    if up_row0:
+        N = up_row0
+    T, S, _ = b.shape
+    kk = ids.shape[1]
+    wt = a.dtype
+    _check_weight(n, wt)
+    vt = vec_dot_type(wt)
+    base_off = plan.scratch[scratch_node.id]
+    rows_max = math.prod(plan.max_shape(b.shape[:-1]))
+    lists_off = base_off + (rows_max * row_bytes(vt, Kdim) if vt != F32 else 0)
+    lists_off = (lists_off + 63) // 64 * 64
+    per_t = plan.maxes["T"] * kk if isinstance(T, str) else T * kk
+    phases = []
+    if vt != F32:
+        phases.append(_act_phase(plan, b, b.shape[:-1], vt, Kdim, base_off))
+    # bucket (token, slot) pairs by expert: counts[E] then lists[E][per_t]
+    k = KB(plan)
+    lst = k.op(0, lists_off)
+    k.lines.append(f"  const i64 total = 1; int* cnt = (int*){lst}; int* lst = cnt + {E};")
+    body = [f"    for (int e = threadIdx.x; e < {E}; e += blockDim.x) cnt[e] = 0;",
+            "    __syncthreads();",
+            f"    for (i64 x = threadIdx.x; x < {k.dim(T)} * {kk}; x += blockDim.x) {{",
+            f"      const i64 t = x / {kk}, j = x % {kk};"]
+    k.lines, saved = body, k.lines
+    body.append(f"      const int e = {k.load(ids, ['t', 'j'])};")
+    body.append(f"      if (e >= 0 && e < {E}) {{ int c = atomicAdd(&cnt[e], 1); if (c < {per_t}) lst[(i64)e * {per_t} + c] = (int)x; }}")
+    body.append("    }")
+    k.lines = saved
+    phases.append((k, body, "single", (1,), 1024, 0))
+    # one warp per (expert, output row): the weight row is read once for all of its tokens
+    k = KB(plan)
+    lst = k.op(0, lists_off)
+    k.lines.append(f"  const i64 total = {E * N}LL; const int* cnt = (const int*){lst}; const int* lst = cnt + {E};")
+    body = [f"    const i64 e = it / {N}, nn = it % {N};",
+            f"    const int c = min(cnt[e], {per_t});",
+            "    if (c == 0) continue;"]
+    esz = 1 if is_quantized(wt) else elem_size(wt)
+    k.lines, saved = body, k.lines
+    wptr = f"((const u8*){k.base(a)} + e * {a.strides[0] * esz}LL + nn * {a.strides[1] * esz}LL)"
+    body.append("    for (int q = 0; q < c; q++) {")
+    body.append(f"      const i64 tj = lst[e * {per_t} + q], t = tj / {kk}, jj = tj % {kk}, srow = {'jj' if S != 1 else '0'};")
+    if vt != F32:
+        aptr = f"((const u8*){k.op(0, base_off)} + (t * {S} + srow) * {row_bytes(vt, Kdim)}LL)"
+        bidx = None
+    else:
+        aptr, bidx = None, ["t", "srow"]
+    body += _row_dot(k, wt, wptr, aptr, b, bidx, Kdim)
+    if a_up is not None:
+        uptr = (f"((const u8*){k.base(a_up)} + e * {a_up.strides[0] * esz}LL + "
+                f"(nn + {up_row0}) * {a_up.strides[1] * esz}LL)")
+        body.append("      const float sg = s; {")
+        body += [ln.replace("float s ", "float s2 ").replace("s = warp_sum(s)", "s2 = warp_sum(s2)").replace("s += ", "s2 += ")
+                 for ln in _row_dot(k, wt, uptr, aptr, b, bidx, Kdim)]
+        body.append("      s = silu_f(sg) * s2; }")
+    body.append(f"      if (lane == 0) {{ {k.store(out, ['t', 'jj', 'nn'], 's')} }}")
+    body.append("    }")
+    k.lines = saved
+    phases.append((k, body, "warp", (E, N), 32 * WARPS_PER_BLOCK, 0))
+    return phases
+
+
+def g_attention(plan: Plan, n: Node):
+    """out[h, t, :] = softmax(scale * q[t, h] . k[j, h/g] + mask[t, j]) . v[j, h/g]; one block per
+    (t, h), scores in shared memory; with an F16 cache q and p are rounded to F16 as ggml-cpu's
+    F16 matmuls do; masked cells (-inf) are skipped."""
+    info = plan.attention[n.id]
+    k = KB(plan)
+    out = plan.views[n.id]
+    q, kc, vc, mask = (plan.views[info[x].id] for x in ("q", "k", "v", "mask"))
+    T, H, D = q.shape
+    KV, Hkv, Dv = vc.shape
+    g = H // Hkv
+    mask = k.bview(mask, (T, KV))
+    kf16, vf16 = kc.dtype == F16, vc.dtype == F16
+    k.lines.append(f"  const i64 total = {k.dim(T)} * {H};")
+    k.lines.append("  extern __shared__ float sh[];")
+    k.lines.append(f"  float* qb = sh; float* sc = sh + {D};")
+    body = []
+    k.lines, saved = body, k.lines
+    body.append(f"    const i64 t = it / {H}, h = it % {H}, hk = h / {g}; const i64 nkv = {k.dim(KV)};")
+    qv = k.load(q, ["t", "h", "i"])
+    body.append(f"    for (int i = threadIdx.x; i < {D}; i += blockDim.x) qb[i] = {'rnd_f16(' + qv + ')' if kf16 else qv};")
+    body.append("    __syncthreads();")
+    body.append("    float mx = NEG_INF;")
+    body.append("    for (i64 j = threadIdx.x; j < nkv; j += blockDim.x) {")
+    body.append(f"      const float mv = {k.load(mask, ['t', 'j'])}; float s = NEG_INF;")
+    body.append(f"      if (mv > NEG_INF) {{ float d = 0.0f; for (int i = 0; i < {D}; i++) d += qb[i] * {k.load(kc, ['j', 'hk', 'i'])};")
+    body.append(f"        s = d * {f32lit(info['scale'])} + mv; }}")
+    body.append("      sc[j] = s; mx = fmaxf(mx, s);")
+    body.append("    }")
+    body.append("    mx = block_max(mx);")
+    body.append("    double tot = 0.0;")
+    body.append("    for (i64 j = threadIdx.x; j < nkv; j += blockDim.x) { float e = sc[j] == NEG_INF ? 0.0f : expf(sc[j] - mx); sc[j] = e; tot += (double)e; }")
+    body.append("    const float inv = (float)(1.0 / block_sum_d(tot));")
+    body.append("    __syncthreads();")
+    body.append(f"    for (int i = threadIdx.x; i < {Dv}; i += blockDim.x) {{")
+    body.append("      float acc = 0.0f;")
+    body.append(f"      for (i64 j = 0; j < nkv; j++) {{ float p = sc[j] * inv; {'p = rnd_f16(p);' if vf16 else ''} if (p != 0.0f) acc += p * {k.load(vc, ['j', 'hk', 'i'])}; }}")
+    body.append(f"      {k.store(out, ['h', 't', 'i'], 'acc')}")
+    body.append("    }")
+    body.append("    __syncthreads();")
+    k.lines = saved
+    smem = 4 * (D + plan.maxes["KV"])
+    return [(k, body, "block", (T, H), 128, smem)]
+
+
+GENERATORS = {
+    **{op: g_elementwise for op in ("ADD", "MUL", "DIV", "SCALE", "SILU", "SIGMOID", "GELU", "CLAMP",
+                                    "SWIGLU", "CAST", "CONT", "RESHAPE")},
+    "RMS_NORM": g_norm, "NORM": g_norm, "SOFT_MAX": g_soft_max, "ROPE": g_rope, "TOP_K": g_top_k,
+    "SUM": g_sum, "CONCAT": g_concat, "SET_ROWS": g_set_rows, "GET_ROWS": g_get_rows,
+    "MUL_MAT": g_mul_mat, "MUL_MAT_ID": g_mul_mat_id, "MOE_SWIGLU": g_moe_swiglu, "ATTENTION": g_attention,
+}
+
+
+def generate(plan: Plan) -> Program:
+    """The CUDA C module and the launch list for every step of the plan, in order."""
+    parts = [HEADER]
+    seen: dict[str, str] = {}
+    launches = []
+    for si, step in enumerate(plan.steps):
+        gen = GENERATORS.get(step.kind)
+        if gen is None:
+            raise MoeGraphError(f"the cuda backend has no kernel for {step.kind} ({step.node!r})")
+        for k, body, mode, items, block, smem in gen(plan, step.node):
+            text = k.finish("KERNEL", body, mode)
+            if text not in seen:
+                seen[text] = f"mg_k{len(seen)}"
+                parts.append(text.replace("void KERNEL(", f"void {seen[text]}(", 1))
+            launches.append(Launch(seen[text], list(k.operands), tuple(items), mode, block, smem))
+    return Program("\n".join(parts), launches, len(seen))
+
+
+def generate_for_graph(graph, max_tokens: int = 512) -> tuple[Plan, Program]:
+    n_ctx = graph.meta.get("n_ctx") or max([n.shape[0] for n in graph.states().values()] or [1])
+    plan = Plan(graph, min(max_tokens, n_ctx), n_ctx)
+    return plan, generate(plan)

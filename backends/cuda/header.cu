@@ -1,0 +1,258 @@
+// moegraph CUDA kernels: shared device helpers (NVRTC, no system headers).
+typedef unsigned char u8;
+typedef signed char i8;
+typedef unsigned short u16;
+typedef long long i64;
+#define INT_MIN_ (-2147483647 - 1)
+#define NEG_INF __int_as_float(0xff800000)
+
+__device__ __forceinline__ float h2f(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
+__device__ __forceinline__ u16 f2h(float f) { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
+__device__ __forceinline__ float bf2f(u16 h) { return __int_as_float(((unsigned)h) << 16); }
+__device__ __forceinline__ u16 f2bf(float f) {   // ggml_compute_fp32_to_bf16
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffff) > 0x7f800000) return (u16)((u >> 16) | 64);
+    return (u16)((u + (0x7fff + ((u >> 16) & 1))) >> 16);
+}
+__device__ __forceinline__ float rnd_f16(float f) { return h2f(f2h(f)); }
+__device__ __forceinline__ float ldh(const u8* p) { return h2f((u16)(p[0] | (p[1] << 8))); }
+__device__ __forceinline__ void sth(u8* p, u16 h) { p[0] = (u8)h; p[1] = (u8)(h >> 8); }
+__device__ __forceinline__ int ld4(const u8* p) { return (int)((unsigned)p[0] | ((unsigned)p[1] << 8) | ((unsigned)p[2] << 16) | ((unsigned)p[3] << 24)); }
+__device__ __forceinline__ float ldf(const u8* p) { return __int_as_float(ld4(p)); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ double warp_sum_d(double v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+// block-wide reductions (blockDim.x a multiple of 32, <= 1024); every thread gets the result
+__device__ double block_sum_d(double v) {
+    __shared__ double red[32];
+    v = warp_sum_d(v);
+    int w = threadIdx.x >> 5, l = threadIdx.x & 31, nw = blockDim.x >> 5;
+    __syncthreads();
+    if (l == 0) red[w] = v;
+    __syncthreads();
+    double t = l < nw ? red[l] : 0.0;
+    return warp_sum_d(t);
+}
+__device__ float block_max(float v) {
+    __shared__ float redm[32];
+    v = warp_max(v);
+    int w = threadIdx.x >> 5, l = threadIdx.x & 31, nw = blockDim.x >> 5;
+    __syncthreads();
+    if (l == 0) redm[w] = v;
+    __syncthreads();
+    float t = l < nw ? redm[l] : NEG_INF;
+    return warp_max(t);
+}
+
+__device__ __forceinline__ float silu_f(float x) { return x / (1.0f + expf(-x)); }
+__device__ __forceinline__ float sigmoid_f(float x) { return (float)(1.0 / (1.0 + exp(-(double)x))); }
+__device__ __forceinline__ float gelu_f(float x) {
+    return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+}
+
+// ------------------------------------------------------------------ activation quantization
+// Q8_0 / Q8_1 as ggml-cpu x86 AVX2: id = 127/amax, round half to even, d = fp16(amax/127),
+// Q8_1's s = fp16(d_f32 * sum q). One 32-block per call.
+__device__ void quant_q8_0_block(const float* v, u8* dst, bool q81) {
+    float amax = 0.0f;
+    for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(v[i]));
+    float d = amax / 127.0f;
+    float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+    int sum = 0;
+    i8* qs = (i8*)(dst + (q81 ? 4 : 2));
+    for (int i = 0; i < 32; i++) {
+        float r = rintf(v[i] * id);
+        int q = fabsf(r) < 2147483648.0f ? (int)r : INT_MIN_;
+        sum += q;
+        qs[i] = (i8)max(-128, min(127, q));
+    }
+    sth(dst, f2h(d));
+    if (q81) sth(dst + 2, f2h(d * (float)sum));
+}
+// Q8_K as quantize_row_q8_K_ref: iscale = -127/max (max = first largest |x|, sign kept),
+// nearest_int by the 1.5*2^23 trick, q = min(127, q), d = 1/iscale, int16 bsums of 16.
+__device__ void quant_q8_k_block(const float* v, u8* dst) {
+    float amax = 0.0f, mx = 0.0f;
+    for (int i = 0; i < 256; i++) { float ax = fabsf(v[i]); if (ax > amax) { amax = ax; mx = v[i]; } }
+    i8* qs = (i8*)(dst + 4);
+    if (amax == 0.0f) {
+        for (int i = 0; i < 292; i++) dst[i] = 0;
+        return;
+    }
+    float iscale = -127.0f / mx;
+    for (int i = 0; i < 256; i++) {
+        float t = __fadd_rn(__fmul_rn(v[i], iscale), 12582912.0f);
+        int q = (__float_as_int(t) & 0x007FFFFF) - 0x00400000;
+        qs[i] = (i8)min(q, 127);
+    }
+    for (int j = 0; j < 16; j++) {
+        int s = 0;
+        for (int i = 0; i < 16; i++) s += qs[16 * j + i];
+        short ss = (short)s;
+        dst[260 + 2 * j] = (u8)ss; dst[261 + 2 * j] = (u8)(((unsigned short)ss) >> 8);
+    }
+    float d = 1.0f / iscale;
+    int db = __float_as_int(d);
+    dst[0] = (u8)db; dst[1] = (u8)(db >> 8); dst[2] = (u8)(db >> 16); dst[3] = (u8)(db >> 24);
+}
+
+// ------------------------------------------------------------------ dot products per 32-chunk
+// chunk c of a weight row (bytes w) against the activation row (bytes a) in vec_dot_type blocks.
+__device__ __forceinline__ int sum4(int a) { return __dp4a(0x01010101, a, 0); }
+
+__device__ float dot_Q8_0(const u8* w, const u8* a, int c) {
+    const u8* x = w + 34 * c; const u8* y = a + 34 * c;
+    int s = 0;
+    for (int i = 0; i < 8; i++) s = __dp4a(ld4(x + 2 + 4 * i), ld4(y + 2 + 4 * i), s);
+    return (float)s * (ldh(x) * ldh(y));
+}
+__device__ float dot_Q4_0(const u8* w, const u8* a, int c) {
+    const u8* x = w + 18 * c; const u8* y = a + 34 * c;
+    int s = 0, sa = 0;
+    for (int i = 0; i < 4; i++) {
+        int v = ld4(x + 2 + 4 * i);
+        int lo = v & 0x0F0F0F0F, hi = (v >> 4) & 0x0F0F0F0F;
+        int ya = ld4(y + 2 + 4 * i), yb = ld4(y + 18 + 4 * i);
+        s = __dp4a(lo, ya, s); s = __dp4a(hi, yb, s);
+        sa += sum4(ya) + sum4(yb);
+    }
+    return (float)(s - 8 * sa) * (ldh(x) * ldh(y));
+}
+__device__ float dot_Q4_1(const u8* w, const u8* a, int c) {
+    const u8* x = w + 20 * c; const u8* y = a + 36 * c;
+    int s = 0;
+    for (int i = 0; i < 4; i++) {
+        int v = ld4(x + 4 + 4 * i);
+        s = __dp4a(v & 0x0F0F0F0F, ld4(y + 4 + 4 * i), s);
+        s = __dp4a((v >> 4) & 0x0F0F0F0F, ld4(y + 20 + 4 * i), s);
+    }
+    return (float)s * (ldh(x) * ldh(y)) + ldh(x + 2) * ldh(y + 2);
+}
+__device__ __forceinline__ int q5_bits(int qh, int first) {   // 4 high bits -> bit 4 of 4 bytes
+    int r = 0;
+    for (int b = 0; b < 4; b++) r |= ((qh >> (first + b)) & 1) << (8 * b + 4);
+    return r;
+}
+__device__ float dot_Q5_0(const u8* w, const u8* a, int c) {
+    const u8* x = w + 22 * c; const u8* y = a + 34 * c;
+    int qh = ld4(x + 2);
+    int s = 0, sa = 0;
+    for (int i = 0; i < 4; i++) {
+        int v = ld4(x + 6 + 4 * i);
+        int lo = (v & 0x0F0F0F0F) | q5_bits(qh, 4 * i), hi = ((v >> 4) & 0x0F0F0F0F) | q5_bits(qh, 16 + 4 * i);
+        int ya = ld4(y + 2 + 4 * i), yb = ld4(y + 18 + 4 * i);
+        s = __dp4a(lo, ya, s); s = __dp4a(hi, yb, s);
+        sa += sum4(ya) + sum4(yb);
+    }
+    return (float)(s - 16 * sa) * (ldh(x) * ldh(y));
+}
+__device__ float dot_Q5_1(const u8* w, const u8* a, int c) {
+    const u8* x = w + 24 * c; const u8* y = a + 36 * c;
+    int qh = ld4(x + 4);
+    int s = 0;
+    for (int i = 0; i < 4; i++) {
+        int v = ld4(x + 8 + 4 * i);
+        s = __dp4a((v & 0x0F0F0F0F) | q5_bits(qh, 4 * i), ld4(y + 4 + 4 * i), s);
+        s = __dp4a(((v >> 4) & 0x0F0F0F0F) | q5_bits(qh, 16 + 4 * i), ld4(y + 20 + 4 * i), s);
+    }
+    return (float)s * (ldh(x) * ldh(y)) + ldh(x + 2) * ldh(y + 2);
+}
+__device__ __forceinline__ void scale_min_k4(const u8* s, int j, int* sc, int* mn) {
+    if (j < 4) { *sc = s[j] & 63; *mn = s[j + 4] & 63; }
+    else { *sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4); *mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4); }
+}
+__device__ __forceinline__ short ldi16(const u8* p) { return (short)(p[0] | (p[1] << 8)); }
+// Q4_K / Q5_K (144 / 176 bytes) x Q8_K (292 bytes): chunk c = super-block c/8, sub-block c%8
+__device__ float dot_k4(const u8* x, const u8* y, int j, const u8* qs, const u8* qh) {
+    int sc, mn;
+    scale_min_k4(x + 4, j, &sc, &mn);
+    const u8* q = qs + 32 * (j / 2);
+    int shift = 4 * (j & 1);
+    int s = 0;
+    for (int i = 0; i < 8; i++) {
+        int v = (ld4(q + 4 * i) >> shift) & 0x0F0F0F0F;
+        if (qh) v |= ((ld4(qh + 4 * i) >> j) & 0x01010101) << 4;
+        s = __dp4a(v, ld4(y + 4 + 32 * j + 4 * i), s);
+    }
+    int bs = ldi16(y + 260 + 4 * j) + ldi16(y + 262 + 4 * j);
+    float dy = ldf(y);
+    return (dy * ldh(x)) * (float)(sc * s) - (dy * ldh(x + 2)) * (float)(mn * bs);
+}
+__device__ float dot_Q4_K(const u8* w, const u8* a, int c) {
+    const u8* x = w + 144 * (c >> 3); const u8* y = a + 292 * (c >> 3);
+    return dot_k4(x, y, c & 7, x + 16, (const u8*)0);
+}
+__device__ float dot_Q5_K(const u8* w, const u8* a, int c) {
+    const u8* x = w + 176 * (c >> 3); const u8* y = a + 292 * (c >> 3);
+    return dot_k4(x, y, c & 7, x + 48, x + 16);
+}
+// Q6_K (210 bytes: ql[128], qh[64], scales[16], d) x Q8_K
+__device__ float dot_Q6_K(const u8* w, const u8* a, int c) {
+    const u8* x = w + 210 * (c >> 3); const u8* y = a + 292 * (c >> 3);
+    int j = c & 7, n = j >> 2, k = j & 3;
+    const u8* ql = x + 64 * n + 32 * (k & 1);
+    const u8* qh = x + 128 + 32 * n;
+    int s0 = 0, s1 = 0, a0 = 0, a1 = 0;
+    for (int i = 0; i < 8; i++) {
+        int lo = (ld4(ql + 4 * i) >> (4 * (k >> 1))) & 0x0F0F0F0F;
+        int hi = ((ld4(qh + 4 * i) >> (2 * k)) & 0x03030303) << 4;
+        int ya = ld4(y + 4 + 32 * j + 4 * i);
+        if (i < 4) { s0 = __dp4a(lo | hi, ya, s0); a0 += sum4(ya); }
+        else { s1 = __dp4a(lo | hi, ya, s1); a1 += sum4(ya); }
+    }
+    const i8* sc = (const i8*)(x + 192);
+    int isum = sc[2 * j] * (s0 - 32 * a0) + sc[2 * j + 1] * (s1 - 32 * a1);
+    return (ldf(y) * ldh(x + 208)) * (float)isum;
+}
+
+// ------------------------------------------------------------------ dequantize element i of a row
+__device__ float deq_Q8_0(const u8* r, long long i) { const u8* b = r + 34 * (i >> 5); return __fmul_rn((float)(i8)b[2 + (i & 31)], ldh(b)); }
+__device__ float deq_Q4_0(const u8* r, long long i) {
+    const u8* b = r + 18 * (i >> 5); int l = i & 31;
+    int q = (l < 16 ? b[2 + l] & 15 : b[2 + l - 16] >> 4) - 8;
+    return __fmul_rn(ldh(b), (float)q);
+}
+__device__ float deq_Q4_1(const u8* r, long long i) {
+    const u8* b = r + 20 * (i >> 5); int l = i & 31;
+    int q = l < 16 ? b[4 + l] & 15 : b[4 + l - 16] >> 4;
+    return __fadd_rn(__fmul_rn(ldh(b), (float)q), ldh(b + 2));
+}
+__device__ int q5_of(const u8* qh, const u8* qs, int l) {
+    int q = l < 16 ? qs[l] & 15 : qs[l - 16] >> 4;
+    return q | (((ld4(qh) >> l) & 1) << 4);
+}
+__device__ float deq_Q5_0(const u8* r, long long i) {
+    const u8* b = r + 22 * (i >> 5);
+    return __fmul_rn(ldh(b), (float)(q5_of(b + 2, b + 6, i & 31) - 16));
+}
+__device__ float deq_Q5_1(const u8* r, long long i) {
+    const u8* b = r + 24 * (i >> 5);
+    return __fadd_rn(__fmul_rn(ldh(b), (float)q5_of(b + 4, b + 8, i & 31)), ldh(b + 2));
+}
+__device__ float deq_k4(const u8* b, int e, const u8* qs, const u8* qh) {
+    int j = e >> 5, l = e & 31, sc, mn;
+    scale_min_k4(b + 4, j, &sc, &mn);
+    int q = (qs[32 * (j >> 1) + l] >> (4 * (j & 1))) & 15;
+    if (qh) q |= ((qh[l] >> j) & 1) << 4;
+    return __fsub_rn(__fmul_rn(__fmul_rn(ldh(b), (float)sc), (float)q), __fmul_rn(ldh(b + 2), (float)mn));
+}
+__device__ float deq_Q4_K(const u8* r, long long i) { const u8* b = r + 144 * (i >> 8); return deq_k4(b, i & 255, b + 16, (const u8*)0); }
+__device__ float deq_Q5_K(const u8* r, long long i) { const u8* b = r + 176 * (i >> 8); return deq_k4(b, i & 255, b + 48, b + 16); }
+__device__ float deq_Q6_K(const u8* r, long long i) {
+    const u8* b = r + 210 * (i >> 8); int e = i & 255;
+    int n = e >> 7, k = (e >> 5) & 3, l = e & 31;
+    int lo = (b[64 * n + 32 * (k & 1) + l] >> (4 * (k >> 1))) & 15;
+    int hi = (b[128 + 32 * n + l] >> (2 * k)) & 3;
+    int q = (lo | (hi << 4)) - 32;
+    return __fmul_rn(__fmul_rn(ldh(b + 208), (float)(i8)b[192 + (e >> 4)]), (float)q);
+}
