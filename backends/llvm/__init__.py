@@ -124,10 +124,10 @@ check:
   %n1 = add i32 %n, 1
   br i1 %same, label %spin2, label %run
 spin2:
-  %busy = icmp ult i32 %n, 20000
+  %busy = icmp ult i32 %n, 200000
   br i1 %busy, label %spin, label %idle
 idle:
-  %short = icmp ult i32 %n, 40000
+  %short = icmp ult i32 %n, 400000
   br i1 %short, label %yield, label %nap
 yield:
   %y = call i32 @sched_yield()

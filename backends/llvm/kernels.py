@@ -580,8 +580,28 @@ def _float_dot(k: K, wtype, pw: str, pa: str, Kdim: int) -> str:
 
 def _row_dot(k: K, wtype, pw: str, pa: str, Kdim: int, unpacked: bool) -> str:
     if is_quantized(wtype):
-        return k.f.call("float", f"@dot_{wtype.name}", "ptr %tls", f"ptr {pa}", f"i64 {Kdim}", f"ptr {pw}")
+        return k.f.call("float", f"@dot1_{wtype.name}", "ptr %tls", f"ptr {pa}", f"i64 {Kdim}", f"ptr {pw}")
     return _float_dot(k, wtype, pw, pa, Kdim)
+
+
+def _dot_rows(k: K, wtype, pw: str, Kdim: int, count: str, act_ptr, store) -> None:
+    """out(i) = weight row . activation row i for i < count: quantized weights go 4 activation
+    rows per call (the weight's blocks are decoded once for 4 rows), the rest one by one.
+    act_ptr(i) gives row i's address, store(i, value) writes the result."""
+    f = k.f
+    start = "0"
+    if is_quantized(wtype):
+        c4 = f.and_(count, -4)
+        with f.loop(0, c4, 4) as i:
+            idx = [i] + [f.add(i, r) for r in (1, 2, 3)]
+            pas = [act_ptr(x) for x in idx]
+            v4 = f.call("<4 x float>", f"@dot4_{wtype.name}", "ptr %tls", *(f"ptr {p}" for p in pas),
+                        f"i64 {Kdim}", f"ptr {pw}")
+            for r, x in enumerate(idx):
+                store(x, f.op(f"extractelement <4 x float> {v4}, i64 {r}"))
+        start = c4
+    with f.loop(start, count) as i:
+        store(i, _row_dot(k, wtype, pw, act_ptr(i), Kdim, True))
 
 
 def k_mul_mat(plan: Plan, n: Node, name: str):
@@ -614,14 +634,14 @@ def k_mul_mat(plan: Plan, n: Node, name: str):
         pw = f.gep("i8", k2.operand(a.slot, a.offset * esize), f.mul(j, a.strides[0] * esize))
         if is_quantized(wt) and wt not in DIRECT:
             f.call("void", f"@unpack_{wt.name}", f"ptr {pw}", "ptr %tls", f"i64 {Kdim}")
-        with f.loop(0, M) as m:
+        def act_ptr(m):
             if quantized_acts:
-                pa = f.gep("i8", acts, f.op(f"mul i64 {m}, {act_rb}"))
-            else:
-                pa = k2.ptr(b, k2.unflatten(m, rows_dims) + ["0"])
-            v = _row_dot(k2, wt, pw, pa, Kdim, True)
-            po = f.gep("float", k2.operand(0, out.offset * 4), f.add(f.mul(m, N), j))
-            f.store("float", v, po, 4)
+                return f.gep("i8", acts, f.mul(m, act_rb))
+            return k2.ptr(b, k2.unflatten(m, rows_dims) + ["0"])
+
+        def store(m, v):
+            f.store("float", v, f.gep("float", k2.operand(0, out.offset * 4), f.add(f.mul(m, N), j)), 4)
+        _dot_rows(k2, wt, pw, Kdim, M, act_ptr, store)
     phases.append(k2)
     return phases, unpacked_bytes(wt, Kdim) if is_quantized(wt) else 0
 
@@ -704,21 +724,24 @@ def k_mul_mat_id(plan: Plan, n: Node, name: str, swiglu=None):
                     pw = f.gep("i8", k2.operand(w.slot, w.offset * esize), woff)
                     if is_quantized(wt) and wt not in DIRECT:
                         f.call("void", f"@unpack_{wt.name}", f"ptr {pw}", "ptr %tls", f"i64 {Kdim}")
-                    with f.loop(0, c) as q:
+                    def entry(q):   # (token, slot) of the q-th selection of expert e
                         tj = f.op(f"sext i32 {f.load('i32', f.gep('i32', lst, f.add(f.mul(e, per_t), q)), 4)} to i64")
-                        t = f.op(f"udiv i64 {tj}, {kk}")
-                        jj = f.op(f"urem i64 {tj}, {kk}")
+                        return f.udiv(tj, kk), f.urem(tj, kk)
+
+                    def act_ptr(q):
+                        t, jj = entry(q)
                         srow = jj if S != 1 else "0"
-                        row = f.op(f"add i64 {f.op(f'mul i64 {t}, {S}')}, {srow}")
                         if quantized_acts:
-                            pa = f.gep("i8", acts, f.op(f"mul i64 {row}, {act_rb}"))
-                        else:
-                            pa = k2.ptr(b, [t, srow, "0"])
-                        v = _row_dot(k2, wt, pw, pa, Kdim, True)
+                            return f.gep("i8", acts, f.mul(f.add(f.mul(t, S), srow), act_rb))
+                        return k2.ptr(b, [t, srow, "0"])
+
+                    def store(q, v, second=second):
+                        t, jj = entry(q)
                         po = k2.ptr(out, [t, jj, j])
                         if second:   # out holds the gate product: out = silu(gate) * up
                             v = f.op(f"fmul float {_unary('SILU', f, f.load('float', po, 4))}, {v}")
                         f.store("float", v, po, 4)
+                    _dot_rows(k2, wt, pw, Kdim, c, act_ptr, store)
     phases.append(k2)
     return phases, unpacked_bytes(wt, Kdim) if is_quantized(wt) else 0
 

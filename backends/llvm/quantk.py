@@ -366,105 +366,123 @@ def unpack_fn(t: G) -> str:
     return f.text()
 
 
-def dot_fn(t: G) -> str:
-    """@dot_<T>(ptr unpacked, ptr act, i64 K, ptr raw_row) -> float. Types in DIRECT read the
-    raw weight row and need no unpacking."""
+def dot_fn(t: G, rows: int = 1) -> str:
+    """@dot<R>_<T>(ptr unpacked, ptr act_0 .. act_{R-1}, i64 K, ptr raw_row) -> float (R = 1) or
+    <R x float>: one weight row against R activation rows, so the weight's blocks are loaded and
+    decoded once for R rows. Types in DIRECT read the raw weight row and need no unpacking."""
     L = LAYOUTS[t]
-    f = Fn(f"dot_{t.name}", [("ptr", "%u"), ("ptr", "%a"), ("i64", "%K"), ("ptr", "%w")], ret="float",
-           attrs="noinline")
+    R = rows
+    acts = [f"%a{r}" for r in range(R)]
+    ret = "float" if R == 1 else f"<{R} x float>"
+    f = Fn(f"dot{R}_{t.name}", [("ptr", "%u")] + [("ptr", a) for a in acts] + [("i64", "%K"), ("ptr", "%w")],
+           ret=ret, attrs="noinline")
     K = "%K"
-    sc_off = f.op(f"and i64 {f.op(f'add i64 {K}, 15')}, -16")
-    nsub = f.op(f"udiv i64 {K}, {L.sub}")
-    nsup = f.op(f"udiv i64 {K}, {L.super_}")
-    mn_off = f.op(f"add i64 {sc_off}, {f.op(f'mul i64 {nsub}, 4')}")
-    d_off = f.op(f"add i64 {mn_off}, {f.op(f'mul i64 {nsub}, 4')}")
-    dm_off = f.op(f"add i64 {d_off}, {f.op(f'mul i64 {nsup}, 4')}")
+    sc_off = f.and_(f.add(K, 15), -16)
+    nsub = f.udiv(K, L.sub)
+    nsup = f.udiv(K, L.super_)
+    mn_off = f.add(sc_off, f.mul(nsub, 4))
+    d_off = f.add(mn_off, f.mul(nsub, 4))
+    dm_off = f.add(d_off, f.mul(nsup, 4))
     sc, mn, dd, dm = (f.gep("i8", "%u", o) for o in (sc_off, mn_off, d_off, dm_off))
-    acc = f.var("<8 x float>", "zeroinitializer")
-    extra = f.var("float", "0.0")     # Q8_1's m*s terms and K-quants' min terms
+    accs = [f.var("<8 x float>", "zeroinitializer") for _ in range(R)]
+    extras = [f.var("float", "0.0") for _ in range(R)]   # Q8_1's m*s and K-quants' min terms
+    wtmp = f.var("<32 x i8>") if t in DIRECT_DECODE else None
 
-    def splat8(x):
-        v = f.op(f"insertelement <8 x float> poison, float {x}, i64 0")
-        return f.op(f"shufflevector <8 x float> {v}, <8 x float> poison, <8 x i32> zeroinitializer")
+    def splat8(x, ty="float"):
+        v = f.op(f"insertelement <8 x {ty}> poison, {ty} {x}, i64 0")
+        return f.op(f"shufflevector <8 x {ty}> {v}, <8 x {ty}> poison, <8 x i32> zeroinitializer")
+
+    def fma_acc(r, scale, ivec):
+        sf = f.op(f"sitofp <8 x i32> {ivec} to <8 x float>")
+        accs[r].set(f.call("<8 x float>", "@llvm.fma.v8f32", f"<8 x float> {splat8(scale)}",
+                           f"<8 x float> {sf}", f"<8 x float> {accs[r].get()}"))
 
     def finish():
-        total = f.call("float", "@llvm.vector.reduce.fadd.v8f32", "float 0.0", f"<8 x float> {acc.get()}")
-        f(f"ret float {f.op(f'fadd float {total}, {extra.get()}')}")
+        totals = []
+        for r in range(R):
+            tot = f.call("float", "@llvm.vector.reduce.fadd.v8f32", "float 0.0", f"<8 x float> {accs[r].get()}")
+            totals.append(f.op(f"fadd float {tot}, {extras[r].get()}"))
+        if R == 1:
+            f(f"ret float {totals[0]}")
+        else:
+            v = "poison"
+            for r, x in enumerate(totals):
+                v = f.op(f"insertelement <{R} x float> {v}, float {x}, i64 {r}")
+            f(f"ret <{R} x float> {v}")
         return f.text()
 
     if L.act in (G.Q8_0, G.Q8_1):
         B, size = ACT_SIZE[L.act]
         qoff = 2 if L.act == G.Q8_0 else 4
-        with f.loop(0, f.op(f"udiv i64 {K}, 32")) as b:
-            ab = f.gep("i8", "%a", f.op(f"mul i64 {b}, {size}"))
+        with f.loop(0, f.udiv(K, 32)) as b:
             if t in DIRECT:   # quants read straight from the weight block
-                wq = f.gep("i8", "%w", f.op(f"mul i64 {b}, {L.size}"))
-                s = DIRECT[t](f, wq, f.gep("i8", ab, qoff))
-                dw = f.op(f"fpext half {f.load('half', wq)} to float")
+                wb = f.gep("i8", "%w", f.mul(b, L.size))
+                wq = DIRECT[t](f, wb, wtmp)
+                dw = f.op(f"fpext half {f.load('half', wb)} to float")
             else:
-                s = f.call("<8 x i32>", "@isum32", f"ptr {f.gep('i8', '%u', f.op(f'mul i64 {b}, 32'))}", f"ptr {f.gep('i8', ab, qoff)}")
+                wq = f.gep("i8", "%u", f.mul(b, 32))
                 dw = f.load("float", f.gep("float", dd, b))
-            da = f.op(f"fpext half {f.load('half', ab)} to float")
-            sf = f.op(f"sitofp <8 x i32> {s} to <8 x float>")
-            acc.set(f.call("<8 x float>", "@llvm.fma.v8f32", f"<8 x float> {splat8(f.op(f'fmul float {dw}, {da}'))}",
-                           f"<8 x float> {sf}", f"<8 x float> {acc.get()}"))
-            if L.act == G.Q8_1:
-                sa = f.op(f"fpext half {f.load('half', f.gep('i8', ab, 2))} to float")
-                mw = f.load("float", f.gep("float", dm, b))
-                extra.set(f.op(f"call float @llvm.fma.f32(float {mw}, float {sa}, float {extra.get()})"))
+            mw = f.load("float", f.gep("float", dm, b)) if L.act == G.Q8_1 else None
+            for r in range(R):
+                ab = f.gep("i8", acts[r], f.mul(b, size))
+                s_ = f.call("<8 x i32>", "@isum32", f"ptr {wq}", f"ptr {f.gep('i8', ab, qoff)}")
+                da = f.op(f"fpext half {f.load('half', ab)} to float")
+                fma_acc(r, f.op(f"fmul float {dw}, {da}"), s_)
+                if mw is not None:
+                    sa = f.op(f"fpext half {f.load('half', f.gep('i8', ab, 2))} to float")
+                    extras[r].set(f.op(f"call float @llvm.fma.f32(float {mw}, float {sa}, float {extras[r].get()})"))
         return finish()
     # K-quants with Q8_K activations
     nsb = L.super_ // L.sub
     with f.loop(0, nsup) as b:
-        ab = f.gep("i8", "%a", f.op(f"mul i64 {b}, 292"))
-        da = f.load("float", ab)
-        isc, imn = f.var("<8 x i32>", "zeroinitializer"), f.var("i32", "0")
+        abs_ = [f.gep("i8", a, f.mul(b, 292)) for a in acts]
+        iscs = [f.var("<8 x i32>", "zeroinitializer") for _ in range(R)]
+        imns = [f.var("i32", "0") for _ in range(R)]
         with f.loop(0, nsb) as j:
-            sidx = f.op(f"add i64 {f.op(f'mul i64 {b}, {nsb}')}, {j}")
-            qa = f.gep("i8", ab, f.op(f"add i64 {f.op(f'mul i64 {j}, {L.sub}')}, 4"))
-            qw = f.gep("i8", "%u", f.op(f"add i64 {f.op(f'mul i64 {b}, 256')}, {f.op(f'mul i64 {j}, {L.sub}')}"))
-            s = f.call("<8 x i32>", f"@isum{L.sub}", f"ptr {qw}", f"ptr {qa}")
+            sidx = f.add(f.mul(b, nsb), j)
+            qw = f.gep("i8", "%u", f.add(f.mul(b, 256), f.mul(j, L.sub)))
             scv = f.load("i32", f.gep("i32", sc, sidx))
-            scs = f.op(f"insertelement <8 x i32> poison, i32 {scv}, i64 0")
-            scs = f.op(f"shufflevector <8 x i32> {scs}, <8 x i32> poison, <8 x i32> zeroinitializer")
-            isc.set(f.op(f"add <8 x i32> {isc.get()}, {f.op(f'mul <8 x i32> {scs}, {s}')}"))
-            if t in (G.Q2_K, G.Q4_K, G.Q5_K):
-                mnv = f.load("i32", f.gep("i32", mn, sidx))
-                per = L.sub // 16
-                bs = f.op(f"sext i16 {f.load('i16', f.gep('i8', ab, f.add(f.mul(j, 2 * per), 260)))} to i32")
-                if per == 2:
-                    bs2 = f.op(f"sext i16 {f.load('i16', f.gep('i8', ab, f.add(f.mul(j, 4), 262)))} to i32")
-                    bs = f.op(f"add i32 {bs}, {bs2}")
-                imn.set(f.op(f"add i32 {imn.get()}, {f.op(f'mul i32 {mnv}, {bs}')}"))
+            scs = splat8(scv, "i32")
+            mnv = f.load("i32", f.gep("i32", mn, sidx)) if t in (G.Q2_K, G.Q4_K, G.Q5_K) else None
+            for r in range(R):
+                qa = f.gep("i8", abs_[r], f.add(f.mul(j, L.sub), 4))
+                s_ = f.call("<8 x i32>", f"@isum{L.sub}", f"ptr {qw}", f"ptr {qa}")
+                iscs[r].set(f.op(f"add <8 x i32> {iscs[r].get()}, {f.op(f'mul <8 x i32> {scs}, {s_}')}"))
+                if mnv is not None:
+                    per = L.sub // 16
+                    bs = f.op(f"sext i16 {f.load('i16', f.gep('i8', abs_[r], f.add(f.mul(j, 2 * per), 260)))} to i32")
+                    if per == 2:
+                        bs2 = f.op(f"sext i16 {f.load('i16', f.gep('i8', abs_[r], f.add(f.mul(j, 4), 262)))} to i32")
+                        bs = f.op(f"add i32 {bs}, {bs2}")
+                    imns[r].set(f.op(f"add i32 {imns[r].get()}, {f.op(f'mul i32 {mnv}, {bs}')}"))
         dw = f.load("float", f.gep("float", dd, b))
-        sf = f.op(f"sitofp <8 x i32> {isc.get()} to <8 x float>")
-        acc.set(f.call("<8 x float>", "@llvm.fma.v8f32", f"<8 x float> {splat8(f.op(f'fmul float {dw}, {da}'))}",
-                       f"<8 x float> {sf}", f"<8 x float> {acc.get()}"))
-        if t in (G.Q2_K, G.Q4_K, G.Q5_K):
-            dmw = f.load("float", f.gep("float", dm, b))
-            mnf = f.op(f"sitofp i32 {imn.get()} to float")
-            dmda = f.op(f"fmul float {dmw}, {da}")
-            extra.set(f.op(f"fsub float {extra.get()}, {f.op(f'fmul float {dmda}, {mnf}')}"))
+        dmw = f.load("float", f.gep("float", dm, b)) if t in (G.Q2_K, G.Q4_K, G.Q5_K) else None
+        for r in range(R):
+            da = f.load("float", abs_[r])
+            fma_acc(r, f.op(f"fmul float {dw}, {da}"), iscs[r].get())
+            if dmw is not None:
+                dmda = f.op(f"fmul float {dmw}, {da}")
+                mnf = f.op(f"sitofp i32 {imns[r].get()} to float")
+                extras[r].set(f.op(f"fsub float {extras[r].get()}, {f.op(f'fmul float {dmda}, {mnf}')}"))
     return finish()
 
 
-def _direct_q8_0(f: Fn, wq: str, qa: str) -> str:
-    return f.call("<8 x i32>", "@isum32", f"ptr {f.gep('i8', wq, 2)}", f"ptr {qa}")
+def _direct_q8_0(f: Fn, wb: str, tmp) -> str:
+    return f.gep("i8", wb, 2)
 
 
-def _direct_q4_0(f: Fn, wq: str, qa: str) -> str:
-    """Q4_0 nibbles unpacked in registers: low nibbles are values 0..15, high 16..31, minus 8."""
-    v = f.load("<16 x i8>", f.gep("i8", wq, 2))
+def _direct_q4_0(f: Fn, wb: str, tmp) -> str:
+    """Q4_0 nibbles decoded in registers: low nibbles are values 0..15, high 16..31, minus 8."""
+    v = f.load("<16 x i8>", f.gep("i8", wb, 2))
     lo = f.op(f"and <16 x i8> {v}, <{', '.join(['i8 15'] * 16)}>")
     hi = f.op(f"lshr <16 x i8> {v}, <{', '.join(['i8 4'] * 16)}>")
     q = f.op(f"shufflevector <16 x i8> {lo}, <16 x i8> {hi}, <32 x i32> <{', '.join(f'i32 {i}' for i in range(32))}>")
-    q = f.op(f"sub <32 x i8> {q}, <{', '.join(['i8 8'] * 32)}>")
-    tmp = f.op("alloca <32 x i8>, align 32")
-    f.store("<32 x i8>", q, tmp, 32)
-    return f.call("<8 x i32>", "@isum32", f"ptr {tmp}", f"ptr {qa}")
+    tmp.set(f.op(f"sub <32 x i8> {q}, <{', '.join(['i8 8'] * 32)}>"))
+    return tmp.ptr
 
 
 DIRECT = {G.Q8_0: _direct_q8_0, G.Q4_0: _direct_q4_0}
+DIRECT_DECODE = {G.Q4_0}   # decoded into a stack temporary
 
 
 def dequant_row_fn(t: G) -> str:
@@ -505,5 +523,5 @@ def module_text(types: set[G], avx2: bool = True) -> str:
     acts = {LAYOUTS[t].act for t in types}
     parts += [quantize_act_fn(a) for a in sorted(acts)]
     for t in sorted(types):
-        parts += [unpack_fn(t), dot_fn(t), dequant_row_fn(t)]
+        parts += [unpack_fn(t), dot_fn(t, 1), dot_fn(t, 4), dequant_row_fn(t)]
     return "\n".join(parts)
