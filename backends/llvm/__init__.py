@@ -379,7 +379,7 @@ def _stop_workers(ctl: np.ndarray, threads: list, _keepalive) -> None:
 
 def _write_perf_map(ee, ir: str) -> None:
     import re
-    names = re.findall(r"^define (?:internal )?\S+ @([\w.]+)\(", ir, flags=re.M)
+    names = re.findall(r"^define (?:internal )?(?:<[^>]*>|\S+) @([\w.]+)\(", ir, flags=re.M)
     addrs = sorted((ee.get_function_address(n), n) for n in names if ee.get_function_address(n))
     with open(f"/tmp/perf-{os.getpid()}.map", "a") as fh:
         for (a, n), (b, _) in zip(addrs, addrs[1:] + [(addrs[-1][0] + 4096, "")]):

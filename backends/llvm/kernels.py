@@ -7,6 +7,7 @@ between them. Semantics are those of the op table in moegraph/ir.py; rounding fo
 reference backend (and so ggml-cpu)."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 from moegraph.errors import MoeGraphError
@@ -15,7 +16,7 @@ from moegraph.quants import GGMLType, is_quantized, row_bytes, vec_dot_type
 
 from .irgen import I32 as TI32, Fn, f32, f64, splat
 from .plan import SYMBOLS, Plan, View, elem_size
-from .quantk import ACT_SIZE, DIRECT, LAYOUTS, unpacked_bytes
+from .quantk import ACT_SIZE, DIRECT, K_DIRECT, LAYOUTS, unpacked_bytes
 
 PARAMS = [("ptr", "%ptrs"), ("ptr", "%syms"), ("i64", "%ith"), ("i64", "%nth"), ("ptr", "%tls")]
 LLTYPE = {F32: "float", F16: "half", I32: "i32", BF16: "i16"}
@@ -578,30 +579,43 @@ def _float_dot(k: K, wtype, pw: str, pa: str, Kdim: int) -> str:
     return s.get()
 
 
-def _row_dot(k: K, wtype, pw: str, pa: str, Kdim: int, unpacked: bool) -> str:
+def _row_dot(k: K, wtype, pw: str, pa: str, Kdim: int, suffix: str = "") -> str:
     if is_quantized(wtype):
-        return k.f.call("float", f"@dot1_{wtype.name}", "ptr %tls", f"ptr {pa}", f"i64 {Kdim}", f"ptr {pw}")
+        return k.f.call("float", f"@dot1_{wtype.name}{suffix}", "ptr %tls", f"ptr {pa}", f"i64 {Kdim}", f"ptr {pw}")
     return _float_dot(k, wtype, pw, pa, Kdim)
 
 
 def _dot_rows(k: K, wtype, pw: str, Kdim: int, count: str, act_ptr, store) -> None:
-    """out(i) = weight row . activation row i for i < count: quantized weights go 4 activation
-    rows per call (the weight's blocks are decoded once for 4 rows), the rest one by one.
-    act_ptr(i) gives row i's address, store(i, value) writes the result."""
+    """out(i) = weight row . activation row i for i < count. Quantized weights go 4 activation
+    rows per call (the weight's blocks are decoded once for 4 rows). K-quants with DIRECT decoding
+    decode inside the dot when there are few rows (decode), and unpack the row once when there are
+    many (prompt). act_ptr(i) gives row i's address, store(i, value) writes the result."""
     f = k.f
-    start = "0"
-    if is_quantized(wtype):
-        c4 = f.and_(count, -4)
-        with f.loop(0, c4, 4) as i:
-            idx = [i] + [f.add(i, r) for r in (1, 2, 3)]
-            pas = [act_ptr(x) for x in idx]
-            v4 = f.call("<4 x float>", f"@dot4_{wtype.name}", "ptr %tls", *(f"ptr {p}" for p in pas),
-                        f"i64 {Kdim}", f"ptr {pw}")
-            for r, x in enumerate(idx):
-                store(x, f.op(f"extractelement <4 x float> {v4}, i64 {r}"))
-        start = c4
-    with f.loop(start, count) as i:
-        store(i, _row_dot(k, wtype, pw, act_ptr(i), Kdim, True))
+    if not is_quantized(wtype):
+        with f.loop(0, count) as i:
+            store(i, _row_dot(k, wtype, pw, act_ptr(i), Kdim))
+        return
+    variants = [("", None)]
+    if wtype in K_DIRECT:
+        many = f.op(f"icmp uge i64 {count}, 8")
+        variants = [("", many), ("_d", f.op(f"xor i1 {many}, true"))]
+    elif wtype not in DIRECT:
+        f.call("void", f"@unpack_{wtype.name}", f"ptr {pw}", "ptr %tls", f"i64 {Kdim}")
+    for suffix, cond in variants:
+        ctx = f.if_(cond) if cond is not None else contextlib.nullcontext()
+        with ctx:
+            if cond is not None and suffix == "":
+                f.call("void", f"@unpack_{wtype.name}", f"ptr {pw}", "ptr %tls", f"i64 {Kdim}")
+            c4 = f.and_(count, -4)
+            with f.loop(0, c4, 4) as i:
+                idx = [i] + [f.add(i, r) for r in (1, 2, 3)]
+                pas = [act_ptr(x) for x in idx]
+                v4 = f.call("<4 x float>", f"@dot4_{wtype.name}{suffix}", "ptr %tls", *(f"ptr {p}" for p in pas),
+                            f"i64 {Kdim}", f"ptr {pw}")
+                for r, x in enumerate(idx):
+                    store(x, f.op(f"extractelement <4 x float> {v4}, i64 {r}"))
+            with f.loop(c4, count) as i:
+                store(i, _row_dot(k, wtype, pw, act_ptr(i), Kdim, suffix))
 
 
 def k_mul_mat(plan: Plan, n: Node, name: str):
@@ -632,8 +646,6 @@ def k_mul_mat(plan: Plan, n: Node, name: str):
     with f.loop(lo, hi) as j:
         esize = 1 if is_quantized(wt) else (2 if wt in (F16, BF16) else 4)
         pw = f.gep("i8", k2.operand(a.slot, a.offset * esize), f.mul(j, a.strides[0] * esize))
-        if is_quantized(wt) and wt not in DIRECT:
-            f.call("void", f"@unpack_{wt.name}", f"ptr {pw}", "ptr %tls", f"i64 {Kdim}")
         def act_ptr(m):
             if quantized_acts:
                 return f.gep("i8", acts, f.mul(m, act_rb))
@@ -722,8 +734,6 @@ def k_mul_mat_id(plan: Plan, n: Node, name: str, swiglu=None):
                 for w, r, second in passes:
                     woff = f.add(f.mul(e, w.strides[0] * esize), f.mul(r, w.strides[1] * esize))
                     pw = f.gep("i8", k2.operand(w.slot, w.offset * esize), woff)
-                    if is_quantized(wt) and wt not in DIRECT:
-                        f.call("void", f"@unpack_{wt.name}", f"ptr {pw}", "ptr %tls", f"i64 {Kdim}")
                     def entry(q):   # (token, slot) of the q-th selection of expert e
                         tj = f.op(f"sext i32 {f.load('i32', f.gep('i32', lst, f.add(f.mul(e, per_t), q)), 4)} to i64")
                         return f.udiv(tj, kk), f.urem(tj, kk)

@@ -366,7 +366,7 @@ def unpack_fn(t: G) -> str:
     return f.text()
 
 
-def dot_fn(t: G, rows: int = 1) -> str:
+def dot_fn(t: G, rows: int = 1, direct: bool = False) -> str:
     """@dot<R>_<T>(ptr unpacked, ptr act_0 .. act_{R-1}, i64 K, ptr raw_row) -> float (R = 1) or
     <R x float>: one weight row against R activation rows, so the weight's blocks are loaded and
     decoded once for R rows. Types in DIRECT read the raw weight row and need no unpacking."""
@@ -374,7 +374,8 @@ def dot_fn(t: G, rows: int = 1) -> str:
     R = rows
     acts = [f"%a{r}" for r in range(R)]
     ret = "float" if R == 1 else f"<{R} x float>"
-    f = Fn(f"dot{R}_{t.name}", [("ptr", "%u")] + [("ptr", a) for a in acts] + [("i64", "%K"), ("ptr", "%w")],
+    suffix = "_d" if direct else ""
+    f = Fn(f"dot{R}_{t.name}{suffix}", [("ptr", "%u")] + [("ptr", a) for a in acts] + [("i64", "%K"), ("ptr", "%w")],
            ret=ret, attrs="noinline")
     K = "%K"
     sc_off = f.and_(f.add(K, 15), -16)
@@ -422,7 +423,10 @@ def dot_fn(t: G, rows: int = 1) -> str:
             else:
                 wq = f.gep("i8", "%u", f.mul(b, 32))
                 dw = f.load("float", f.gep("float", dd, b))
-            mw = f.load("float", f.gep("float", dm, b)) if L.act == G.Q8_1 else None
+            mw = None
+            if L.act == G.Q8_1:   # the block's min m
+                mw = (f.op(f"fpext half {f.load('half', f.gep('i8', wb, 2))} to float") if t in DIRECT
+                      else f.load("float", f.gep("float", dm, b)))
             for r in range(R):
                 ab = f.gep("i8", acts[r], f.mul(b, size))
                 s_ = f.call("<8 x i32>", "@isum32", f"ptr {wq}", f"ptr {f.gep('i8', ab, qoff)}")
@@ -434,16 +438,27 @@ def dot_fn(t: G, rows: int = 1) -> str:
         return finish()
     # K-quants with Q8_K activations
     nsb = L.super_ // L.sub
+    direct = direct and t in K_DIRECT
+    if direct:
+        qbuf, scbuf, mnbuf = f.var("[256 x i8]"), f.var("[16 x i32]"), f.var("[16 x i32]")
     with f.loop(0, nsup) as b:
         abs_ = [f.gep("i8", a, f.mul(b, 292)) for a in acts]
         iscs = [f.var("<8 x i32>", "zeroinitializer") for _ in range(R)]
         imns = [f.var("i32", "0") for _ in range(R)]
+        if direct:
+            dk, dmk = K_DIRECT[t](f, f.gep("i8", "%w", f.mul(b, L.size)), qbuf.ptr, scbuf.ptr, mnbuf.ptr)
         with f.loop(0, nsb) as j:
-            sidx = f.add(f.mul(b, nsb), j)
-            qw = f.gep("i8", "%u", f.add(f.mul(b, 256), f.mul(j, L.sub)))
-            scv = f.load("i32", f.gep("i32", sc, sidx))
+            if direct:
+                sidx = j
+                qw = f.gep("i8", qbuf.ptr, f.mul(j, L.sub))
+                scv = f.load("i32", f.gep("i32", scbuf.ptr, j))
+            else:
+                sidx = f.add(f.mul(b, nsb), j)
+                qw = f.gep("i8", "%u", f.add(f.mul(b, 256), f.mul(j, L.sub)))
+                scv = f.load("i32", f.gep("i32", sc, sidx))
             scs = splat8(scv, "i32")
-            mnv = f.load("i32", f.gep("i32", mn, sidx)) if t in (G.Q2_K, G.Q4_K, G.Q5_K) else None
+            mnarr = mnbuf.ptr if direct else mn
+            mnv = f.load("i32", f.gep("i32", mnarr, sidx)) if t in (G.Q2_K, G.Q4_K, G.Q5_K) else None
             for r in range(R):
                 qa = f.gep("i8", abs_[r], f.add(f.mul(j, L.sub), 4))
                 s_ = f.call("<8 x i32>", f"@isum{L.sub}", f"ptr {qw}", f"ptr {qa}")
@@ -455,8 +470,11 @@ def dot_fn(t: G, rows: int = 1) -> str:
                         bs2 = f.op(f"sext i16 {f.load('i16', f.gep('i8', abs_[r], f.add(f.mul(j, 4), 262)))} to i32")
                         bs = f.op(f"add i32 {bs}, {bs2}")
                     imns[r].set(f.op(f"add i32 {imns[r].get()}, {f.op(f'mul i32 {mnv}, {bs}')}"))
-        dw = f.load("float", f.gep("float", dd, b))
-        dmw = f.load("float", f.gep("float", dm, b)) if t in (G.Q2_K, G.Q4_K, G.Q5_K) else None
+        if direct:
+            dw, dmw = dk, dmk
+        else:
+            dw = f.load("float", f.gep("float", dd, b))
+            dmw = f.load("float", f.gep("float", dm, b)) if t in (G.Q2_K, G.Q4_K, G.Q5_K) else None
         for r in range(R):
             da = f.load("float", abs_[r])
             fma_acc(r, f.op(f"fmul float {dw}, {da}"), iscs[r].get())
@@ -481,8 +499,60 @@ def _direct_q4_0(f: Fn, wb: str, tmp) -> str:
     return tmp.ptr
 
 
-DIRECT = {G.Q8_0: _direct_q8_0, G.Q4_0: _direct_q4_0}
-DIRECT_DECODE = {G.Q4_0}   # decoded into a stack temporary
+def _direct_q4_1(f: Fn, wb: str, tmp) -> str:
+    """Q4_1: nibbles 0..15 (the block's min m enters through Q8_1's s term)."""
+    v = f.load("<16 x i8>", f.gep("i8", wb, 4))
+    lo = f.op(f"and <16 x i8> {v}, <{', '.join(['i8 15'] * 16)}>")
+    hi = f.op(f"lshr <16 x i8> {v}, <{', '.join(['i8 4'] * 16)}>")
+    tmp.set(f.op(f"shufflevector <16 x i8> {lo}, <16 x i8> {hi}, <32 x i32> <{', '.join(f'i32 {i}' for i in range(32))}>"))
+    return tmp.ptr
+
+
+DIRECT = {G.Q8_0: _direct_q8_0, G.Q4_0: _direct_q4_0, G.Q4_1: _direct_q4_1}
+DIRECT_DECODE = {G.Q4_0, G.Q4_1}   # decoded into a stack temporary
+
+
+def _splat_i8(v: int, n: int = 32) -> str:
+    return f"<{', '.join([f'i8 {v}'] * n)}>"
+
+
+def _decode_q4_k(f: Fn, blk: str, q, sc, mn) -> tuple[str, str]:
+    """One Q4_K super-block: 256 quants into q (stack), 8 scales/mins into sc/mn; returns d, dmin."""
+    for g in range(4):
+        v = f.load("<32 x i8>", f.gep("i8", blk, 16 + 32 * g))
+        f.store("<32 x i8>", f.op(f"and <32 x i8> {v}, {_splat_i8(15)}"), f.gep("i8", q, 64 * g))
+        f.store("<32 x i8>", f.op(f"lshr <32 x i8> {v}, {_splat_i8(4)}"), f.gep("i8", q, 64 * g + 32))
+    byte = [f.op(f"zext i8 {f.load('i8', f.gep('i8', blk, 4 + i))} to i32") for i in range(12)]
+    for j in range(8):          # get_scale_min_k4
+        if j < 4:
+            a, m = f.and_(byte[j], 63, I32), f.and_(byte[j + 4], 63, I32)
+        else:
+            a = f.or_(f.and_(byte[j + 4], 15, I32), f.shl(f.lshr(byte[j - 4], 6, I32), 4, I32), I32)
+            m = f.or_(f.lshr(byte[j + 4], 4, I32), f.shl(f.lshr(byte[j], 6, I32), 4, I32), I32)
+        f.store("i32", a, f.gep("i32", sc, j))
+        f.store("i32", m, f.gep("i32", mn, j))
+    d = f.op(f"fpext half {f.load('half', blk)} to float")
+    dmin = f.op(f"fpext half {f.load('half', f.gep('i8', blk, 2))} to float")
+    return d, dmin
+
+
+def _decode_q6_k(f: Fn, blk: str, q, sc, mn) -> tuple[str, str]:
+    """One Q6_K super-block: 6-bit quants (minus 32) into q, 16 int8 scales into sc."""
+    for h in range(2):
+        ql0 = f.load("<32 x i8>", f.gep("i8", blk, 64 * h))
+        ql1 = f.load("<32 x i8>", f.gep("i8", blk, 64 * h + 32))
+        qh = f.load("<32 x i8>", f.gep("i8", blk, 128 + 32 * h))
+        for k, (ql, high, shift) in enumerate(((ql0, False, 0), (ql1, False, 2), (ql0, True, 4), (ql1, True, 6))):
+            low = f.op(f"lshr <32 x i8> {ql}, {_splat_i8(4)}") if high else f.op(f"and <32 x i8> {ql}, {_splat_i8(15)}")
+            hb = f.op(f"and <32 x i8> {f.op(f'lshr <32 x i8> {qh}, {_splat_i8(shift)}')}, {_splat_i8(3)}")
+            v = f.op(f"or <32 x i8> {low}, {f.op(f'shl <32 x i8> {hb}, {_splat_i8(4)}')}")
+            f.store("<32 x i8>", f.op(f"sub <32 x i8> {v}, {_splat_i8(32)}"), f.gep("i8", q, 128 * h + 32 * k))
+    for j in range(16):
+        f.store("i32", f.op(f"sext i8 {f.load('i8', f.gep('i8', blk, 192 + j))} to i32"), f.gep("i32", sc, j))
+    return f.op(f"fpext half {f.load('half', f.gep('i8', blk, 208))} to float"), None
+
+
+K_DIRECT = {G.Q4_K: _decode_q4_k, G.Q6_K: _decode_q6_k}   # decoded per super-block inside the dot
 
 
 def dequant_row_fn(t: G) -> str:
@@ -524,4 +594,6 @@ def module_text(types: set[G], avx2: bool = True) -> str:
     parts += [quantize_act_fn(a) for a in sorted(acts)]
     for t in sorted(types):
         parts += [unpack_fn(t), dot_fn(t, 1), dot_fn(t, 4), dequant_row_fn(t)]
+        if t in K_DIRECT:
+            parts += [dot_fn(t, 1, direct=True), dot_fn(t, 4, direct=True)]
     return "\n".join(parts)
