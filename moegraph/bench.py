@@ -37,34 +37,35 @@ def _tokens(n_vocab: int, n: int, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed).integers(1, n_vocab, size=n).tolist()
 
 
-def bench_moegraph(session, n_prompt: int, n_gen: int, repeats: int) -> list[BenchResult]:
-    V = session.model.config.n_vocab
+def _timed_runs(engine: str, reset, evaluate, n_vocab: int, n_prompt: int, n_gen: int,
+                repeats: int) -> list[BenchResult]:
+    """pp: one evaluate() of n_prompt tokens; tg: n_gen single-token evaluates; each from an
+    empty cache (reset) after a warm-up, `repeats` times."""
     out = []
-    if n_prompt:
-        r = BenchResult("moegraph", f"pp{n_prompt}", n_prompt)
-        toks = _tokens(V, n_prompt)
-        session.reset()
-        session.forward(toks[: min(8, n_prompt)])          # warm-up
+    for test, n, one_by_one, seed in (("pp", n_prompt, False, 0), ("tg", n_gen, True, 1)):
+        if not n:
+            continue
+        r = BenchResult(engine, f"{test}{n}", n)
+        toks = _tokens(n_vocab, n, seed)
+        reset()
+        evaluate(toks[: min(8, n)])
         for _ in range(repeats):
-            session.reset()
+            reset()
             t0 = time.perf_counter()
-            session.forward(toks)
+            if one_by_one:
+                for t in toks:
+                    evaluate([t])
+            else:
+                evaluate(toks)
             r.seconds.append(time.perf_counter() - t0)
         out.append(r)
-    if n_gen:
-        r = BenchResult("moegraph", f"tg{n_gen}", n_gen)
-        toks = _tokens(V, n_gen, 1)
-        session.reset()
-        session.forward(toks[:2])
-        for _ in range(repeats):
-            session.reset()
-            t0 = time.perf_counter()
-            for t in toks:
-                session.forward([t])
-            r.seconds.append(time.perf_counter() - t0)
-        out.append(r)
-    session.reset()
+    reset()
     return out
+
+
+def bench_moegraph(session, n_prompt: int, n_gen: int, repeats: int) -> list[BenchResult]:
+    return _timed_runs("moegraph", session.reset, session.forward, session.model.config.n_vocab,
+                       n_prompt, n_gen, repeats)
 
 
 def bench_llama_cpp(path: str, n_threads: int, n_ctx: int, n_prompt: int, n_gen: int, repeats: int,
@@ -79,32 +80,7 @@ def bench_llama_cpp(path: str, n_threads: int, n_ctx: int, n_prompt: int, n_gen:
         kw["kv_overrides"] = {f"{arch}.expert_used_count": int(n_expert_used)}
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_ubatch=512,
                           n_threads=n_threads, n_threads_batch=n_threads, verbose=False, **kw)
-    V = llm.n_vocab()
-    out = []
-    if n_prompt:
-        r = BenchResult("llama.cpp", f"pp{n_prompt}", n_prompt)
-        toks = _tokens(V, n_prompt)
-        llm.reset()
-        llm.eval(toks[: min(8, n_prompt)])
-        for _ in range(repeats):
-            llm.reset()
-            t0 = time.perf_counter()
-            llm.eval(toks)
-            r.seconds.append(time.perf_counter() - t0)
-        out.append(r)
-    if n_gen:
-        r = BenchResult("llama.cpp", f"tg{n_gen}", n_gen)
-        toks = _tokens(V, n_gen, 1)
-        llm.reset()
-        llm.eval(toks[:2])
-        for _ in range(repeats):
-            llm.reset()
-            t0 = time.perf_counter()
-            for t in toks:
-                llm.eval([t])
-            r.seconds.append(time.perf_counter() - t0)
-        out.append(r)
-    return out
+    return _timed_runs("llama.cpp", llm.reset, llm.eval, llm.n_vocab(), n_prompt, n_gen, repeats)
 
 
 def add_parser(sub, parents) -> None:

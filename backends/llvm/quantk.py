@@ -51,16 +51,6 @@ def unpacked_bytes(t: G, K: int) -> int:
     return K + 8 * (K // L.sub) + 8 * (K // L.super_) + 64
 
 
-def unpack_offsets(t: G, K: int) -> tuple[int, int, int, int]:
-    L = LAYOUTS[t]
-    q = 0
-    sc = (K + 15) // 16 * 16
-    mn = sc + 4 * (K // L.sub)
-    d = mn + 4 * (K // L.sub)
-    dm = d + 4 * (K // L.super_)
-    return q, sc, mn, d, dm
-
-
 # --------------------------------------------------------------------------- shared helpers
 DECLS = """
 declare float @llvm.fabs.f32(float)
@@ -194,19 +184,23 @@ def quantize_act_fn(t: G) -> str:
     return f.text()
 
 
+def _unpacked_arrays(f: Fn, L: Layout, K: str = "%K") -> tuple[str, str, str, str, str]:
+    """Pointers to q, sc, mn, d, dm inside the unpacked row at %u (layout in the module doc)."""
+    sc_off = f.and_(f.add(K, 15), -16)
+    nsub, nsup = f.udiv(K, L.sub), f.udiv(K, L.super_)
+    mn_off = f.add(sc_off, f.mul(nsub, 4))
+    d_off = f.add(mn_off, f.mul(nsub, 4))
+    dm_off = f.add(d_off, f.mul(nsup, 4))
+    return tuple(f.gep("i8", "%u", o) for o in ("0", sc_off, mn_off, d_off, dm_off))
+
+
 # --------------------------------------------------------------------------- weight unpacking
 def unpack_fn(t: G) -> str:
     """@unpack_<T>(ptr row, ptr dst, i64 K): one weight row to the common unpacked form."""
     L = LAYOUTS[t]
     f = Fn(f"unpack_{t.name}", [("ptr", "%w"), ("ptr", "%u"), ("i64", "%K")], attrs="noinline")
     K = "%K"
-    sc_off = f.op(f"and i64 {f.op(f'add i64 {K}, 15')}, -16")
-    nsub = f.op(f"udiv i64 {K}, {L.sub}")
-    nsup = f.op(f"udiv i64 {K}, {L.super_}")
-    mn_off = f.op(f"add i64 {sc_off}, {f.op(f'mul i64 {nsub}, 4')}")
-    d_off = f.op(f"add i64 {mn_off}, {f.op(f'mul i64 {nsub}, 4')}")
-    dm_off = f.op(f"add i64 {d_off}, {f.op(f'mul i64 {nsup}, 4')}")
-    q, sc, mn, dd, dm = (f.gep("i8", "%u", o) for o in ("0", sc_off, mn_off, d_off, dm_off))
+    q, sc, mn, dd, dm = _unpacked_arrays(f, L)
     nb = f.op(f"udiv i64 {K}, {L.block}")
 
     def half_at(blk, off):
@@ -378,13 +372,8 @@ def dot_fn(t: G, rows: int = 1, direct: bool = False) -> str:
     f = Fn(f"dot{R}_{t.name}{suffix}", [("ptr", "%u")] + [("ptr", a) for a in acts] + [("i64", "%K"), ("ptr", "%w")],
            ret=ret, attrs="noinline")
     K = "%K"
-    sc_off = f.and_(f.add(K, 15), -16)
-    nsub = f.udiv(K, L.sub)
+    _, sc, mn, dd, dm = _unpacked_arrays(f, L)
     nsup = f.udiv(K, L.super_)
-    mn_off = f.add(sc_off, f.mul(nsub, 4))
-    d_off = f.add(mn_off, f.mul(nsub, 4))
-    dm_off = f.add(d_off, f.mul(nsup, 4))
-    sc, mn, dd, dm = (f.gep("i8", "%u", o) for o in (sc_off, mn_off, d_off, dm_off))
     accs = [f.var("<8 x float>", "zeroinitializer") for _ in range(R)]
     extras = [f.var("float", "0.0") for _ in range(R)]   # Q8_1's m*s and K-quants' min terms
     wtmp = f.var("<32 x i8>") if t in DIRECT_DECODE else None
@@ -561,13 +550,8 @@ def dequant_row_fn(t: G) -> str:
     L = LAYOUTS[t]
     f = Fn(f"dequant_{t.name}", [("ptr", "%u"), ("ptr", "%o"), ("i64", "%K")], attrs="noinline")
     K = "%K"
-    sc_off = f.op(f"and i64 {f.op(f'add i64 {K}, 15')}, -16")
-    nsub = f.op(f"udiv i64 {K}, {L.sub}")
-    nsup = f.op(f"udiv i64 {K}, {L.super_}")
-    mn_off = f.op(f"add i64 {sc_off}, {f.op(f'mul i64 {nsub}, 4')}")
-    d_off = f.op(f"add i64 {mn_off}, {f.op(f'mul i64 {nsub}, 4')}")
-    dm_off = f.op(f"add i64 {d_off}, {f.op(f'mul i64 {nsup}, 4')}")
-    sc, mn, dd, dm = (f.gep("i8", "%u", o) for o in (sc_off, mn_off, d_off, dm_off))
+    _, sc, mn, dd, dm = _unpacked_arrays(f, L)
+    nsub = f.udiv(K, L.sub)
     with f.loop(0, nsub) as j:
         sup = f.op(f"udiv i64 {f.op(f'mul i64 {j}, {L.sub}')}, {L.super_}")
         d = f.load("float", f.gep("float", dd, sup))
