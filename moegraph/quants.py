@@ -1838,11 +1838,8 @@ def _jit_module_text(names: list[str] | None = None) -> str:
 
 
 def _jit_cache_dir():
-    import os
-    from pathlib import Path
-    base = os.environ.get("MOEGRAPH_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "moegraph")
-    return Path(base) / "quant-jit"
+    from .cache import cache_dir
+    return cache_dir("quant-jit")
 
 
 def _jit_functions() -> dict | None:
@@ -1885,13 +1882,8 @@ def _jit_functions() -> dict | None:
             ee = llvm.create_mcjit_compiler(mod, tm)
 
             def notify(module, buffer):
-                try:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_suffix(f".tmp{os.getpid()}")
-                    tmp.write_bytes(buffer)
-                    os.replace(tmp, path)
-                except OSError:
-                    pass
+                from .cache import write_atomic
+                write_atomic(path, buffer)
 
             ee.set_object_cache(notify, lambda module: path.read_bytes() if cached else None)
             ee.finalize_object()

@@ -29,9 +29,8 @@ class NVRTCError(MoeGraphError):
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("MOEGRAPH_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "moegraph")
-    return Path(root) / "cuda"
+    from moegraph.cache import cache_dir as root
+    return root("cuda")
 
 
 def _find_wheel_lib() -> str | None:
@@ -165,11 +164,6 @@ def compile_cubin(source: str, arch: str | int | tuple | None = None, *, name: s
     cubin = lib.compile(source, arch, options, name)
     info.update(cache="miss" if use_cache else "off", seconds=time.perf_counter() - t0)
     if use_cache:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_bytes(cubin)
-            os.replace(tmp, path)
-        except OSError:
-            pass
+        from moegraph.cache import write_atomic
+        write_atomic(path, cubin)
     return cubin, info

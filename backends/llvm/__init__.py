@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moegraph import cache as moegraph_cache
 from moegraph.errors import InputError, MoeGraphError
 from moegraph.ir import F16, F32, I32, Graph
 from moegraph.quants import is_quantized
@@ -60,9 +61,7 @@ def available() -> bool:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("MOEGRAPH_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "moegraph")
-    return Path(root) / "llvm"
+    return moegraph_cache.cache_dir("llvm")
 
 
 BARRIER = """
@@ -267,13 +266,7 @@ entry:
 
         def notify(module, buffer):
             if use_cache:
-                try:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_suffix(f".tmp{os.getpid()}")
-                    tmp.write_bytes(buffer)
-                    os.replace(tmp, path)
-                except OSError:
-                    pass
+                moegraph_cache.write_atomic(path, buffer)
 
         def getbuffer(module):
             return path.read_bytes() if cached else None
