@@ -334,6 +334,18 @@ def k_norm(plan: Plan, n: Node, name: str):
     return [k], 0
 
 
+def _exp_in_place(f: Fn, row: str, n, mx: str) -> str:
+    """row[i] = exp(row[i] - mx) for i < n; returns 1 / sum (the sum taken in double, as ggml)."""
+    total = f.var("double", "0.0")
+    with f.loop(0, n) as i:
+        p = f.gep("float", row, i)
+        x = f.load("float", p)
+        e = f.call("float", "@exp_f", f"float {f.op(f'fsub float {x}, {mx}')}")
+        f.store("float", e, p, 4)
+        total.set(f.op(f"fadd double {total.get()}, {f.op(f'fpext float {e} to double')}"))
+    return f.op(f"fptrunc double {f.op(f'fdiv double 1.0, {total.get()}')} to float")
+
+
 def k_soft_max(plan: Plan, n: Node, name: str):
     k = K(plan, name)
     f = k.f
@@ -354,15 +366,7 @@ def k_soft_max(plan: Plan, n: Node, name: str):
                 v = f.op(f"fadd float {v}, {f.load('float', f.gep('float', pm, i))}")
             f.store("float", v, f.gep("float", po, i), 4)
             mx.set(f.call("float", "@llvm.maxnum.f32", f"float {mx.get()}", f"float {v}"))
-        s = f.var("double", "0.0")
-        m = mx.get()
-        with f.loop(0, L) as i:
-            p = f.gep("float", po, i)
-            x = f.load("float", p)
-            e = f.call("float", "@exp_f", f"float {f.op(f'fsub float {x}, {m}')}")
-            f.store("float", e, p, 4)
-            s.set(f.op(f"fadd double {s.get()}, {f.op(f'fpext float {e} to double')}"))
-        inv = f.op(f"fptrunc double {f.op(f'fdiv double 1.0, {s.get()}')} to float")
+        inv = _exp_in_place(f, po, L, mx.get())
         with f.loop(0, L) as i:
             p = f.gep("float", po, i)
             f.store("float", f.op(f"fmul float {f.load('float', p)}, {inv}"), p, 4)
@@ -832,15 +836,7 @@ def k_attention(plan: Plan, n: Node, name: str):
                 s = f.op(f"fadd float {f.op(f'fmul float {dot}, {scale}')}, {mv}")
                 f.store("float", s, ps, 4)
                 mx.set(f.call("float", "@llvm.maxnum.f32", f"float {mx.get()}", f"float {s}"))
-        total = f.var("double", "0.0")
-        m = mx.get()
-        with f.loop(0, KVv) as j:
-            ps = f.gep("float", scores, j)
-            x = f.load("float", ps)
-            e = f.call("float", "@exp_f", f"float {f.op(f'fsub float {x}, {m}')}")
-            f.store("float", e, ps, 4)
-            total.set(f.op(f"fadd double {total.get()}, {f.op(f'fpext float {e} to double')}"))
-        inv = f.op(f"fptrunc double {f.op(f'fdiv double 1.0, {total.get()}')} to float")
+        inv = _exp_in_place(f, scores, KVv, mx.get())
         po = k.ptr(out, [h, t, "0"])
         with f.loop(0, Dv) as i:
             f.store("float", "0.0", f.gep("float", po, i), 4)
