@@ -71,7 +71,7 @@ class NumpyExecutable:
             return x.astype(np.float64)
         return quantize_roundtrip(x, vec_dot_type(weight_type))
 
-    def q8_1_correction(self, w: Node, x: np.ndarray) -> np.ndarray | None:
+    def q8_1_correction(self, w: Node, x: np.ndarray, expert: int | None = None) -> np.ndarray | None:
         """ggml's Q4_1/Q5_1 dot product adds m_w * s_x per block, with s_x = fp16(d_x * sum q_x)
         stored in the Q8_1 activation block; the round trip alone gives m_w * d_x * sum q_x. This
         returns the difference, [..., M, N], or None where it does not apply."""
@@ -81,7 +81,7 @@ class NumpyExecutable:
         if key not in self.dequantized:
             blocks = np.frombuffer(w.data.raw, dtype=traits(w.dtype).block_dtype)
             self.dequantized[key] = blocks["m"].astype(np.float64).reshape(*w.shape[:-1], -1)
-        mins = self.dequantized[key]
+        mins = self.dequantized[key] if expert is None else self.dequantized[key][expert]
         a = quantize_activations(as_f32(x), GGMLType.Q8_1)
         delta = a.s.astype(np.float64) - a.d.astype(np.float64) * a.qs.sum(axis=-1, dtype=np.int64)
         return delta @ np.swapaxes(mins, -1, -2)
@@ -126,7 +126,9 @@ def _mul_mat_id(ex, n, b, a, x, ids):
     for e in np.unique(ids):
         t, j = np.nonzero(ids == e)
         rows = xr[t, j if xr.shape[1] > 1 else 0]
-        out[t, j] = rows @ a[e].T.astype(np.float64)
+        y = rows @ a[e].T.astype(np.float64)
+        corr = ex.q8_1_correction(n.inputs[0], x[t, j if x.shape[1] > 1 else 0], expert=e)
+        out[t, j] = y if corr is None else y + corr
     return out
 
 
