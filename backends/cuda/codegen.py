@@ -29,6 +29,8 @@ DOT_TYPES = (G.Q8_0, G.Q4_0, G.Q4_1, G.Q5_0, G.Q5_1, G.Q4_K, G.Q5_K, G.Q6_K)
 FLOAT_W = (F32, F16, BF16)
 ACT_BYTES = {G.Q8_0: (32, 34), G.Q8_1: (32, 36), G.Q8_K: (256, 292)}
 WARPS_PER_BLOCK = 4
+MMQ_MIN_T = 16          # from this many tokens on, quantized products run as tiled tensor-core GEMMs
+MMQ_TILE = 64           # weight rows x tokens per block (4 warps of 16 rows x 64 tokens)
 
 
 @dataclass
@@ -40,6 +42,10 @@ class Launch:
     mode: str = "thread"
     block: int = 256
     smem: int = 0           # dynamic shared memory bytes (at the dims' maxima)
+    step: str = ""          # the plan step it belongs to ("MUL_MAT blk.0.attn_q"): for profiles
+    t_range: tuple = (0, 1 << 62)   # launched only when lo <= T <= hi (tiled vs per-row products)
+    min_cc: int = 0         # compute capability it needs (80: integer tensor cores); negative:
+                            # the fallback of such a launch, whose t_range holds only where cc >= -min_cc
 
 
 @dataclass
@@ -282,6 +288,7 @@ def g_rope(plan: Plan, n: Node):
 
 
 def g_top_k(plan: Plan, n: Node):
+    """One warp per row, k arg-max passes; ties go to the lower index (ggml's stable order)."""
     k = KB(plan)
     out, (x,) = _views(plan, n)
     E = k.dim(x.shape[-1])
@@ -289,16 +296,18 @@ def g_top_k(plan: Plan, n: Node):
     body = []
     k.lines, saved = body, k.lines
     idx = k.unflatten("it", out.shape[:-1], "r")
-    body.append(f"    float lv = {f32lit(math.inf)}; i64 li = -1;")
+    body.append(f"    float lv = {f32lit(math.inf)}; int li = -1;")
     body.append(f"    for (int j = 0; j < {n.attrs['k']}; j++) {{")
-    body.append(f"      float bv = NEG_INF; i64 bi = -1;")
-    body.append(f"      for (i64 i = 0; i < {E}; i++) {{ float v = {k.load(x, idx + ['i'])};")
-    body.append("        bool after = v < lv || (v == lv && i > li); bool better = v > bv || bi == -1;")
-    body.append("        if (after && better) { bv = v; bi = i; } }")
-    body.append(f"      {k.store(out, idx + ['j'], '(int)bi')}")
+    body.append("      float bv = NEG_INF; int bi = -1;")
+    body.append(f"      for (int i = lane; i < {E}; i += 32) {{ float v = {k.load(x, idx + ['i'])};")
+    body.append("        if ((v < lv || (v == lv && i > li)) && (bi == -1 || v > bv)) { bv = v; bi = i; } }")
+    body.append("      for (int o = 16; o > 0; o >>= 1) {")
+    body.append("        float ov = __shfl_xor_sync(0xffffffffu, bv, o); int oi = __shfl_xor_sync(0xffffffffu, bi, o);")
+    body.append("        if (oi != -1 && (bi == -1 || ov > bv || (ov == bv && oi < bi))) { bv = ov; bi = oi; } }")
+    body.append(f"      if (lane == 0) {{ {k.store(out, idx + ['j'], 'bi')} }}")
     body.append("      lv = bv; li = bi; }")
     k.lines = saved
-    return [(k, body, "thread", tuple(out.shape[:-1]), 128, 0)]
+    return [(k, body, "warp", tuple(out.shape[:-1]), 32 * WARPS_PER_BLOCK, 0)]
 
 
 def g_sum(plan: Plan, n: Node):
@@ -408,8 +417,8 @@ def _act_phase(plan: Plan, b: View, rows_dims, vt, Kdim: int, scratch_off: int):
 def _row_dot(k: KB, wt, wptr: str, aptr: str, b: View | None, bidx: list[str] | None, Kdim: int) -> list[str]:
     """Lines leaving the warp's dot product of a weight row and an activation row in `s`."""
     if wt in DOT_TYPES:
-        nc = Kdim // 32
-        return [f"      float s = 0.0f; for (int c = lane; c < {nc}; c += 32) s += dot_{wt.name}({wptr}, {aptr}, c);",
+        nb = Kdim // (256 if wt in (G.Q4_K, G.Q5_K, G.Q6_K) else 32)
+        return [f"      float s = rowdot_{wt.name}({wptr}, {aptr}, {nb}, lane);",
                 "      s = warp_sum(s);"]
     if wt == F32:
         return [f"      float s = 0.0f; for (i64 i = lane; i < {Kdim}; i += 32) s += ((const float*)({wptr}))[i] * {k.load(b, bidx + ['i'])};",
@@ -417,6 +426,89 @@ def _row_dot(k: KB, wt, wptr: str, aptr: str, b: View | None, bidx: list[str] | 
     cv = "h2f" if wt == F16 else "bf2f"
     return [f"      float s = 0.0f; for (i64 i = lane; i < {Kdim}; i += 32) s += {cv}(((const u16*)({wptr}))[i]) * {cv}(((const u16*)({aptr}))[i]);",
             "      s = warp_sum(s);"]
+
+
+def _mmq(k: KB, wt, vt, Kdim: int, N: int, tile_prefix: list[str], w_row, up_row, tok_of, store) -> list[str]:
+    """Body of a tiled integer tensor-core product (block mode, 128 threads): a block computes
+    64 weight rows x 64 tokens; per 32-value chunk, threads 0-63 unpack one weight row each
+    (to int8 + scales) into shared memory and threads 64-127 one activation row, then every warp
+    multiplies its 16 rows by the 64 tokens with m16n8k32 MMAs and scales the integer sums.
+    `w_row(r)` / `up_row(r)` give a weight row's byte pointer (up_row: the SWIGLU up half, or
+    None), `tok_of` the lines mapping tile slot `q` to (valid, activation row pointer `ap`,
+    output index variables), `store(idx_vars, value)` the output statement."""
+    nc = Kdim // 32
+    halves = wt == G.Q6_K
+    sw = up_row is not None
+    S = 12   # shared row stride in words: 8 used, padded so that the fragment loads hit 32 banks
+    L = list(tile_prefix)
+    L.append(f"    __shared__ int As[64 * {S}]; __shared__ float Adw[64], Adw2[64], Amw[64];")
+    if sw:
+        L.append(f"    __shared__ int Us[64 * {S}]; __shared__ float Udw[64], Udw2[64], Umw[64];")
+    L.append(f"    __shared__ int Bs[64 * {S}]; __shared__ float Bdy[64], Bys[64]; __shared__ i64 Bix[64][2];")
+    L.append("    __shared__ const u8* Bap[64];")
+    L.append("    const int tid = threadIdx.x, warp = tid >> 5, g = (tid & 31) >> 2, t4 = tid & 3;")
+    L.append("    if (tid >= 64) { const int q = tid - 64; bool ok = false; const u8* ap = 0; i64 ix0 = 0, ix1 = 0;")
+    L += ["      " + ln for ln in tok_of]
+    L.append("      Bix[q][0] = ok ? ix0 : -1; Bix[q][1] = ix1; Bap[q] = ok ? ap : (const u8*)0; }")
+    L.append("    __syncthreads();")
+    L.append("    float acc[8][4]; for (int i = 0; i < 8; i++) for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;")
+    if sw:
+        L.append("    float accu[8][4]; for (int i = 0; i < 8; i++) for (int j = 0; j < 4; j++) accu[i][j] = 0.0f;")
+    L.append(f"    for (int c = 0; c < {nc}; c++) {{")
+    L.append("      if (tid < 64) {")
+    L.append(f"        const i64 r = tile_n * 64 + tid; WChunk w;")
+
+    def unpack(dst, dw, dw2, mw, rowexpr):
+        return [f"        if (r < {N}) wchunk_{wt.name}({rowexpr}, c, w); else {{ for (int i = 0; i < 8; i++) w.q[i] = 0; w.dw = w.dw2 = w.mw = 0.0f; }}",
+                f"        for (int i = 0; i < 8; i++) {dst}[tid * {S} + i] = w.q[i];",
+                f"        {dw}[tid] = w.dw; {mw}[tid] = w.mw;" + (f" {dw2}[tid] = w.dw2;" if halves else "")]
+    L += unpack("As", "Adw", "Adw2", "Amw", w_row("r"))
+    if sw:
+        L += unpack("Us", "Udw", "Udw2", "Umw", up_row("r"))
+    L.append("      } else {")
+    L.append(f"        const int q = tid - 64; YChunk y;")
+    L.append(f"        if (Bap[q]) ychunk_{vt.name}(Bap[q], c, y); else {{ for (int i = 0; i < 8; i++) y.q[i] = 0; y.dy = y.ys = 0.0f; }}")
+    L.append(f"        for (int i = 0; i < 8; i++) Bs[q * {S} + i] = y.q[i];")
+    L.append("        Bdy[q] = y.dy; Bys[q] = y.ys;")
+    L.append("      }")
+    L.append("      __syncthreads();")
+
+    def frag_and_mma(As, dw, dw2, mw, acc):
+        out = [f"      {{ const int* Ar = {As} + warp * 16 * {S};",
+               f"        const int a0 = Ar[g * {S} + t4], a1 = Ar[(g + 8) * {S} + t4], a2 = Ar[g * {S} + 4 + t4], a3 = Ar[(g + 8) * {S} + 4 + t4];",
+               f"        const float w0 = {dw}[warp * 16 + g], w8 = {dw}[warp * 16 + g + 8], m0 = {mw}[warp * 16 + g], m8 = {mw}[warp * 16 + g + 8];"]
+        if halves:
+            out.append(f"        const float v0 = {dw2}[warp * 16 + g], v8 = {dw2}[warp * 16 + g + 8];")
+        out.append("        for (int nt = 0; nt < 8; nt++) {")
+        out.append(f"          const int* Bt = Bs + (nt * 8 + g) * {S}; const int b0 = Bt[t4], b1 = Bt[4 + t4];")
+        out.append("          const int j0 = nt * 8 + 2 * t4, j1 = j0 + 1;")
+        out.append("          const float y0 = Bdy[j0], y1 = Bdy[j1], s0 = Bys[j0], s1 = Bys[j1];")
+        if halves:
+            out.append("          int d[4] = {0, 0, 0, 0}, e[4] = {0, 0, 0, 0};")
+            out.append("          mma_s8(d, a0, a1, 0, 0, b0, b1); mma_s8(e, 0, 0, a2, a3, b0, b1);")
+            out.append(f"          {acc}[nt][0] += y0 * (w0 * (float)d[0] + v0 * (float)e[0]); {acc}[nt][1] += y1 * (w0 * (float)d[1] + v0 * (float)e[1]);")
+            out.append(f"          {acc}[nt][2] += y0 * (w8 * (float)d[2] + v8 * (float)e[2]); {acc}[nt][3] += y1 * (w8 * (float)d[3] + v8 * (float)e[3]);")
+        else:
+            out.append("          int d[4] = {0, 0, 0, 0}; mma_s8(d, a0, a1, a2, a3, b0, b1);")
+            out.append(f"          {acc}[nt][0] += (w0 * y0) * (float)d[0] + m0 * s0; {acc}[nt][1] += (w0 * y1) * (float)d[1] + m0 * s1;")
+            out.append(f"          {acc}[nt][2] += (w8 * y0) * (float)d[2] + m8 * s0; {acc}[nt][3] += (w8 * y1) * (float)d[3] + m8 * s1;")
+        out.append("        } }")
+        return out
+    L += frag_and_mma("As", "Adw", "Adw2", "Amw", "acc")
+    if sw:
+        L += frag_and_mma("Us", "Udw", "Udw2", "Umw", "accu")
+    L.append("      __syncthreads();")
+    L.append("    }")
+    L.append("    for (int nt = 0; nt < 8; nt++) for (int i = 0; i < 4; i++) {")
+    L.append("      const int row = warp * 16 + g + (i >= 2 ? 8 : 0), q = nt * 8 + 2 * t4 + (i & 1);")
+    L.append(f"      const i64 nn = tile_n * 64 + row, ix0 = Bix[q][0], ix1 = Bix[q][1];")
+    L.append(f"      if (nn < {N} && ix0 >= 0) {{")
+    val = "silu_f(acc[nt][i]) * accu[nt][i]" if sw else "acc[nt][i]"
+    L.append(f"        const float v = {val}; {store(['ix0', 'ix1', 'nn'], 'v')}")
+    L.append("      }")
+    L.append("    }")
+    L.append("    __syncthreads();")
+    return L
 
 
 def _check_weight(n: Node, wt):
@@ -458,7 +550,22 @@ def g_mul_mat(plan: Plan, n: Node):
     body.append(f"      if (lane == 0) ((float*){k.base(out)})[m * {N}LL + nn] = s;")
     body.append("    }")
     k.lines = saved
-    phases.append((k, body, "warp", (*rows_dims, N), 32 * WARPS_PER_BLOCK, 0))
+    if wt not in DOT_TYPES:
+        phases.append((k, body, "warp", (*rows_dims, N), 32 * WARPS_PER_BLOCK, 0))
+        return phases
+    phases.append((k, body, "warp", (*rows_dims, N), 32 * WARPS_PER_BLOCK, 0, (0, MMQ_MIN_T - 1), -80))
+    # the tiled tensor-core version for many tokens
+    k = KB(plan)
+    tn = -(-N // MMQ_TILE)
+    rb = row_bytes(vt, Kdim)
+    k.lines.append(f"  const i64 M = {k.count(rows_dims)}, tn = {tn}, tm = (M + 63) / 64, total = tn * tm;")
+    act = k.op(0, sc)
+    body = _mmq(k, wt, vt, Kdim, N, ["    const i64 tile_n = it % tn, tile_m = it / tn;"],
+                lambda r: f"((const u8*){k.base(a)} + {r} * {a.strides[0]}LL)", None,
+                ["const i64 m = tile_m * 64 + q;",
+                 f"if (m < M) {{ ok = true; ap = (const u8*){act} + m * {rb}LL; ix0 = m; }}"],
+                lambda idx, v: f"((float*){k.base(out)})[{idx[0]} * {N}LL + {idx[2]}] = {v};")
+    phases.append((k, body, "block", (tn, ("ceil", tuple(rows_dims), MMQ_TILE)), 128, 0, (MMQ_MIN_T, 1 << 62), 80))
     return phases
 
 
@@ -497,10 +604,11 @@ def g_mul_mat_id(plan: Plan, n: Node, swiglu=None):
     phases = []
     if vt != F32:
         phases.append(_act_phase(plan, b, b.shape[:-1], vt, Kdim, base_off))
-    # bucket (token, slot) pairs by expert: counts[E] then lists[E][per_t]
+    # bucket (token, slot) pairs by expert: cnt[E], n_active, active[E] (the experts with
+    # tokens, so that the product kernel's grid spans only those), lists[E][per_t]
+    layout = f"int* cnt = (int*){{lst}}; int* n_act = cnt + {E}; int* act = n_act + 1; int* lst = act + {E};"
     k = KB(plan)
-    lst = k.op(0, lists_off)
-    k.lines.append(f"  const i64 total = 1; int* cnt = (int*){lst}; int* lst = cnt + {E};")
+    k.lines.append("  const i64 total = 1; " + layout.format(lst=k.op(0, lists_off)))
     body = [f"    for (int e = threadIdx.x; e < {E}; e += blockDim.x) cnt[e] = 0;",
             "    __syncthreads();",
             f"    for (i64 x = threadIdx.x; x < {k.dim(T)} * {kk}; x += blockDim.x) {{",
@@ -509,15 +617,15 @@ def g_mul_mat_id(plan: Plan, n: Node, swiglu=None):
     body.append(f"      const int e = {k.load(ids, ['t', 'j'])};")
     body.append(f"      if (e >= 0 && e < {E}) {{ int c = atomicAdd(&cnt[e], 1); if (c < {per_t}) lst[(i64)e * {per_t} + c] = (int)x; }}")
     body.append("    }")
+    body.append("    __syncthreads();")
+    body.append(f"    if (threadIdx.x == 0) {{ int na = 0; for (int e = 0; e < {E}; e++) if (cnt[e] > 0) act[na++] = e; *n_act = na; }}")
     k.lines = saved
     phases.append((k, body, "single", (1,), 1024, 0))
-    # one warp per (expert, output row): the weight row is read once for all of its tokens
+    # one warp per (active expert, output row): the weight row is read once for all its tokens
     k = KB(plan)
-    lst = k.op(0, lists_off)
-    k.lines.append(f"  const i64 total = {E * N}LL; const int* cnt = (const int*){lst}; const int* lst = cnt + {E};")
-    body = [f"    const i64 e = it / {N}, nn = it % {N};",
-            f"    const int c = min(cnt[e], {per_t});",
-            "    if (c == 0) continue;"]
+    k.lines.append("  " + layout.format(lst=k.op(0, lists_off)) + f" const i64 total = (i64)(*n_act) * {N};")
+    body = [f"    const i64 e = act[it / {N}], nn = it % {N};",
+            f"    const int c = min(cnt[e], {per_t});"]
     esz = 1 if is_quantized(wt) else elem_size(wt)
     k.lines, saved = body, k.lines
     wptr = f"((const u8*){k.base(a)} + e * {a.strides[0] * esz}LL + nn * {a.strides[1] * esz}LL)"
@@ -539,7 +647,33 @@ def g_mul_mat_id(plan: Plan, n: Node, swiglu=None):
     body.append(f"      if (lane == 0) {{ {k.store(out, ['t', 'jj', 'nn'], 's')} }}")
     body.append("    }")
     k.lines = saved
-    phases.append((k, body, "warp", (E, N), 32 * WARPS_PER_BLOCK, 0))
+    if wt not in DOT_TYPES:
+        phases.append((k, body, "warp", (("active_experts", E, kk), N), 32 * WARPS_PER_BLOCK, 0))
+        return phases
+    phases.append((k, body, "warp", (("active_experts", E, kk), N), 32 * WARPS_PER_BLOCK, 0, (0, MMQ_MIN_T - 1), -80))
+    # tiled tensor-core version: (active expert, 64 rows, 64 of the expert's tokens) per block
+    k = KB(plan)
+    tn = -(-N // MMQ_TILE)
+    rb = row_bytes(vt, Kdim)
+    k.lines.append("  " + layout.format(lst=k.op(0, lists_off)))
+    k.lines.append(f"  const i64 tn = {tn}, tm = ({k.dim(T)} + 63) / 64, total = (i64)(*n_act) * tn * tm;")
+    act = k.op(0, base_off)
+    prefix = ["    const i64 ei = it / (tn * tm), tile_n = (it % (tn * tm)) % tn, tile_m = (it % (tn * tm)) / tn;",
+              f"    const i64 e = act[ei]; const int c_e = min(cnt[e], {per_t});",
+              "    if (tile_m * 64 >= c_e) continue;"]
+    up = None
+    if a_up is not None:
+        up = lambda r: (f"((const u8*){k.base(a_up)} + e * {a_up.strides[0]}LL + "
+                        f"({r} + {up_row0}) * {a_up.strides[1]}LL)")
+    srow = "ix1" if S != 1 else "0"
+    body = _mmq(k, wt, vt, Kdim, N, prefix,
+                lambda r: f"((const u8*){k.base(a)} + e * {a.strides[0]}LL + {r} * {a.strides[1]}LL)", up,
+                ["const i64 qq = tile_m * 64 + q;",
+                 f"if (qq < c_e) {{ const i64 tj = lst[e * {per_t} + qq]; ix0 = tj / {kk}; ix1 = tj % {kk}; ok = true;",
+                 f"  ap = (const u8*){act} + (ix0 * {S} + {srow}) * {rb}LL; }}"],
+                lambda idx, v: k.store(out, idx, v))
+    items = (("active_experts", E, kk), tn, ("ceil", (T,), MMQ_TILE))
+    phases.append((k, body, "block", items, 128, 0, (MMQ_MIN_T, 1 << 62), 80))
     return phases
 
 
@@ -565,13 +699,17 @@ def g_attention(plan: Plan, n: Node):
     qv = k.load(q, ["t", "h", "i"])
     body.append(f"    for (int i = threadIdx.x; i < {D}; i += blockDim.x) qb[i] = {'rnd_f16(' + qv + ')' if kf16 else qv};")
     body.append("    __syncthreads();")
-    body.append("    float mx = NEG_INF;")
-    body.append("    for (i64 j = threadIdx.x; j < nkv; j += blockDim.x) {")
+    # scores: one warp per key, lanes across the head dimension (coalesced reads of the cache)
+    body.append("    const int lane = threadIdx.x & 31, nw = blockDim.x >> 5;")
+    body.append("    for (i64 j = threadIdx.x >> 5; j < nkv; j += nw) {")
     body.append(f"      const float mv = {k.load(mask, ['t', 'j'])}; float s = NEG_INF;")
-    body.append(f"      if (mv > NEG_INF) {{ float d = 0.0f; for (int i = 0; i < {D}; i++) d += qb[i] * {k.load(kc, ['j', 'hk', 'i'])};")
-    body.append(f"        s = d * {f32lit(info['scale'])} + mv; }}")
-    body.append("      sc[j] = s; mx = fmaxf(mx, s);")
+    body.append(f"      if (mv > NEG_INF) {{ float d = 0.0f; for (int i = lane; i < {D}; i += 32) d += qb[i] * {k.load(kc, ['j', 'hk', 'i'])};")
+    body.append(f"        s = warp_sum(d) * {f32lit(info['scale'])} + mv; }}")
+    body.append("      if (lane == 0) sc[j] = s;")
     body.append("    }")
+    body.append("    __syncthreads();")
+    body.append("    float mx = NEG_INF;")
+    body.append("    for (i64 j = threadIdx.x; j < nkv; j += blockDim.x) mx = fmaxf(mx, sc[j]);")
     body.append("    mx = block_max(mx);")
     body.append("    double tot = 0.0;")
     body.append("    for (i64 j = threadIdx.x; j < nkv; j += blockDim.x) { float e = sc[j] == NEG_INF ? 0.0f : expf(sc[j] - mx); sc[j] = e; tot += (double)e; }")
@@ -606,12 +744,15 @@ def generate(plan: Plan) -> Program:
         gen = GENERATORS.get(step.kind)
         if gen is None:
             raise MoeGraphError(f"the cuda backend has no kernel for {step.kind} ({step.node!r})")
-        for k, body, mode, items, block, smem in gen(plan, step.node):
+        for k, body, mode, items, block, smem, *when in gen(plan, step.node):
+            t_range, min_cc = when if when else ((0, 1 << 62), 0)
             text = k.finish("KERNEL", body, mode)
             if text not in seen:
                 seen[text] = f"mg_k{len(seen)}"
                 parts.append(text.replace("void KERNEL(", f"void {seen[text]}(", 1))
-            launches.append(Launch(seen[text], list(k.operands), tuple(items), mode, block, smem))
+            label = f"{step.kind} {step.node.name or ''}".strip()
+            launches.append(Launch(seen[text], list(k.operands), tuple(items), mode, block, smem, label,
+                                   t_range, min_cc))
     return Program("\n".join(parts), launches, len(seen))
 
 

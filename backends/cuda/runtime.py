@@ -1,12 +1,16 @@
 """Driver-API runtime (cuda.bindings.driver): context, module load, device buffers (weights
 uploaded once and shared between executables, the planned arena, inputs, the KV cache), launches.
 
-UNVERIFIED ON A GPU at the time of writing: written against the cuda-python 12.x driver API and
-tested only for its no-driver path; the `gpu` tests in tests/test_cuda.py exercise the rest."""
+Decode steps (T <= GRAPH_MAX_T) are captured once per T as a CUDA graph and replayed: every
+kernel reads T and KV from the device array `syms`, and loops grid-stride, so one graph sized
+for KV's maximum serves every context length. Only the rows of inputs and outputs that a call
+uses cross the bus (symbolic dims are the leading ones, laid out at their maxima)."""
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import math
+import os
 import time
 
 import numpy as np
@@ -19,6 +23,8 @@ from .codegen import WARPS_PER_BLOCK, generate_for_graph
 from .nvrtc import compile_cubin
 
 MAX_GRID = 1 << 20
+GRID_CAP = os.environ.get("MOEGRAPH_CUDA_GRID_CAP", "1") != "0"
+GRAPH_MAX_T = 8          # captured as CUDA graphs: decode and small batches (speculative, beams)
 _contexts: dict[int, "DriverContext"] = {}
 
 
@@ -60,6 +66,7 @@ class DriverContext:
         A = drv.CUdevice_attribute
         self.cc = (_check(drv.cuDeviceGetAttribute(A.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, self.dev), "attr"),
                    _check(drv.cuDeviceGetAttribute(A.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, self.dev), "attr"))
+        self.n_sm = _check(drv.cuDeviceGetAttribute(A.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, self.dev), "attr")
         self.ctx = _check(drv.cuDevicePrimaryCtxRetain(self.dev), "cuDevicePrimaryCtxRetain")
         self.make_current()
         self.stream = _check(drv.cuStreamCreate(0), "cuStreamCreate")
@@ -112,6 +119,15 @@ class CUDAExecutable:
         drv = ctx.drv
         self._cubin = cubin
         self.module = _check(drv.cuModuleLoadData(cubin), "cuModuleLoadData")
+        cc = 10 * ctx.cc[0] + ctx.cc[1]
+        launches = []
+        for L in self.program.launches:     # tensor-core launches, or their fallbacks for all T
+            if L.min_cc > cc:
+                continue
+            if L.min_cc < 0 and cc < -L.min_cc:
+                L = dataclasses.replace(L, t_range=(0, 1 << 62))
+            launches.append(L)
+        self.program.launches = launches
         self.functions = {}
         for L in self.program.launches:
             if L.name not in self.functions:
@@ -121,6 +137,8 @@ class CUDAExecutable:
                         f, drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, L.smem),
                         "cuFuncSetAttribute (attention scores in shared memory: n_ctx too large?)")
                 self.functions[L.name] = f
+        self.cuda_graphs = cuda_graphs
+        self._graphs: dict[int, tuple] = {}
         self._allocate()
         self.compile_info["seconds"] = time.perf_counter() - t0
 
@@ -161,8 +179,19 @@ class CUDAExecutable:
         for d, nbytes in self.states.values():
             _check(self.ctx.drv.cuMemsetD8(d, 0, nbytes), "cuMemsetD8")
 
+    @staticmethod
+    def _extent(d, bind: dict) -> int:
+        if isinstance(d, int):
+            return d
+        if isinstance(d, tuple) and d[0] == "active_experts":   # ("active_experts", E, k): <= min(E, T*k)
+            return min(d[1], bind.get("T", 0) * d[2])
+        if isinstance(d, tuple) and d[0] == "ceil":             # ("ceil", dims, tile): tiles over dims
+            n = math.prod(CUDAExecutable._extent(x, bind) for x in d[1])
+            return -(-n // d[2])
+        return bind.get(d, 0)
+
     def _grid(self, L, bind: dict) -> tuple[int, int]:
-        items = math.prod(d if isinstance(d, int) else bind.get(d, 0) for d in L.items)
+        items = math.prod(self._extent(d, bind) for d in L.items)
         if L.mode == "thread":
             g = -(-items // L.block)
         elif L.mode == "warp":
@@ -171,38 +200,116 @@ class CUDAExecutable:
             g = items
         else:
             g = 1
-        return min(g, MAX_GRID), L.block
+        # every kernel loops grid-stride: one full wave of resident blocks, not one block per item
+        # (thousands of short blocks cost more in block scheduling than they compute)
+        cap = self.ctx.n_sm * max(1, 2048 // L.block) if GRID_CAP else MAX_GRID
+        return min(g, cap, MAX_GRID), L.block
 
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _launch_all(self, bind: dict, events=None) -> None:
+        drv, stream = self.ctx.drv, self.ctx.stream
+        T = bind.get("T", 0)
+        for i, (L, (_, params)) in enumerate(zip(self.program.launches, self._params)):
+            grid, block = self._grid(L, bind)
+            if grid == 0 or not L.t_range[0] <= T <= L.t_range[1]:
+                continue
+            if events is not None:
+                _check(drv.cuEventRecord(events[i][0], stream), "cuEventRecord")
+            _check(drv.cuLaunchKernel(self.functions[L.name], grid, 1, 1, block, 1, 1, L.smem, stream,
+                                      ctypes.addressof(params), 0), f"cuLaunchKernel {L.name} ({L.step})")
+            if events is not None:
+                _check(drv.cuEventRecord(events[i][1], stream), "cuEventRecord")
+
+    def _graph_for(self, T: int):
+        """The instantiated CUDA graph of all launches for T tokens (grids sized at KV's maximum)."""
+        g = self._graphs.get(T)
+        if g is None:
+            drv, stream = self.ctx.drv, self.ctx.stream
+            _check(drv.cuStreamBeginCapture(stream, drv.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED),
+                   "cuStreamBeginCapture")
+            try:
+                self._launch_all({**self.plan.maxes, "T": T})
+            finally:
+                graph = _check(drv.cuStreamEndCapture(stream), "cuStreamEndCapture")
+            g = self._graphs[T] = (graph, _check(drv.cuGraphInstantiate(graph, 0), "cuGraphInstantiate"))
+        return g[1]
+
+    def _upload_inputs(self, inputs: dict[str, np.ndarray], bindings: dict) -> None:
+        ctx = self.ctx
+        for name, arr in inputs.items():
+            if name in self.inputs:
+                d, shape, dt = self.inputs[name]
+                arr = np.asarray(arr)
+                # rows [0, n) of the max-shaped layout are contiguous: send only those
+                part = np.zeros((arr.shape[0], *shape[1:]) if arr.ndim else shape, dt)
+                part[tuple(slice(0, s) for s in arr.shape)] = arr
+                ctx.upload(d, part)
+        for i, s in enumerate(SYMBOLS):
+            self.syms[i] = bindings.get(s, 0)
+        ctx.upload(self.syms_dev, self.syms)
+
+    def _bind(self, inputs: dict[str, np.ndarray]) -> dict:
         from moegraph.backends.reference import bind_symbols
-        from moegraph.ir import static_shape
-        ctx, drv = self.ctx, self.ctx.drv
-        ctx.make_current()
         bindings = bind_symbols(self.graph, inputs)
         for sym, limit in self.plan.maxes.items():
             if bindings.get(sym, 0) > limit:
                 raise InputError(f"{sym}={bindings[sym]} exceeds what this compiled graph holds ({limit})")
-        for name, arr in inputs.items():
-            if name in self.inputs:
-                d, shape, dt = self.inputs[name]
-                full = np.zeros(shape, dt)
-                full[tuple(slice(0, s) for s in np.shape(arr))] = arr
-                ctx.upload(d, full)
-        for i, s in enumerate(SYMBOLS):
-            self.syms[i] = bindings.get(s, 0)
-        ctx.upload(self.syms_dev, self.syms)
-        for L, (_, params) in zip(self.program.launches, self._params):
-            grid, block = self._grid(L, bindings)
-            if grid == 0:
-                continue
-            _check(drv.cuLaunchKernel(self.functions[L.name], grid, 1, 1, block, 1, 1, L.smem, self.ctx.stream,
-                                      ctypes.addressof(params), 0), f"cuLaunchKernel {L.name}")
-        _check(drv.cuStreamSynchronize(self.ctx.stream), "kernel execution (cuStreamSynchronize)")
+        return bindings
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ctx, drv = self.ctx, self.ctx.drv
+        ctx.make_current()
+        bindings = self._bind(inputs)
+        self._upload_inputs(inputs, bindings)
+        T = bindings.get("T", 0)
+        if self.cuda_graphs and 0 < T <= GRAPH_MAX_T:
+            _check(drv.cuGraphLaunch(self._graph_for(T), ctx.stream), "cuGraphLaunch")
+        else:
+            self._launch_all(bindings)
+        _check(drv.cuStreamSynchronize(ctx.stream), "kernel execution (cuStreamSynchronize)")
+        return self._download_outputs(bindings)
+
+    def _download_outputs(self, bindings: dict) -> dict[str, np.ndarray]:
+        from moegraph.ir import static_shape
         out = {}
         for name, (o, v) in self.outputs.items():
-            shape = self.plan.max_shape(o.shape)
+            full = self.plan.max_shape(o.shape)
+            shape = static_shape(o.shape, bindings)
             dt = np.int32 if o.dtype == I32 else np.float32
-            full = np.empty(shape, dt)
-            ctx.download(self.arena + v.offset * 4, full)
-            out[name] = full[tuple(slice(0, s) for s in static_shape(o.shape, bindings))].copy()
+            if tuple(shape[1:]) == tuple(full[1:]) and v.strides == _dense(full):
+                arr = np.empty(shape, dt)          # the leading rows only
+            else:
+                arr = np.empty(full, dt)
+            self.ctx.download(self.arena + v.offset * 4, arr)
+            out[name] = arr[tuple(slice(0, s) for s in shape)].copy() if arr.shape != tuple(shape) else arr
         return out
+
+    def profile(self, inputs: dict[str, np.ndarray], repeats: int = 3) -> list[dict]:
+        """Runs the graph launch by launch with events around each (no CUDA graph) and returns
+        [{step, kernel, ms}] (the median over `repeats` runs; the state is advanced each time)."""
+        ctx, drv = self.ctx, self.ctx.drv
+        ctx.make_current()
+        bindings = self._bind(inputs)
+        n = len(self.program.launches)
+        events = [tuple(_check(drv.cuEventCreate(0), "cuEventCreate") for _ in range(2)) for _ in range(n)]
+        times = np.zeros((repeats, n))
+        for r in range(repeats):
+            self._upload_inputs(inputs, bindings)
+            self._launch_all(bindings, events)
+            _check(drv.cuStreamSynchronize(ctx.stream), "cuStreamSynchronize")
+            T = bindings.get("T", 0)
+            for i, (a, b) in enumerate(events):
+                L = self.program.launches[i]
+                if self._grid(L, bindings)[0] and L.t_range[0] <= T <= L.t_range[1]:
+                    times[r, i] = _check(drv.cuEventElapsedTime(a, b), "cuEventElapsedTime")
+        for a, b in events:
+            drv.cuEventDestroy(a), drv.cuEventDestroy(b)
+        med = np.median(times, axis=0)
+        return [{"step": L.step, "kernel": L.name, "ms": float(t)} for L, t in zip(self.program.launches, med)]
+
+
+def _dense(shape) -> tuple[int, ...]:
+    out, acc = [], 1
+    for d in reversed(shape):
+        out.append(acc)
+        acc *= d
+    return tuple(reversed(out))

@@ -209,7 +209,7 @@ class Plan:
             lists = 0
             if n.op == "MUL_MAT_ID":   # per-expert counts and (token, slot) lists
                 E = a.shape[0]
-                lists = 4 * E + 4 * E * math.prod(self.max_shape(n.inputs[2].shape))
+                lists = 4 * (2 * E + 1) + 4 * E * math.prod(self.max_shape(n.inputs[2].shape))
             return act + lists + 64
         return 0
 
