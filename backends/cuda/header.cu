@@ -112,114 +112,18 @@ __device__ void quant_q8_k_block(const float* v, u8* dst) {
     dst[0] = (u8)db; dst[1] = (u8)(db >> 8); dst[2] = (u8)(db >> 16); dst[3] = (u8)(db >> 24);
 }
 
-// ------------------------------------------------------------------ dot products per 32-chunk
-// chunk c of a weight row (bytes w) against the activation row (bytes a) in vec_dot_type blocks.
+// ------------------------------------------------------------------ block field helpers
 __device__ __forceinline__ int sum4(int a) { return __dp4a(0x01010101, a, 0); }
-
-__device__ float dot_Q8_0(const u8* w, const u8* a, int c) {
-    const u8* x = w + 34 * c; const u8* y = a + 34 * c;
-    int s = 0;
-    for (int i = 0; i < 8; i++) s = __dp4a(ld4h(x + 2 + 4 * i), ld4h(y + 2 + 4 * i), s);
-    return (float)s * (ldh(x) * ldh(y));
-}
-__device__ float dot_Q4_0(const u8* w, const u8* a, int c) {
-    const u8* x = w + 18 * c; const u8* y = a + 34 * c;
-    int s = 0, sa = 0;
-    for (int i = 0; i < 4; i++) {
-        int v = ld4h(x + 2 + 4 * i);
-        int lo = v & 0x0F0F0F0F, hi = (v >> 4) & 0x0F0F0F0F;
-        int ya = ld4h(y + 2 + 4 * i), yb = ld4h(y + 18 + 4 * i);
-        s = __dp4a(lo, ya, s); s = __dp4a(hi, yb, s);
-        sa += sum4(ya) + sum4(yb);
-    }
-    return (float)(s - 8 * sa) * (ldh(x) * ldh(y));
-}
-__device__ float dot_Q4_1(const u8* w, const u8* a, int c) {
-    const u8* x = w + 20 * c; const u8* y = a + 36 * c;
-    int s = 0;
-    for (int i = 0; i < 4; i++) {
-        int v = ld4(x + 4 + 4 * i);
-        s = __dp4a(v & 0x0F0F0F0F, ld4(y + 4 + 4 * i), s);
-        s = __dp4a((v >> 4) & 0x0F0F0F0F, ld4(y + 20 + 4 * i), s);
-    }
-    return (float)s * (ldh(x) * ldh(y)) + ldh(x + 2) * ldh(y + 2);
-}
 __device__ __forceinline__ int q5_bits(int qh, int first) {   // 4 high bits -> bit 4 of 4 bytes
     int r = 0;
     for (int b = 0; b < 4; b++) r |= ((qh >> (first + b)) & 1) << (8 * b + 4);
     return r;
-}
-__device__ float dot_Q5_0(const u8* w, const u8* a, int c) {
-    const u8* x = w + 22 * c; const u8* y = a + 34 * c;
-    int qh = ld4h(x + 2);
-    int s = 0, sa = 0;
-    for (int i = 0; i < 4; i++) {
-        int v = ld4h(x + 6 + 4 * i);
-        int lo = (v & 0x0F0F0F0F) | q5_bits(qh, 4 * i), hi = ((v >> 4) & 0x0F0F0F0F) | q5_bits(qh, 16 + 4 * i);
-        int ya = ld4h(y + 2 + 4 * i), yb = ld4h(y + 18 + 4 * i);
-        s = __dp4a(lo, ya, s); s = __dp4a(hi, yb, s);
-        sa += sum4(ya) + sum4(yb);
-    }
-    return (float)(s - 16 * sa) * (ldh(x) * ldh(y));
-}
-__device__ float dot_Q5_1(const u8* w, const u8* a, int c) {
-    const u8* x = w + 24 * c; const u8* y = a + 36 * c;
-    int qh = ld4(x + 4);
-    int s = 0;
-    for (int i = 0; i < 4; i++) {
-        int v = ld4(x + 8 + 4 * i);
-        s = __dp4a((v & 0x0F0F0F0F) | q5_bits(qh, 4 * i), ld4(y + 4 + 4 * i), s);
-        s = __dp4a(((v >> 4) & 0x0F0F0F0F) | q5_bits(qh, 16 + 4 * i), ld4(y + 20 + 4 * i), s);
-    }
-    return (float)s * (ldh(x) * ldh(y)) + ldh(x + 2) * ldh(y + 2);
 }
 __device__ __forceinline__ void scale_min_k4(const u8* s, int j, int* sc, int* mn) {
     if (j < 4) { *sc = s[j] & 63; *mn = s[j + 4] & 63; }
     else { *sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4); *mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4); }
 }
 __device__ __forceinline__ short ldi16(const u8* p) { return *(const short*)p; }
-// Q4_K / Q5_K (144 / 176 bytes) x Q8_K (292 bytes): chunk c = super-block c/8, sub-block c%8
-__device__ float dot_k4(const u8* x, const u8* y, int j, const u8* qs, const u8* qh) {
-    int sc, mn;
-    scale_min_k4(x + 4, j, &sc, &mn);
-    const u8* q = qs + 32 * (j / 2);
-    int shift = 4 * (j & 1);
-    int s = 0;
-    for (int i = 0; i < 8; i++) {
-        int v = (ld4(q + 4 * i) >> shift) & 0x0F0F0F0F;
-        if (qh) v |= ((ld4(qh + 4 * i) >> j) & 0x01010101) << 4;
-        s = __dp4a(v, ld4(y + 4 + 32 * j + 4 * i), s);
-    }
-    int bs = ldi16(y + 260 + 4 * j) + ldi16(y + 262 + 4 * j);
-    float dy = ldf(y);
-    return (dy * ldh(x)) * (float)(sc * s) - (dy * ldh(x + 2)) * (float)(mn * bs);
-}
-__device__ float dot_Q4_K(const u8* w, const u8* a, int c) {
-    const u8* x = w + 144 * (c >> 3); const u8* y = a + 292 * (c >> 3);
-    return dot_k4(x, y, c & 7, x + 16, (const u8*)0);
-}
-__device__ float dot_Q5_K(const u8* w, const u8* a, int c) {
-    const u8* x = w + 176 * (c >> 3); const u8* y = a + 292 * (c >> 3);
-    return dot_k4(x, y, c & 7, x + 48, x + 16);
-}
-// Q6_K (210 bytes: ql[128], qh[64], scales[16], d) x Q8_K
-__device__ float dot_Q6_K(const u8* w, const u8* a, int c) {
-    const u8* x = w + 210 * (c >> 3); const u8* y = a + 292 * (c >> 3);
-    int j = c & 7, n = j >> 2, k = j & 3;
-    const u8* ql = x + 64 * n + 32 * (k & 1);
-    const u8* qh = x + 128 + 32 * n;
-    int s0 = 0, s1 = 0, a0 = 0, a1 = 0;
-    for (int i = 0; i < 8; i++) {
-        int lo = (ld4h(ql + 4 * i) >> (4 * (k >> 1))) & 0x0F0F0F0F;
-        int hi = ((ld4h(qh + 4 * i) >> (2 * k)) & 0x03030303) << 4;
-        int ya = ld4(y + 4 + 32 * j + 4 * i);
-        if (i < 4) { s0 = __dp4a(lo | hi, ya, s0); a0 += sum4(ya); }
-        else { s1 = __dp4a(lo | hi, ya, s1); a1 += sum4(ya); }
-    }
-    const i8* sc = (const i8*)(x + 192);
-    int isum = sc[2 * j] * (s0 - 32 * a0) + sc[2 * j + 1] * (s1 - 32 * a1);
-    return (ldf(y) * ldh(x + 208)) * (float)isum;
-}
 
 // ------------------------------------------------------------------ dequantize element i of a row
 __device__ float deq_Q8_0(const u8* r, long long i) { const u8* b = r + 34 * (i >> 5); return __fmul_rn((float)(i8)b[2 + (i & 31)], ldh(b)); }
