@@ -26,6 +26,7 @@ from moegraph.quants import is_quantized
 
 from .kernels import emit, vexp_fn
 from .plan import SYMBOLS, Plan
+from .gemm import tiles_text
 from .quantk import module_text
 
 ENTRY = "moegraph_graph"
@@ -180,7 +181,7 @@ class LLVMExecutable:
         same shapes in another layer) are emitted once. The entry computes each call's operand
         pointers (base of a slot + byte offset) and puts a barrier after every kernel."""
         quant_types = {n.dtype for n in self.graph.toposort() if n.op == "WEIGHT" and is_quantized(n.dtype)}
-        parts = [module_text(quant_types, host_features()['avx2']), vexp_fn(), BARRIER, WORKER]
+        parts = [module_text(quant_types), vexp_fn(), BARRIER, WORKER]
         body, tls, seen = [], 64, {}
         bases, calls = {}, []
         for i, step in enumerate(plan.steps):
@@ -228,6 +229,7 @@ class LLVMExecutable:
             body.append("  call void @barrier(ptr %bar, i64 %nth)")
             body.append(f"  br label %next{j}")
             body.append(f"next{j}:")
+        parts.append(tiles_text(plan.tiles, host_features()["avx2"]))
         syms = "\n".join(f"  %symp{i} = getelementptr inbounds i64, ptr %syms, i64 {i}\n"
                           f"  %sym{i} = load i64, ptr %symp{i}, align 8" for i in range(len(SYMBOLS)))
         body.insert(0, syms)

@@ -16,7 +16,8 @@ from moegraph.quants import GGMLType, is_quantized, row_bytes, vec_dot_type
 
 from .irgen import I32 as TI32, Fn, f32, f64, splat
 from .plan import SYMBOLS, Plan, View, elem_size
-from .quantk import ACT_SIZE, DIRECT, K_DIRECT, LAYOUTS, unpacked_bytes
+from .gemm import tile_name, tile_shape
+from .quantk import unpacked_bytes
 
 PARAMS = [("ptr", "%ptrs"), ("ptr", "%syms"), ("i64", "%ith"), ("i64", "%nth"), ("ptr", "%tls")]
 LLTYPE = {F32: "float", F16: "half", I32: "i32", BF16: "i16"}
@@ -555,73 +556,58 @@ def _act_quant_phase(k: K, b: View, rows_dims, vt, Kdim: int, dst: str) -> None:
                     f.store("i16", k.to_bf16(v), f.gep("i16", pd, i), 2)
 
 
-def _float_dot(k: K, wtype, pw: str, pa: str, Kdim: int) -> str:
-    """Dot product of a float weight row with an activation row already in vec_dot_type, in
-    float32 with 8 partial sums (vectorized by LLVM with fast-math reassociation)."""
+def _products(k: K, wt, rows: list, wstride: int, n_rows: int, Kdim: int, M: str, act_ptr, store,
+              act_rb: int, combine=None) -> None:
+    """out(m, j) = weight row j . activation row m for this thread's share of the n_rows rows and
+    all M activation rows, in tiles (gemm.py): RW rows x RA activations, then RW x 1 for the
+    activations left over, 1 x RA / 1 x 1 for rows left over. Activations go in chunks that stay in
+    L2 while this thread's rows pass over them. rows: one function per weight tensor (j -> pointer
+    to row j); with two (SWIGLU's gate and up) combine([g, u]) merges their results.
+    act_ptr(m) -> activation row m (in vec_dot_type); store(m, j, value)."""
     f = k.f
-    acc = f.var("<8 x float>", "zeroinitializer")
-    ety, vty = {F32: ("float", "<8 x float>"), F16: ("half", "<8 x half>"), BF16: ("i16", "<8 x i16>")}[wtype]
-    nv = Kdim // 8
+    RW, RA = tile_shape(wt)
+    RW = min(RW, n_rows)
+    chunk = max(RA, (1 << 17) // max(act_rb, 1) // RA * RA)
+    ulo, uhi = k.split(str(-(-n_rows // RW)))
 
-    def vec(p, i):
-        v = f.load(vty, f.gep(ety, p, f.op(f"mul i64 {i}, 8")), 2)
-        if wtype == F16:
-            return f.op(f"fpext <8 x half> {v} to <8 x float>")
-        if wtype == BF16:
-            w = f.op(f"shl <8 x i32> {f.op(f'zext <8 x i16> {v} to <8 x i32>')}, {splat('i32', 8, '16')}")
-            return f.op(f"bitcast <8 x i32> {w} to <8 x float>")
-        return v
-    with f.loop(0, nv) as i:
-        acc.set(f.call("<8 x float>", "@llvm.fma.v8f32", f"<8 x float> {vec(pw, i)}",
-                       f"<8 x float> {vec(pa, i)}", f"<8 x float> {acc.get()}"))
-    s = f.var("float", f.call("float", "@llvm.vector.reduce.fadd.v8f32", "float 0.0", f"<8 x float> {acc.get()}"))
-    if Kdim % 8:
-        with f.loop(nv * 8, Kdim) as i:
-            a = k.load_f32(View(0, 0, (), (), wtype), f.gep(ety, pw, i))
-            b = k.load_f32(View(0, 0, (), (), wtype), f.gep(ety, pa, i))
-            s.set(f.op(f"call float @llvm.fma.f32(float {a}, float {b}, float {s.get()})"))
-    return s.get()
+    def tile(rw, ra, j, m):
+        k.plan.tiles.add((wt, rw, ra))
+        ms = [m] + [f.add(m, c) for c in range(1, ra)]
+        acts = [f"ptr {act_ptr(x)}" for x in ms]
+        vs = [f.call(f"<{rw * ra} x float>", tile_name(wt, rw, ra), f"ptr {row(j)}", f"i64 {wstride}", *acts,
+                     f"i64 {Kdim}") for row in rows]
+        for r in range(rw):
+            jr = f.add(j, r) if r else j
+            for c in range(ra):
+                lanes = [f.op(f"extractelement <{rw * ra} x float> {v}, i64 {r * ra + c}") for v in vs]
+                store(ms[c], jr, combine(lanes) if combine else lanes[0])
+
+    def over_acts(rw, j, m0, m1, mfull):
+        with f.loop(m0, mfull, RA) as m:
+            tile(rw, RA, j, m)
+        with f.loop(mfull, m1) as m:
+            tile(rw, 1, j, m)
+
+    with f.loop(0, M, chunk) as m0:
+        end = f.add(m0, chunk)
+        m1 = f.op(f"select i1 {f.op(f'icmp slt i64 {end}, {M}')}, i64 {end}, i64 {M}")
+        mfull = f.add(m0, f.mul(f.udiv(f.sub(m1, m0), RA), RA))
+        with f.loop(ulo, uhi) as u:
+            j0 = f.mul(u, RW)
+            if n_rows % RW == 0:
+                over_acts(RW, j0, m0, m1, mfull)
+            else:                       # only the last unit is short
+                full = f.op(f"icmp ule i64 {f.add(j0, RW)}, {n_rows}")
+                with f.if_(full):
+                    over_acts(RW, j0, m0, m1, mfull)
+                with f.if_(f.op(f"xor i1 {full}, true")):
+                    with f.loop(j0, n_rows) as j:
+                        over_acts(1, j, m0, m1, mfull)
 
 
-def _row_dot(k: K, wtype, pw: str, pa: str, Kdim: int, suffix: str = "") -> str:
-    if is_quantized(wtype):
-        return k.f.call("float", f"@dot1_{wtype.name}{suffix}", "ptr %tls", f"ptr {pa}", f"i64 {Kdim}", f"ptr {pw}")
-    return _float_dot(k, wtype, pw, pa, Kdim)
-
-
-def _dot_rows(k: K, wtype, pw: str, Kdim: int, count: str, act_ptr, store) -> None:
-    """out(i) = weight row . activation row i for i < count. Quantized weights go 4 activation
-    rows per call (the weight's blocks are decoded once for 4 rows). K-quants with DIRECT decoding
-    decode inside the dot when there are few rows (decode), and unpack the row once when there are
-    many (prompt). act_ptr(i) gives row i's address, store(i, value) writes the result."""
-    f = k.f
-    if not is_quantized(wtype):
-        with f.loop(0, count) as i:
-            store(i, _row_dot(k, wtype, pw, act_ptr(i), Kdim))
-        return
-    variants = [("", None)]
-    if wtype in K_DIRECT:
-        many = f.op(f"icmp uge i64 {count}, 8")
-        variants = [("", many), ("_d", f.op(f"xor i1 {many}, true"))]
-    elif wtype not in DIRECT:
-        f.call("void", f"@unpack_{wtype.name}", f"ptr {pw}", "ptr %tls", f"i64 {Kdim}")
-    for suffix, cond in variants:
-        ctx = f.if_(cond) if cond is not None else contextlib.nullcontext()
-        with ctx:
-            if cond is not None and suffix == "":
-                f.call("void", f"@unpack_{wtype.name}", f"ptr {pw}", "ptr %tls", f"i64 {Kdim}")
-            # 4-row dots; for K-quants with mins the 4-row variant measured ~15x slower than 4
-            # single-row calls (register pressure), so those go row by row
-            c4 = f.and_(count, -4) if wtype not in (GGMLType.Q2_K, GGMLType.Q4_K, GGMLType.Q5_K) else "0"
-            with f.loop(0, c4, 4) as i:
-                idx = [i] + [f.add(i, r) for r in (1, 2, 3)]
-                pas = [act_ptr(x) for x in idx]
-                v4 = f.call("<4 x float>", f"@dot4_{wtype.name}{suffix}", "ptr %tls", *(f"ptr {p}" for p in pas),
-                            f"i64 {Kdim}", f"ptr {pw}")
-                for r, x in enumerate(idx):
-                    store(x, f.op(f"extractelement <4 x float> {v4}, i64 {r}"))
-            with f.loop(c4, count) as i:
-                store(i, _row_dot(k, wtype, pw, act_ptr(i), Kdim, suffix))
+def _esize(t) -> int:
+    """Bytes per stride unit of a weight view (quantized views count bytes)."""
+    return 1 if is_quantized(t) else elem_size(t)
 
 
 def k_mul_mat(plan: Plan, n: Node, name: str):
@@ -635,33 +621,30 @@ def k_mul_mat(plan: Plan, n: Node, name: str):
     act_rb = row_bytes(vt, Kdim)
     scratch_off = plan.scratch.get(n.id)
     phases = []
-    quantized_acts = vt != F32
-    if quantized_acts:
+    converted = vt != F32            # activations rounded to vec_dot_type in phase 1
+    if converted:
         k1 = K(plan, name + "a")
-        dst = k1.operand(0, scratch_off)
-        _act_quant_phase(k1, b, rows_dims, vt, Kdim, dst)
+        _act_quant_phase(k1, b, rows_dims, vt, Kdim, k1.operand(0, scratch_off))
         k1.work = (*rows_dims, Kdim)
         phases.append(k1)
     k2 = K(plan, name + "b")
     k2.work = (*rows_dims, N, Kdim)
     f = k2.f
-    M = k2.count(rows_dims)
-    lo, hi = k2.split(str(N))
-    acts = k2.operand(0, scratch_off) if quantized_acts else None
-    wrb = row_bytes(wt, Kdim)
-    with f.loop(lo, hi) as j:
-        esize = 1 if is_quantized(wt) else (2 if wt in (F16, BF16) else 4)
-        pw = f.gep("i8", k2.operand(a.slot, a.offset * esize), f.mul(j, a.strides[0] * esize))
-        def act_ptr(m):
-            if quantized_acts:
-                return f.gep("i8", acts, f.mul(m, act_rb))
-            return k2.ptr(b, k2.unflatten(m, rows_dims) + ["0"])
+    es = _esize(wt)
+    acts = k2.operand(0, scratch_off) if converted else None
+    wbase = k2.operand(a.slot, a.offset * es)
 
-        def store(m, v):
-            f.store("float", v, f.gep("float", k2.operand(0, out.offset * 4), f.add(f.mul(m, N), j)), 4)
-        _dot_rows(k2, wt, pw, Kdim, M, act_ptr, store)
+    def act_ptr(m):
+        if converted:
+            return f.gep("i8", acts, f.mul(m, act_rb))
+        return k2.ptr(b, k2.unflatten(m, rows_dims) + ["0"])
+
+    def store(m, j, v):
+        f.store("float", v, f.gep("float", k2.operand(0, out.offset * 4), f.add(f.mul(m, N), j)), 4)
+    _products(k2, wt, [lambda j: f.gep("i8", wbase, f.mul(j, a.strides[0] * es))], a.strides[0] * es, N, Kdim,
+              k2.count(rows_dims), act_ptr, store, act_rb)
     phases.append(k2)
-    return phases, unpacked_bytes(wt, Kdim) if is_quantized(wt) else 0
+    return phases, 0
 
 
 def k_moe_swiglu(plan: Plan, n: Node, name: str):
@@ -694,31 +677,29 @@ def k_mul_mat_id(plan: Plan, n: Node, name: str, swiglu=None):
     act_rb = row_bytes(vt, Kdim)
     base_off = plan.scratch[scratch_node.id]
     rows_max = math.prod(plan.max_shape(b.shape[:-1]))
-    quantized_acts = vt != F32
-    lists_off = base_off + (rows_max * act_rb if quantized_acts else 0)
+    converted = vt != F32
+    lists_off = base_off + (rows_max * act_rb if converted else 0)
     lists_off = (lists_off + 63) // 64 * 64
+    per_t = math.prod(plan.max_shape((T,))) * kk
     phases = []
     k1 = K(plan, name + "a")
     k1.work = (T, S, Kdim)
     f = k1.f
-    if quantized_acts:
+    if converted:
         _act_quant_phase(k1, b, b.shape[:-1], vt, Kdim, k1.operand(0, base_off))
     # thread 0 buckets (token, slot) pairs by expert: counts[E], then lists[E][T*k]
-    is0 = f.op("icmp eq i64 %ith, 0")
-    with f.if_(is0):
+    with f.if_(f.op("icmp eq i64 %ith, 0")):
         cnt = k1.operand(0, lists_off)
         lst = f.gep("i8", cnt, 4 * E)
         with f.loop(0, E) as e:
             f.store("i32", "0", f.gep("i32", cnt, e), 4)
-        Tv = k1.dim(T)
-        with f.loop(0, Tv) as t:
+        with f.loop(0, k1.dim(T)) as t:
             with f.loop(0, kk) as j:
                 ev = f.op(f"sext i32 {f.load('i32', k1.ptr(ids, [t, j]))} to i64")
-                ok = f.op(f"icmp ult i64 {ev}, {E}")
-                with f.if_(ok):
+                with f.if_(f.op(f"icmp ult i64 {ev}, {E}")):
                     pc = f.gep("i32", cnt, ev)
                     c = f.load("i32", pc, 4)
-                    slot = f.op(f"add i64 {f.op(f'mul i64 {ev}, {math.prod(plan.max_shape((T,))) * kk}')}, {f.op(f'sext i32 {c} to i64')}")
+                    slot = f.add(f.mul(ev, per_t), f.op(f"sext i32 {c} to i64"))
                     f.store("i32", f.op(f"trunc i64 {f.add(f.mul(t, kk), j)} to i32"), f.gep("i32", lst, slot), 4)
                     f.store("i32", f.op(f"add i32 {c}, 1"), pc, 4)
     phases.append(k1)
@@ -729,37 +710,33 @@ def k_mul_mat_id(plan: Plan, n: Node, name: str, swiglu=None):
     cnt = k2.operand(0, lists_off)
     lst = f.gep("i8", cnt, 4 * E)
     acts = k2.operand(0, base_off)
-    lo, hi = k2.split(str(N))
-    esize = 1 if is_quantized(wt) else (2 if wt in (F16, BF16) else 4)
-    per_t = math.prod(plan.max_shape((T,))) * kk
+    es = _esize(wt)
     with f.loop(0, E) as e:
         c = f.op(f"sext i32 {f.load('i32', f.gep('i32', cnt, e), 4)} to i64")
         with f.if_(f.op(f"icmp sgt i64 {c}, 0")):
-            with f.loop(lo, hi) as j:
-                passes = [(a, j, False)] if a_up is None else [(a, j, False), (a_up, f.add(j, up_row0), True)]
-                for w, r, second in passes:
-                    woff = f.add(f.mul(e, w.strides[0] * esize), f.mul(r, w.strides[1] * esize))
-                    pw = f.gep("i8", k2.operand(w.slot, w.offset * esize), woff)
-                    def entry(q):   # (token, slot) of the q-th selection of expert e
-                        tj = f.op(f"sext i32 {f.load('i32', f.gep('i32', lst, f.add(f.mul(e, per_t), q)), 4)} to i64")
-                        return f.udiv(tj, kk), f.urem(tj, kk)
+            def row_fn(w, row0):
+                base = f.gep("i8", k2.operand(w.slot, w.offset * es), f.mul(e, w.strides[0] * es))
+                return lambda j: f.gep("i8", base, f.mul(f.add(j, row0) if row0 else j, w.strides[1] * es))
+            rows = [row_fn(a, 0)] + ([row_fn(a_up, up_row0)] if a_up is not None else [])
 
-                    def act_ptr(q):
-                        t, jj = entry(q)
-                        srow = jj if S != 1 else "0"
-                        if quantized_acts:
-                            return f.gep("i8", acts, f.mul(f.add(f.mul(t, S), srow), act_rb))
-                        return k2.ptr(b, [t, srow, "0"])
+            def entry(q):   # (token, slot) of the q-th selection of expert e
+                tj = f.op(f"sext i32 {f.load('i32', f.gep('i32', lst, f.add(f.mul(e, per_t), q)), 4)} to i64")
+                return f.udiv(tj, kk), f.urem(tj, kk)
 
-                    def store(q, v, second=second):
-                        t, jj = entry(q)
-                        po = k2.ptr(out, [t, jj, j])
-                        if second:   # out holds the gate product: out = silu(gate) * up
-                            v = f.op(f"fmul float {_unary('SILU', f, f.load('float', po, 4))}, {v}")
-                        f.store("float", v, po, 4)
-                    _dot_rows(k2, wt, pw, Kdim, c, act_ptr, store)
+            def act_ptr(q):
+                t, jj = entry(q)
+                srow = jj if S != 1 else "0"
+                if converted:
+                    return f.gep("i8", acts, f.mul(f.add(f.mul(t, S), srow), act_rb))
+                return k2.ptr(b, [t, srow, "0"])
+
+            def store(q, j, v):
+                t, jj = entry(q)
+                f.store("float", v, k2.ptr(out, [t, jj, j]), 4)
+            combine = None if a_up is None else (lambda gu: f.op(f"fmul float {_unary('SILU', f, gu[0])}, {gu[1]}"))
+            _products(k2, wt, rows, a.strides[1] * es, N, Kdim, c, act_ptr, store, act_rb, combine)
     phases.append(k2)
-    return phases, unpacked_bytes(wt, Kdim) if is_quantized(wt) else 0
+    return phases, 0
 
 
 def _vec8(f: Fn, p: str, dtype, i) -> str:

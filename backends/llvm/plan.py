@@ -70,6 +70,7 @@ class Plan:
         self.slots: list[tuple[str, object]] = [("arena", None)]   # (kind, node or name)
         self.steps: list[Step] = []
         self.arena_size = 0
+        self.tiles: set = set()    # (weight type, RW, RA) of the product tiles kernels call
         self._fuse()
         self._place()
 

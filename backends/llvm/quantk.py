@@ -65,7 +65,6 @@ declare i32 @llvm.vector.reduce.add.v32i32(<32 x i32>)
 declare i32 @llvm.vector.reduce.add.v16i32(<16 x i32>)
 declare i32 @llvm.vector.reduce.add.v8i32(<8 x i32>)
 declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>)
-declare <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16>, <16 x i16>)
 declare float @llvm.fma.f32(float, float, float)
 declare float @llvm.exp.f32(float)
 declare float @llvm.cos.f32(float)
@@ -74,51 +73,6 @@ declare float @llvm.sqrt.f32(float)
 declare double @llvm.sqrt.f64(double)
 declare float @llvm.tanh.f32(float)
 """
-
-
-def isum_fn(n: int, avx2: bool) -> str:
-    """Products of n int8 pairs (n = 16 or 32) summed pairwise into <8 x i32> partial sums (no
-    horizontal reduction: callers accumulate vectors and reduce once per row). On AVX2 this is
-    sign-extension plus vpmaddwd."""
-    lanes = ", ".join
-    if avx2:
-        if n == 32:
-            body = f"""
-  %wa = sext <32 x i8> %va to <32 x i16>
-  %wb = sext <32 x i8> %vb to <32 x i16>
-  %a0 = shufflevector <32 x i16> %wa, <32 x i16> poison, <16 x i32> <{lanes(f"i32 {i}" for i in range(16))}>
-  %a1 = shufflevector <32 x i16> %wa, <32 x i16> poison, <16 x i32> <{lanes(f"i32 {i}" for i in range(16, 32))}>
-  %b0 = shufflevector <32 x i16> %wb, <32 x i16> poison, <16 x i32> <{lanes(f"i32 {i}" for i in range(16))}>
-  %b1 = shufflevector <32 x i16> %wb, <32 x i16> poison, <16 x i32> <{lanes(f"i32 {i}" for i in range(16, 32))}>
-  %p0 = call <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16> %a0, <16 x i16> %b0)
-  %p1 = call <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16> %a1, <16 x i16> %b1)
-  %s = add <8 x i32> %p0, %p1"""
-        else:
-            body = """
-  %wa = sext <16 x i8> %va to <16 x i16>
-  %wb = sext <16 x i8> %vb to <16 x i16>
-  %s = call <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16> %wa, <16 x i16> %wb)"""
-    else:
-        parts = []
-        body = f"""
-  %wa = sext <{n} x i8> %va to <{n} x i32>
-  %wb = sext <{n} x i8> %vb to <{n} x i32>
-  %p = mul nsw <{n} x i32> %wa, %wb"""
-        prev = None
-        for q in range(n // 8):
-            body += f"\n  %q{q} = shufflevector <{n} x i32> %p, <{n} x i32> poison, <8 x i32> <{lanes(f'i32 {q * 8 + i}' for i in range(8))}>"
-            if prev is not None:
-                body += f"\n  %r{q} = add <8 x i32> {prev}, %q{q}"
-                prev = f"%r{q}"
-            else:
-                prev = f"%q{q}"
-        body += f"\n  %s = add <8 x i32> {prev}, zeroinitializer"
-    return f"""
-define internal <8 x i32> @isum{n}(ptr %a, ptr %b) alwaysinline {{
-  %va = load <{n} x i8>, ptr %a, align 1
-  %vb = load <{n} x i8>, ptr %b, align 1{body}
-  ret <8 x i32> %s
-}}"""
 
 
 # --------------------------------------------------------------------------- activations
@@ -360,190 +314,6 @@ def unpack_fn(t: G) -> str:
     return f.text()
 
 
-def dot_fn(t: G, rows: int = 1, direct: bool = False) -> str:
-    """@dot<R>_<T>(ptr unpacked, ptr act_0 .. act_{R-1}, i64 K, ptr raw_row) -> float (R = 1) or
-    <R x float>: one weight row against R activation rows, so the weight's blocks are loaded and
-    decoded once for R rows. Types in DIRECT read the raw weight row and need no unpacking."""
-    L = LAYOUTS[t]
-    R = rows
-    acts = [f"%a{r}" for r in range(R)]
-    ret = "float" if R == 1 else f"<{R} x float>"
-    suffix = "_d" if direct else ""
-    f = Fn(f"dot{R}_{t.name}{suffix}", [("ptr", "%u")] + [("ptr", a) for a in acts] + [("i64", "%K"), ("ptr", "%w")],
-           ret=ret, attrs="noinline")
-    K = "%K"
-    _, sc, mn, dd, dm = _unpacked_arrays(f, L)
-    nsup = f.udiv(K, L.super_)
-    accs = [f.var("<8 x float>", "zeroinitializer") for _ in range(R)]
-    extras = [f.var("float", "0.0") for _ in range(R)]   # Q8_1's m*s and K-quants' min terms
-    wtmp = f.var("<32 x i8>") if t in DIRECT_DECODE else None
-
-    def splat8(x, ty="float"):
-        v = f.op(f"insertelement <8 x {ty}> poison, {ty} {x}, i64 0")
-        return f.op(f"shufflevector <8 x {ty}> {v}, <8 x {ty}> poison, <8 x i32> zeroinitializer")
-
-    def fma_acc(r, scale, ivec):
-        sf = f.op(f"sitofp <8 x i32> {ivec} to <8 x float>")
-        accs[r].set(f.call("<8 x float>", "@llvm.fma.v8f32", f"<8 x float> {splat8(scale)}",
-                           f"<8 x float> {sf}", f"<8 x float> {accs[r].get()}"))
-
-    def finish():
-        totals = []
-        for r in range(R):
-            tot = f.call("float", "@llvm.vector.reduce.fadd.v8f32", "float 0.0", f"<8 x float> {accs[r].get()}")
-            totals.append(f.op(f"fadd float {tot}, {extras[r].get()}"))
-        if R == 1:
-            f(f"ret float {totals[0]}")
-        else:
-            v = "poison"
-            for r, x in enumerate(totals):
-                v = f.op(f"insertelement <{R} x float> {v}, float {x}, i64 {r}")
-            f(f"ret <{R} x float> {v}")
-        return f.text()
-
-    if L.act in (G.Q8_0, G.Q8_1):
-        B, size = ACT_SIZE[L.act]
-        qoff = 2 if L.act == G.Q8_0 else 4
-        with f.loop(0, f.udiv(K, 32)) as b:
-            if t in DIRECT:   # quants read straight from the weight block
-                wb = f.gep("i8", "%w", f.mul(b, L.size))
-                wq = DIRECT[t](f, wb, wtmp)
-                dw = f.op(f"fpext half {f.load('half', wb)} to float")
-            else:
-                wq = f.gep("i8", "%u", f.mul(b, 32))
-                dw = f.load("float", f.gep("float", dd, b))
-            mw = None
-            if L.act == G.Q8_1:   # the block's min m
-                mw = (f.op(f"fpext half {f.load('half', f.gep('i8', wb, 2))} to float") if t in DIRECT
-                      else f.load("float", f.gep("float", dm, b)))
-            for r in range(R):
-                ab = f.gep("i8", acts[r], f.mul(b, size))
-                s_ = f.call("<8 x i32>", "@isum32", f"ptr {wq}", f"ptr {f.gep('i8', ab, qoff)}")
-                da = f.op(f"fpext half {f.load('half', ab)} to float")
-                fma_acc(r, f.op(f"fmul float {dw}, {da}"), s_)
-                if mw is not None:
-                    sa = f.op(f"fpext half {f.load('half', f.gep('i8', ab, 2))} to float")
-                    extras[r].set(f.op(f"call float @llvm.fma.f32(float {mw}, float {sa}, float {extras[r].get()})"))
-        return finish()
-    # K-quants with Q8_K activations
-    nsb = L.super_ // L.sub
-    direct = direct and t in K_DIRECT
-    if direct:
-        qbuf, scbuf, mnbuf = f.var("[256 x i8]"), f.var("[16 x i32]"), f.var("[16 x i32]")
-    with f.loop(0, nsup) as b:
-        abs_ = [f.gep("i8", a, f.mul(b, 292)) for a in acts]
-        iscs = [f.var("<8 x i32>", "zeroinitializer") for _ in range(R)]
-        imns = [f.var("i32", "0") for _ in range(R)]
-        if direct:
-            dk, dmk = K_DIRECT[t](f, f.gep("i8", "%w", f.mul(b, L.size)), qbuf.ptr, scbuf.ptr, mnbuf.ptr)
-        with f.loop(0, nsb) as j:
-            if direct:
-                sidx = j
-                qw = f.gep("i8", qbuf.ptr, f.mul(j, L.sub))
-                scv = f.load("i32", f.gep("i32", scbuf.ptr, j))
-            else:
-                sidx = f.add(f.mul(b, nsb), j)
-                qw = f.gep("i8", "%u", f.add(f.mul(b, 256), f.mul(j, L.sub)))
-                scv = f.load("i32", f.gep("i32", sc, sidx))
-            scs = splat8(scv, "i32")
-            mnarr = mnbuf.ptr if direct else mn
-            mnv = f.load("i32", f.gep("i32", mnarr, sidx)) if t in (G.Q2_K, G.Q4_K, G.Q5_K) else None
-            for r in range(R):
-                qa = f.gep("i8", abs_[r], f.add(f.mul(j, L.sub), 4))
-                s_ = f.call("<8 x i32>", f"@isum{L.sub}", f"ptr {qw}", f"ptr {qa}")
-                iscs[r].set(f.op(f"add <8 x i32> {iscs[r].get()}, {f.op(f'mul <8 x i32> {scs}, {s_}')}"))
-                if mnv is not None:
-                    per = L.sub // 16
-                    bs = f.op(f"sext i16 {f.load('i16', f.gep('i8', abs_[r], f.add(f.mul(j, 2 * per), 260)))} to i32")
-                    if per == 2:
-                        bs2 = f.op(f"sext i16 {f.load('i16', f.gep('i8', abs_[r], f.add(f.mul(j, 4), 262)))} to i32")
-                        bs = f.op(f"add i32 {bs}, {bs2}")
-                    imns[r].set(f.op(f"add i32 {imns[r].get()}, {f.op(f'mul i32 {mnv}, {bs}')}"))
-        if direct:
-            dw, dmw = dk, dmk
-        else:
-            dw = f.load("float", f.gep("float", dd, b))
-            dmw = f.load("float", f.gep("float", dm, b)) if t in (G.Q2_K, G.Q4_K, G.Q5_K) else None
-        for r in range(R):
-            da = f.load("float", abs_[r])
-            fma_acc(r, f.op(f"fmul float {dw}, {da}"), iscs[r].get())
-            if dmw is not None:
-                dmda = f.op(f"fmul float {dmw}, {da}")
-                mnf = f.op(f"sitofp i32 {imns[r].get()} to float")
-                extras[r].set(f.op(f"fsub float {extras[r].get()}, {f.op(f'fmul float {dmda}, {mnf}')}"))
-    return finish()
-
-
-def _direct_q8_0(f: Fn, wb: str, tmp) -> str:
-    return f.gep("i8", wb, 2)
-
-
-def _direct_q4_0(f: Fn, wb: str, tmp) -> str:
-    """Q4_0 nibbles decoded in registers: low nibbles are values 0..15, high 16..31, minus 8."""
-    v = f.load("<16 x i8>", f.gep("i8", wb, 2))
-    lo = f.op(f"and <16 x i8> {v}, <{', '.join(['i8 15'] * 16)}>")
-    hi = f.op(f"lshr <16 x i8> {v}, <{', '.join(['i8 4'] * 16)}>")
-    q = f.op(f"shufflevector <16 x i8> {lo}, <16 x i8> {hi}, <32 x i32> <{', '.join(f'i32 {i}' for i in range(32))}>")
-    tmp.set(f.op(f"sub <32 x i8> {q}, <{', '.join(['i8 8'] * 32)}>"))
-    return tmp.ptr
-
-
-def _direct_q4_1(f: Fn, wb: str, tmp) -> str:
-    """Q4_1: nibbles 0..15 (the block's min m enters through Q8_1's s term)."""
-    v = f.load("<16 x i8>", f.gep("i8", wb, 4))
-    lo = f.op(f"and <16 x i8> {v}, <{', '.join(['i8 15'] * 16)}>")
-    hi = f.op(f"lshr <16 x i8> {v}, <{', '.join(['i8 4'] * 16)}>")
-    tmp.set(f.op(f"shufflevector <16 x i8> {lo}, <16 x i8> {hi}, <32 x i32> <{', '.join(f'i32 {i}' for i in range(32))}>"))
-    return tmp.ptr
-
-
-DIRECT = {G.Q8_0: _direct_q8_0, G.Q4_0: _direct_q4_0, G.Q4_1: _direct_q4_1}
-DIRECT_DECODE = {G.Q4_0, G.Q4_1}   # decoded into a stack temporary
-
-
-def _splat_i8(v: int, n: int = 32) -> str:
-    return f"<{', '.join([f'i8 {v}'] * n)}>"
-
-
-def _decode_q4_k(f: Fn, blk: str, q, sc, mn) -> tuple[str, str]:
-    """One Q4_K super-block: 256 quants into q (stack), 8 scales/mins into sc/mn; returns d, dmin."""
-    for g in range(4):
-        v = f.load("<32 x i8>", f.gep("i8", blk, 16 + 32 * g))
-        f.store("<32 x i8>", f.op(f"and <32 x i8> {v}, {_splat_i8(15)}"), f.gep("i8", q, 64 * g))
-        f.store("<32 x i8>", f.op(f"lshr <32 x i8> {v}, {_splat_i8(4)}"), f.gep("i8", q, 64 * g + 32))
-    byte = [f.op(f"zext i8 {f.load('i8', f.gep('i8', blk, 4 + i))} to i32") for i in range(12)]
-    for j in range(8):          # get_scale_min_k4
-        if j < 4:
-            a, m = f.and_(byte[j], 63, I32), f.and_(byte[j + 4], 63, I32)
-        else:
-            a = f.or_(f.and_(byte[j + 4], 15, I32), f.shl(f.lshr(byte[j - 4], 6, I32), 4, I32), I32)
-            m = f.or_(f.lshr(byte[j + 4], 4, I32), f.shl(f.lshr(byte[j], 6, I32), 4, I32), I32)
-        f.store("i32", a, f.gep("i32", sc, j))
-        f.store("i32", m, f.gep("i32", mn, j))
-    d = f.op(f"fpext half {f.load('half', blk)} to float")
-    dmin = f.op(f"fpext half {f.load('half', f.gep('i8', blk, 2))} to float")
-    return d, dmin
-
-
-def _decode_q6_k(f: Fn, blk: str, q, sc, mn) -> tuple[str, str]:
-    """One Q6_K super-block: 6-bit quants (minus 32) into q, 16 int8 scales into sc."""
-    for h in range(2):
-        ql0 = f.load("<32 x i8>", f.gep("i8", blk, 64 * h))
-        ql1 = f.load("<32 x i8>", f.gep("i8", blk, 64 * h + 32))
-        qh = f.load("<32 x i8>", f.gep("i8", blk, 128 + 32 * h))
-        for k, (ql, high, shift) in enumerate(((ql0, False, 0), (ql1, False, 2), (ql0, True, 4), (ql1, True, 6))):
-            low = f.op(f"lshr <32 x i8> {ql}, {_splat_i8(4)}") if high else f.op(f"and <32 x i8> {ql}, {_splat_i8(15)}")
-            hb = f.op(f"and <32 x i8> {f.op(f'lshr <32 x i8> {qh}, {_splat_i8(shift)}')}, {_splat_i8(3)}")
-            v = f.op(f"or <32 x i8> {low}, {f.op(f'shl <32 x i8> {hb}, {_splat_i8(4)}')}")
-            f.store("<32 x i8>", f.op(f"sub <32 x i8> {v}, {_splat_i8(32)}"), f.gep("i8", q, 128 * h + 32 * k))
-    for j in range(16):
-        f.store("i32", f.op(f"sext i8 {f.load('i8', f.gep('i8', blk, 192 + j))} to i32"), f.gep("i32", sc, j))
-    return f.op(f"fpext half {f.load('half', f.gep('i8', blk, 208))} to float"), None
-
-
-K_DIRECT = {G.Q4_K: _decode_q4_k, G.Q6_K: _decode_q6_k}   # decoded per super-block inside the dot
-
-
 def dequant_row_fn(t: G) -> str:
     """@dequant_<T>(ptr unpacked, ptr out, i64 K): floats from the unpacked form, in ggml's
     operation order ((d*sc)*q - dmin*m)."""
@@ -572,12 +342,11 @@ def dequant_row_fn(t: G) -> str:
     return f.text()
 
 
-def module_text(types: set[G], avx2: bool = True) -> str:
-    parts = [DECLS, isum_fn(16, avx2), isum_fn(32, avx2)]
+def module_text(types: set[G]) -> str:
+    """Activation quantizers for the weight types present, and row dequantizers (GET_ROWS)."""
+    parts = [DECLS]
     acts = {LAYOUTS[t].act for t in types}
     parts += [quantize_act_fn(a) for a in sorted(acts)]
     for t in sorted(types):
-        parts += [unpack_fn(t), dot_fn(t, 1), dot_fn(t, 4), dequant_row_fn(t)]
-        if t in K_DIRECT:
-            parts += [dot_fn(t, 1, direct=True), dot_fn(t, 4, direct=True)]
+        parts += [unpack_fn(t), dequant_row_fn(t)]
     return "\n".join(parts)

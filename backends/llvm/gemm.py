@@ -1,0 +1,387 @@
+"""Tiled matrix products on GGML blocks, the CPU backend's hot loop.
+
+`@tile_<T>_<RW>x<RA>(ptr w, i64 wstride, ptr a0 .. a_{RA-1}, i64 K) -> <RW*RA x float>` computes
+RW consecutive weight rows (raw GGUF blocks, decoded in registers) against RA activation rows
+(already in the weight's vec_dot_type); lane r*RA + c is row r . activation c. A decoded weight
+block serves RA activations and an activation block RW weight rows: that reuse is what a per-row
+dot product lacks. Integer sums are exact and the activations are rounded as ggml-cpu rounds them,
+so results equal ggml's up to the order of float additions.
+
+Per block class (x86 with AVX2: vpmaddubsw/vpmaddwd; other CPUs: the same sums in portable IR):
+  Q8_0 acts (Q8_0, Q4_0, Q5_0): signed quants w;  acc += dw*da * sum(w*a)            (sign trick)
+  Q8_1 acts (Q4_1, Q5_1):       unsigned u, min m; acc += dw*da * sum(u*a) + m*sa
+  Q8_K acts (Q2_K .. Q6_K):     unsigned u in 32-value chunks, an int scale per 16 values, and a
+      per-16 offset term: acc += da * (d * sum_j sc_j*sum(u*a)_j - c * sum_g m_g*bsum_g), where
+      (c, m) = (dmin, mins) for Q2_K/Q4_K/Q5_K and (d*off, scales) for Q3_K (off 4), Q6_K (32).
+  F32/F16/BF16: float FMAs over 8 lanes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from moegraph.ir import BF16, F16, F32
+from moegraph.quants import GGMLType as G
+
+from .irgen import I32, Fn, f32
+
+LEGACY = {G.Q8_0: 34, G.Q4_0: 18, G.Q5_0: 22, G.Q4_1: 20, G.Q5_1: 24}     # block bytes
+KQUANT = {G.Q2_K: 84, G.Q3_K: 110, G.Q4_K: 144, G.Q5_K: 176, G.Q6_K: 210}
+FLOAT = {F32: ("float", 4), F16: ("half", 2), BF16: ("i16", 2)}
+ACT_BLOCK = {G.Q8_0: 34, G.Q8_1: 36, G.Q8_K: 292}
+
+# (RW, RA) for prompts; decode uses (RW, 1). Measured on Zen 3 (16 vector registers).
+TILES = {"float": (4, 2), "legacy": (2, 4), "kquant": (2, 4)}
+
+DECLS = """
+declare <16 x i16> @llvm.x86.avx2.pmadd.ub.sw(<32 x i8>, <32 x i8>)
+declare <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16>, <16 x i16>)
+declare <32 x i8> @llvm.x86.avx2.psign.b(<32 x i8>, <32 x i8>)
+declare <32 x i8> @llvm.abs.v32i8(<32 x i8>, i1)
+"""
+
+
+def tile_class(t) -> str:
+    return "float" if t in FLOAT else "legacy" if t in LEGACY else "kquant"
+
+
+def tile_shape(t) -> tuple[int, int]:
+    return TILES[tile_class(t)]
+
+
+def _v(n: int, ty: str, vals) -> str:
+    return "<" + ", ".join(f"{ty} {v}" for v in vals) + ">"
+
+
+def _mask(vals) -> str:
+    vals = list(vals)
+    return f"<{len(vals)} x i32> " + _v(len(vals), "i32", vals)
+
+
+def _sp(n: int, ty: str, v) -> str:
+    return _v(n, ty, [v] * n)
+
+
+class SIMD:
+    """The integer dot-product steps, as AVX2 intrinsics or portable IR with the same results
+    (our ranges never reach vpmaddubsw's saturation: |w| <= 128, |a| <= 127)."""
+
+    def __init__(self, f: Fn, avx2: bool):
+        self.f, self.avx2 = f, avx2
+
+    def _pairs(self, x: str, n: int, ty: str) -> str:
+        """Sums of adjacent lanes of an <n x ty> vector -> <n/2 x ty>."""
+        f = self.f
+        ev = f.op(f"shufflevector <{n} x {ty}> {x}, <{n} x {ty}> poison, {_mask(range(0, n, 2))}")
+        od = f.op(f"shufflevector <{n} x {ty}> {x}, <{n} x {ty}> poison, {_mask(range(1, n, 2))}")
+        return f.op(f"add <{n // 2} x {ty}> {ev}, {od}")
+
+    def maddubs(self, u: str, s: str) -> str:
+        """unsigned bytes u times signed bytes s, adjacent pairs summed -> <16 x i16>."""
+        f = self.f
+        if self.avx2:
+            return f.op(f"call <16 x i16> @llvm.x86.avx2.pmadd.ub.sw(<32 x i8> {u}, <32 x i8> {s})")
+        p = f.op(f"mul <32 x i16> {f.op(f'zext <32 x i8> {u} to <32 x i16>')}, {f.op(f'sext <32 x i8> {s} to <32 x i16>')}")
+        return self._pairs(p, 32, "i16")
+
+    def dot_s8(self, w: str, absw: str | None, a: str) -> str:
+        """signed w times signed a, pairs summed -> <16 x i16> (ggml's sign trick on AVX2)."""
+        f = self.f
+        if self.avx2:
+            s = f.op(f"call <32 x i8> @llvm.x86.avx2.psign.b(<32 x i8> {a}, <32 x i8> {w})")
+            return self.maddubs(absw, s)
+        p = f.op(f"mul <32 x i16> {f.op(f'sext <32 x i8> {w} to <32 x i16>')}, {f.op(f'sext <32 x i8> {a} to <32 x i16>')}")
+        return self._pairs(p, 32, "i16")
+
+    def abs(self, w: str) -> str:
+        return self.f.op(f"call <32 x i8> @llvm.abs.v32i8(<32 x i8> {w}, i1 false)")
+
+    def madd(self, x: str, y: str) -> str:
+        """<16 x i16> x <16 x i16>, adjacent pairs summed -> <8 x i32>."""
+        f = self.f
+        if self.avx2:
+            return f.op(f"call <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16> {x}, <16 x i16> {y})")
+        p = f.op(f"mul <16 x i32> {f.op(f'sext <16 x i16> {x} to <16 x i32>')}, {f.op(f'sext <16 x i16> {y} to <16 x i32>')}")
+        return self._pairs(p, 16, "i32")
+
+
+# ---------------------------------------------------------------------------------- decoders
+def _half(f: Fn, blk: str, off: int) -> str:
+    return f.op(f"fpext half {f.load('half', f.gep('i8', blk, off))} to float")
+
+
+def _nibbles(f: Fn, blk: str, off: int) -> str:
+    """16 bytes of nibbles -> <32 x i8>: low nibbles are values 0..15, high nibbles 16..31."""
+    v = f.load("<16 x i8>", f.gep("i8", blk, off))
+    lo = f.op(f"and <16 x i8> {v}, {_sp(16, 'i8', 15)}")
+    hi = f.op(f"lshr <16 x i8> {v}, {_sp(16, 'i8', 4)}")
+    return f.op(f"shufflevector <16 x i8> {lo}, <16 x i8> {hi}, {_mask(range(32))}")
+
+
+def _fifth_bits(f: Fn, blk: str, off: int) -> str:
+    """The 32 high bits qh (bit i for value i) -> <32 x i8> of 16 or 0."""
+    qh = f.load("<4 x i8>", f.gep("i8", blk, off))
+    spread = f.op(f"shufflevector <4 x i8> {qh}, <4 x i8> poison, {_mask([i // 8 for i in range(32)])}")
+    bit = f.op(f"and <32 x i8> {spread}, {_v(32, 'i8', [1 << (i % 8) for i in range(32)])}")
+    on = f.op(f"icmp ne <32 x i8> {bit}, zeroinitializer")
+    return f.op(f"select <32 x i1> {on}, <32 x i8> {_sp(32, 'i8', 16)}, <32 x i8> zeroinitializer")
+
+
+@dataclass
+class LegacyBlock:
+    q: str            # <32 x i8>: signed values (Q8_0 acts) or unsigned (Q8_1 acts)
+    d: str            # float scale
+    m: str | None     # float min (Q4_1/Q5_1)
+
+
+def decode_legacy(f: Fn, t: G, blk: str) -> LegacyBlock:
+    d = _half(f, blk, 0)
+    if t == G.Q8_0:
+        return LegacyBlock(f.load("<32 x i8>", f.gep("i8", blk, 2)), d, None)
+    if t == G.Q4_0:
+        return LegacyBlock(f.op(f"sub <32 x i8> {_nibbles(f, blk, 2)}, {_sp(32, 'i8', 8)}"), d, None)
+    if t == G.Q5_0:
+        u = f.op(f"or <32 x i8> {_nibbles(f, blk, 6)}, {_fifth_bits(f, blk, 2)}")
+        return LegacyBlock(f.op(f"sub <32 x i8> {u}, {_sp(32, 'i8', 16)}"), d, None)
+    m = _half(f, blk, 2)
+    if t == G.Q4_1:
+        return LegacyBlock(_nibbles(f, blk, 4), d, m)
+    return LegacyBlock(f.op(f"or <32 x i8> {_nibbles(f, blk, 8)}, {_fifth_bits(f, blk, 4)}"), d, m)   # Q5_1
+
+
+@dataclass
+class KBlock:
+    chunk: Callable[[int], str]   # j -> <32 x i8> unsigned values j*32 .. j*32+31
+    sc16: str                     # <16 x i16>: integer scale of each 16 values
+    m16: str                      # <16 x i16>: offset multiplier of each 16 values
+    d: str                        # float super-block scale
+    c: str                        # float offset scale (dmin, or d*offset)
+
+
+def _bytes16(f: Fn, words: list[str]) -> str:
+    v = "poison"
+    for i, w in enumerate(words):
+        v = f.op(f"insertelement <4 x i32> {v}, i32 {w}, i64 {i}")
+    return f.op(f"bitcast <4 x i32> {v} to <16 x i8>")
+
+
+def _widen(f: Fn, v16: str, lanes, signed: bool) -> str:
+    """<16 x i8> -> <16 x i16> of the given lanes, sign- or zero-extended."""
+    s = f.op(f"shufflevector <16 x i8> {v16}, <16 x i8> poison, {_mask(lanes)}")
+    return f.op(f"{'sext' if signed else 'zext'} <16 x i8> {s} to <16 x i16>")
+
+
+def _k4_scales(f: Fn, blk: str) -> tuple[str, str]:
+    """Q4_K/Q5_K's 8 6-bit scales and mins (12 bytes at 4) -> per-16 <16 x i16> each."""
+    u0, u1, u2 = (f.load("i32", f.gep("i8", blk, 4 + 4 * i)) for i in range(3))
+    k1, k2, k3 = 0x3F3F3F3F, 0x0F0F0F0F, 0x03030303
+    sc_lo = f.and_(u0, k1, I32)
+    sc_hi = f.or_(f.and_(u2, k2, I32), f.shl(f.and_(f.lshr(u0, 6, I32), k3, I32), 4, I32), I32)
+    mn_lo = f.and_(u1, k1, I32)
+    mn_hi = f.or_(f.and_(f.lshr(u2, 4, I32), k2, I32), f.shl(f.and_(f.lshr(u1, 6, I32), k3, I32), 4, I32), I32)
+    v = _bytes16(f, [sc_lo, sc_hi, mn_lo, mn_hi])
+    return (_widen(f, v, [i // 2 for i in range(16)], False), _widen(f, v, [8 + i // 2 for i in range(16)], False))
+
+
+def _bit_select(f: Fn, bits: str, mask: int, value: int) -> str:
+    """value where (bits & mask) != 0, else 0, per byte."""
+    hit = f.op(f"and <32 x i8> {bits}, {_sp(32, 'i8', mask)}")
+    on = f.op(f"icmp ne <32 x i8> {hit}, zeroinitializer")
+    return f.op(f"select <32 x i1> {on}, <32 x i8> {_sp(32, 'i8', value)}, <32 x i8> zeroinitializer")
+
+
+def _crumbs(f: Fn, qs: str, shift: int) -> str:
+    """((qs >> shift) & 3) for 32 bytes."""
+    v = f.op(f"lshr <32 x i8> {qs}, {_sp(32, 'i8', shift)}")
+    return f.op(f"and <32 x i8> {v}, {_sp(32, 'i8', 3)}")
+
+
+def decode_kquant(f: Fn, t: G, blk: str) -> KBlock:
+    ld = lambda off: f.load("<32 x i8>", f.gep("i8", blk, off))   # noqa: E731
+    if t in (G.Q4_K, G.Q5_K):
+        sc16, m16 = _k4_scales(f, blk)
+        qs_off = 16 if t == G.Q4_K else 48
+        qh = ld(16) if t == G.Q5_K else None
+
+        def chunk(j):
+            v = ld(qs_off + 32 * (j // 2))
+            u = f.op(f"and <32 x i8> {v}, {_sp(32, 'i8', 15)}") if j % 2 == 0 else \
+                f.op(f"lshr <32 x i8> {v}, {_sp(32, 'i8', 4)}")
+            if qh is not None:
+                u = f.op(f"or <32 x i8> {u}, {_bit_select(f, qh, 1 << j, 16)}")
+            return u
+        return KBlock(chunk, sc16, m16, _half(f, blk, 0), _half(f, blk, 2))
+    if t == G.Q6_K:
+        sc = f.load("<16 x i8>", f.gep("i8", blk, 192))
+        sc16 = _widen(f, sc, range(16), True)
+        d = _half(f, blk, 208)
+
+        def chunk(j):
+            h, k = divmod(j, 4)
+            ql = ld(64 * h + 32 * (k % 2))
+            low = f.op(f"and <32 x i8> {ql}, {_sp(32, 'i8', 15)}") if k < 2 else \
+                f.op(f"lshr <32 x i8> {ql}, {_sp(32, 'i8', 4)}")
+            hb = f.op(f"shl <32 x i8> {_crumbs(f, ld(128 + 32 * h), 2 * k)}, {_sp(32, 'i8', 4)}")
+            return f.op(f"or <32 x i8> {low}, {hb}")
+        return KBlock(chunk, sc16, sc16, d, f.op(f"fmul float {d}, {f32(32.0)}"))
+    if t == G.Q3_K:
+        a0, a1, a2 = (f.load("i32", f.gep("i8", blk, 96 + 4 * i)) for i in range(3))
+        lo4 = lambda w, s: f.and_(f.lshr(w, s, I32), 0x0F0F0F0F, I32)                         # noqa: E731
+        hi2 = lambda s: f.shl(f.and_(f.lshr(a2, s, I32), 0x03030303, I32), 4, I32)              # noqa: E731
+        words = [f.or_(lo4(a0, 0), hi2(0), I32), f.or_(lo4(a1, 0), hi2(2), I32),
+                 f.or_(lo4(a0, 4), hi2(4), I32), f.or_(lo4(a1, 4), hi2(6), I32)]
+        sc = f.op(f"sub <16 x i8> {_bytes16(f, words)}, {_sp(16, 'i8', 32)}")
+        sc16 = _widen(f, sc, range(16), True)
+        d = _half(f, blk, 108)
+        hm = ld(0)
+
+        def chunk(j):
+            h, sh = divmod(j, 4)
+            low = _crumbs(f, ld(32 + 32 * h), 2 * sh)
+            return f.op(f"or <32 x i8> {low}, {_bit_select(f, hm, 1 << j, 4)}")
+        return KBlock(chunk, sc16, sc16, d, f.op(f"fmul float {d}, {f32(4.0)}"))
+    assert t == G.Q2_K, t
+    s = f.load("<16 x i8>", f.gep("i8", blk, 0))
+    sc16 = _widen(f, f.op(f"and <16 x i8> {s}, {_sp(16, 'i8', 15)}"), range(16), False)
+    m16 = _widen(f, f.op(f"lshr <16 x i8> {s}, {_sp(16, 'i8', 4)}"), range(16), False)
+
+    def chunk(j):
+        h, sh = divmod(j, 4)
+        return _crumbs(f, ld(16 + 32 * h), 2 * sh)
+    return KBlock(chunk, sc16, m16, _half(f, blk, 80), _half(f, blk, 82))
+
+
+# ---------------------------------------------------------------------------------- tiles
+def _splat8(f: Fn, x: str, ty: str = "float") -> str:
+    v = f.op(f"insertelement <8 x {ty}> poison, {ty} {x}, i64 0")
+    return f.op(f"shufflevector <8 x {ty}> {v}, <8 x {ty}> poison, <8 x i32> zeroinitializer")
+
+
+def _hadd(f: Fn, a: str, b: str) -> str:
+    """vhaddps: per 128-bit half, [a0+a1, a2+a3, b0+b1, b2+b3]."""
+    ev = f.op(f"shufflevector <8 x float> {a}, <8 x float> {b}, {_mask([0, 2, 8, 10, 4, 6, 12, 14])}")
+    od = f.op(f"shufflevector <8 x float> {a}, <8 x float> {b}, {_mask([1, 3, 9, 11, 5, 7, 13, 15])}")
+    return f.op(f"fadd <8 x float> {ev}, {od}")
+
+
+def reduce_many(f: Fn, vecs: list[str]) -> list[str]:
+    """Horizontal sums of many <8 x float>, four at a time (transpose-and-add)."""
+    out = []
+    for i in range(0, len(vecs), 4):
+        g = vecs[i:i + 4]
+        p = g + ["zeroinitializer"] * (4 - len(g))
+        hh = _hadd(f, _hadd(f, p[0], p[1]), _hadd(f, p[2], p[3]))
+        lo = f.op(f"shufflevector <8 x float> {hh}, <8 x float> poison, <4 x i32> <i32 0, i32 1, i32 2, i32 3>")
+        hi = f.op(f"shufflevector <8 x float> {hh}, <8 x float> poison, <4 x i32> <i32 4, i32 5, i32 6, i32 7>")
+        s = f.op(f"fadd <4 x float> {lo}, {hi}")
+        out += [f.op(f"extractelement <4 x float> {s}, i64 {k}") for k in range(len(g))]
+    return out
+
+
+def _fma8(f: Fn, a: str, b: str, acc: str) -> str:
+    return f.call("<8 x float>", "@llvm.fma.v8f32", f"<8 x float> {a}", f"<8 x float> {b}", f"<8 x float> {acc}")
+
+
+def tile_name(t, RW: int, RA: int) -> str:
+    return f"@tile_{getattr(t, 'name', t)}_{RW}x{RA}"
+
+
+def tile_fn(t, RW: int, RA: int, avx2: bool) -> str:
+    acts = [f"%a{c}" for c in range(RA)]
+    n = RW * RA
+    f = Fn(tile_name(t, RW, RA)[1:], [("ptr", "%w"), ("i64", "%ws")] + [("ptr", a) for a in acts] + [("i64", "%K")],
+           ret=f"<{n} x float>", attrs="noinline")
+    simd = SIMD(f, avx2)
+    accs = [[f.var("<8 x float>", "zeroinitializer") for _ in range(RA)] for _ in range(RW)]
+    extras = [[f.var("float", "0.0") for _ in range(RA)] for _ in range(RW)]
+    rows = [f.gep("i8", "%w", f.mul("%ws", r)) for r in range(RW)]
+
+    if t in FLOAT:
+        ety, esz = FLOAT[t]
+
+        def load8(p, i):
+            v = f.load(f"<8 x {ety}>", f.gep(ety, p, i), 2)
+            if t == F16:
+                return f.op(f"fpext <8 x half> {v} to <8 x float>")
+            if t == BF16:
+                w = f.op(f"shl <8 x i32> {f.op(f'zext <8 x i16> {v} to <8 x i32>')}, {_sp(8, 'i32', 16)}")
+                return f.op(f"bitcast <8 x i32> {w} to <8 x float>")
+            return v
+
+        def load1(p, i):
+            v = f.load(ety, f.gep(ety, p, i), 2)
+            if t == F16:
+                return f.op(f"fpext half {v} to float")
+            if t == BF16:
+                w = f.op(f"shl i32 {f.op(f'zext i16 {v} to i32')}, 16")
+                return f.op(f"bitcast i32 {w} to float")
+            return v
+        nv = f.and_("%K", -8)
+        with f.loop(0, nv, 8) as i:
+            ws = [load8(rows[r], i) for r in range(RW)]
+            for c in range(RA):
+                av = load8(acts[c], i)
+                for r in range(RW):
+                    accs[r][c].set(_fma8(f, ws[r], av, accs[r][c].get()))
+        with f.loop(nv, "%K") as i:       # rows not a multiple of 8
+            ws = [load1(rows[r], i) for r in range(RW)]
+            for c in range(RA):
+                av = load1(acts[c], i)
+                for r in range(RW):
+                    extras[r][c].set(f.op(f"call float @llvm.fma.f32(float {ws[r]}, float {av}, float {extras[r][c].get()})"))
+    elif t in LEGACY:
+        size = LEGACY[t]
+        q81 = t in (G.Q4_1, G.Q5_1)
+        asize, qoff = (36, 4) if q81 else (34, 2)
+        ones = _sp(16, "i16", 1)
+        with f.loop(0, f.udiv("%K", 32)) as b:
+            wbs = [decode_legacy(f, t, f.gep("i8", rows[r], f.mul(b, size))) for r in range(RW)]
+            absw = [simd.abs(w.q) if (avx2 and not q81) else None for w in wbs]
+            for c in range(RA):
+                ab = f.gep("i8", acts[c], f.mul(b, asize))
+                aq = f.load("<32 x i8>", f.gep("i8", ab, qoff))
+                da = _half(f, ab, 0)
+                sa = _half(f, ab, 2) if q81 else None
+                for r, w in enumerate(wbs):
+                    p = simd.maddubs(w.q, aq) if q81 else simd.dot_s8(w.q, absw[r], aq)
+                    isum = f.op(f"sitofp <8 x i32> {simd.madd(p, ones)} to <8 x float>")
+                    scale = _splat8(f, f.op(f"fmul float {w.d}, {da}"))
+                    accs[r][c].set(_fma8(f, isum, scale, accs[r][c].get()))
+                    if q81:
+                        extras[r][c].set(f.op(f"call float @llvm.fma.f32(float {w.m}, float {sa}, float {extras[r][c].get()})"))
+    else:
+        size = KQUANT[t]
+        with f.loop(0, f.udiv("%K", 256)) as sb:
+            kbs = [decode_kquant(f, t, f.gep("i8", rows[r], f.mul(sb, size))) for r in range(RW)]
+            abs_ = [f.gep("i8", a, f.mul(sb, 292)) for a in acts]
+            isums = [[None] * RA for _ in range(RW)]
+            for j in range(8):
+                aqs = [f.load("<32 x i8>", f.gep("i8", ab, 4 + 32 * j)) for ab in abs_]
+                for r, kb in enumerate(kbs):
+                    u = kb.chunk(j)
+                    scv = f.op(f"shufflevector <16 x i16> {kb.sc16}, <16 x i16> poison, "
+                               f"{_mask([2 * j] * 8 + [2 * j + 1] * 8)}")
+                    for c in range(RA):
+                        s = simd.madd(simd.maddubs(u, aqs[c]), scv)
+                        isums[r][c] = s if j == 0 else f.op(f"add <8 x i32> {isums[r][c]}, {s}")
+            for c, ab in enumerate(abs_):
+                da = f.load("float", ab)
+                bsums = f.load("<16 x i16>", f.gep("i8", ab, 260))
+                for r, kb in enumerate(kbs):
+                    ms = f.op(f"sitofp <8 x i32> {simd.madd(kb.m16, bsums)} to <8 x float>")
+                    isum = f.op(f"sitofp <8 x i32> {isums[r][c]} to <8 x float>")
+                    acc = _fma8(f, isum, _splat8(f, f.op(f"fmul float {kb.d}, {da}")), accs[r][c].get())
+                    nc = f.op(f"fneg float {f.op(f'fmul float {kb.c}, {da}')}")
+                    accs[r][c].set(_fma8(f, ms, _splat8(f, nc), acc))
+    sums = reduce_many(f, [accs[r][c].get() for r in range(RW) for c in range(RA)])
+    out = "poison"
+    for i, s in enumerate(sums):
+        r, c = divmod(i, RA)
+        v = f.op(f"fadd float {s}, {extras[r][c].get()}")
+        out = f.op(f"insertelement <{n} x float> {out}, float {v}, i64 {i}")
+    f(f"ret <{n} x float> {out}")
+    return f.text()
+
+
+def tiles_text(tiles: set, avx2: bool) -> str:
+    return "\n".join([DECLS] + [tile_fn(t, rw, ra, avx2) for t, rw, ra in sorted(tiles, key=str)])
