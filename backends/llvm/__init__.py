@@ -30,7 +30,7 @@ from .gemm import tiles_text
 from .quantk import module_text
 
 ENTRY = "moegraph_graph"
-PARALLEL_WORK = 32768   # estimated element operations above which a kernel is split among threads
+PARALLEL_WORK = 4096   # estimated element operations above which a kernel is split among threads
 _llvm_lock = threading.Lock()
 _initialized = False
 

@@ -28,7 +28,6 @@ from .irgen import I32, Fn, f32
 LEGACY = {G.Q8_0: 34, G.Q4_0: 18, G.Q5_0: 22, G.Q4_1: 20, G.Q5_1: 24}     # block bytes
 KQUANT = {G.Q2_K: 84, G.Q3_K: 110, G.Q4_K: 144, G.Q5_K: 176, G.Q6_K: 210}
 FLOAT = {F32: ("float", 4), F16: ("half", 2), BF16: ("i16", 2)}
-ACT_BLOCK = {G.Q8_0: 34, G.Q8_1: 36, G.Q8_K: 292}
 
 # (RW, RA) for prompts; decode uses (RW, 1). Measured on Zen 3 (16 vector registers).
 TILES = {"float": (4, 2), "legacy": (2, 4), "kquant": (2, 4)}
@@ -332,21 +331,22 @@ def tile_fn(t, RW: int, RA: int, avx2: bool) -> str:
     elif t in LEGACY:
         size = LEGACY[t]
         q81 = t in (G.Q4_1, G.Q5_1)
-        asize, qoff = (36, 4) if q81 else (34, 2)
+        asize, qoff = (40, 8) if q81 else (36, 4)     # quantk.ACT_SIZE: float d (and s) first
         ones = _sp(16, "i16", 1)
         with f.loop(0, f.udiv("%K", 32)) as b:
             wbs = [decode_legacy(f, t, f.gep("i8", rows[r], f.mul(b, size))) for r in range(RW)]
             absw = [simd.abs(w.q) if (avx2 and not q81) else None for w in wbs]
+            dws = [_splat8(f, w.d) for w in wbs]
             for c in range(RA):
                 ab = f.gep("i8", acts[c], f.mul(b, asize))
                 aq = f.load("<32 x i8>", f.gep("i8", ab, qoff))
-                da = _half(f, ab, 0)
-                sa = _half(f, ab, 2) if q81 else None
+                da = _splat8(f, f.load("float", ab))
+                sa = f.load("float", f.gep("i8", ab, 4)) if q81 else None
                 for r, w in enumerate(wbs):
                     p = simd.maddubs(w.q, aq) if q81 else simd.dot_s8(w.q, absw[r], aq)
                     isum = f.op(f"sitofp <8 x i32> {simd.madd(p, ones)} to <8 x float>")
-                    scale = _splat8(f, f.op(f"fmul float {w.d}, {da}"))
-                    accs[r][c].set(_fma8(f, isum, scale, accs[r][c].get()))
+                    scaled = f.op(f"fmul <8 x float> {isum}, {dws[r]}")
+                    accs[r][c].set(_fma8(f, scaled, da, accs[r][c].get()))
                     if q81:
                         extras[r][c].set(f.op(f"call float @llvm.fma.f32(float {w.m}, float {sa}, float {extras[r][c].get()})"))
     else:

@@ -17,7 +17,7 @@ from moegraph.quants import GGMLType, is_quantized, row_bytes, vec_dot_type
 from .irgen import I32 as TI32, Fn, f32, f64, splat
 from .plan import SYMBOLS, Plan, View, elem_size
 from .gemm import tile_name, tile_shape
-from .quantk import unpacked_bytes
+from .quantk import act_row_bytes, unpacked_bytes
 
 PARAMS = [("ptr", "%ptrs"), ("ptr", "%syms"), ("i64", "%ith"), ("i64", "%nth"), ("ptr", "%tls")]
 LLTYPE = {F32: "float", F16: "half", I32: "i32", BF16: "i16"}
@@ -540,7 +540,7 @@ def _act_quant_phase(k: K, b: View, rows_dims, vt, Kdim: int, dst: str) -> None:
     f = k.f
     n = k.count(rows_dims)
     lo, hi = k.split(n)
-    rb = row_bytes(vt, Kdim)
+    rb = act_row_bytes(vt, Kdim)
     with f.loop(lo, hi) as r:
         bi = k.unflatten(r, rows_dims)
         pb = k.ptr(b, bi + ["0"])
@@ -556,14 +556,15 @@ def _act_quant_phase(k: K, b: View, rows_dims, vt, Kdim: int, dst: str) -> None:
                     f.store("i16", k.to_bf16(v), f.gep("i16", pd, i), 2)
 
 
-def _products(k: K, wt, rows: list, wstride: int, n_rows: int, Kdim: int, M: str, act_ptr, store,
+def _products(k: K, wt, rows: list, wstride: int, n_rows: int, Kdim: int, M: str, locate, act_ptr, store,
               act_rb: int, combine=None) -> None:
     """out(m, j) = weight row j . activation row m for this thread's share of the n_rows rows and
     all M activation rows, in tiles (gemm.py): RW rows x RA activations, then RW x 1 for the
     activations left over, 1 x RA / 1 x 1 for rows left over. Activations go in chunks that stay in
     L2 while this thread's rows pass over them. rows: one function per weight tensor (j -> pointer
-    to row j); with two (SWIGLU's gate and up) combine([g, u]) merges their results.
-    act_ptr(m) -> activation row m (in vec_dot_type); store(m, j, value)."""
+    to row j); with two (SWIGLU's gate and up) combine(g, u, n) merges their <n x float> results.
+    locate(m) -> a handle on activation row m, computed once per tile; act_ptr(handle) -> the row
+    (in vec_dot_type); store(handle, j, value)."""
     f = k.f
     RW, RA = tile_shape(wt)
     RW = min(RW, n_rows)
@@ -572,15 +573,16 @@ def _products(k: K, wt, rows: list, wstride: int, n_rows: int, Kdim: int, M: str
 
     def tile(rw, ra, j, m):
         k.plan.tiles.add((wt, rw, ra))
-        ms = [m] + [f.add(m, c) for c in range(1, ra)]
-        acts = [f"ptr {act_ptr(x)}" for x in ms]
-        vs = [f.call(f"<{rw * ra} x float>", tile_name(wt, rw, ra), f"ptr {row(j)}", f"i64 {wstride}", *acts,
+        n = rw * ra
+        where = [locate(m if c == 0 else f.add(m, c)) for c in range(ra)]
+        acts = [f"ptr {act_ptr(x)}" for x in where]
+        vs = [f.call(f"<{n} x float>", tile_name(wt, rw, ra), f"ptr {row(j)}", f"i64 {wstride}", *acts,
                      f"i64 {Kdim}") for row in rows]
+        v = combine(*vs, n) if combine else vs[0]
         for r in range(rw):
             jr = f.add(j, r) if r else j
             for c in range(ra):
-                lanes = [f.op(f"extractelement <{rw * ra} x float> {v}, i64 {r * ra + c}") for v in vs]
-                store(ms[c], jr, combine(lanes) if combine else lanes[0])
+                store(where[c], jr, f.op(f"extractelement <{n} x float> {v}, i64 {r * ra + c}"))
 
     def over_acts(rw, j, m0, m1, mfull):
         with f.loop(m0, mfull, RA) as m:
@@ -605,6 +607,21 @@ def _products(k: K, wt, rows: list, wstride: int, n_rows: int, Kdim: int, M: str
                         over_acts(1, j, m0, m1, mfull)
 
 
+def _swiglu(f: Fn, g: str, u: str, n: int) -> str:
+    """silu(g) * u on <n x float>: 8 lanes at once through the vector exp."""
+    if n == 8:
+        one = splat("float", 8, "1.0")
+        e = f.call("<8 x float>", "@exp_v", f"<8 x float> {f.op(f'fneg <8 x float> {g}')}")
+        sg = f.op(f"fdiv <8 x float> {g}, {f.op(f'fadd <8 x float> {one}, {e}')}")
+        return f.op(f"fmul <8 x float> {sg}, {u}")
+    out = "poison"
+    for i in range(n):
+        gi, ui = (f.op(f"extractelement <{n} x float> {x}, i64 {i}") for x in (g, u))
+        v = f.op(f"fmul float {_unary('SILU', f, gi)}, {ui}")
+        out = f.op(f"insertelement <{n} x float> {out}, float {v}, i64 {i}")
+    return out
+
+
 def _esize(t) -> int:
     """Bytes per stride unit of a weight view (quantized views count bytes)."""
     return 1 if is_quantized(t) else elem_size(t)
@@ -618,7 +635,7 @@ def k_mul_mat(plan: Plan, n: Node, name: str):
     wt = a.dtype
     vt = vec_dot_type(wt)
     rows_dims = b.shape[:-1]
-    act_rb = row_bytes(vt, Kdim)
+    act_rb = act_row_bytes(vt, Kdim)
     scratch_off = plan.scratch.get(n.id)
     phases = []
     converted = vt != F32            # activations rounded to vec_dot_type in phase 1
@@ -642,7 +659,7 @@ def k_mul_mat(plan: Plan, n: Node, name: str):
     def store(m, j, v):
         f.store("float", v, f.gep("float", k2.operand(0, out.offset * 4), f.add(f.mul(m, N), j)), 4)
     _products(k2, wt, [lambda j: f.gep("i8", wbase, f.mul(j, a.strides[0] * es))], a.strides[0] * es, N, Kdim,
-              k2.count(rows_dims), act_ptr, store, act_rb)
+              k2.count(rows_dims), lambda m: m, act_ptr, store, act_rb)
     phases.append(k2)
     return phases, 0
 
@@ -674,7 +691,7 @@ def k_mul_mat_id(plan: Plan, n: Node, name: str, swiglu=None):
     kk = ids.shape[1]
     wt = a.dtype
     vt = vec_dot_type(wt)
-    act_rb = row_bytes(vt, Kdim)
+    act_rb = act_row_bytes(vt, Kdim)
     base_off = plan.scratch[scratch_node.id]
     rows_max = math.prod(plan.max_shape(b.shape[:-1]))
     converted = vt != F32
@@ -723,18 +740,17 @@ def k_mul_mat_id(plan: Plan, n: Node, name: str, swiglu=None):
                 tj = f.op(f"sext i32 {f.load('i32', f.gep('i32', lst, f.add(f.mul(e, per_t), q)), 4)} to i64")
                 return f.udiv(tj, kk), f.urem(tj, kk)
 
-            def act_ptr(q):
-                t, jj = entry(q)
+            def act_ptr(where):
+                t, jj = where
                 srow = jj if S != 1 else "0"
                 if converted:
                     return f.gep("i8", acts, f.mul(f.add(f.mul(t, S), srow), act_rb))
                 return k2.ptr(b, [t, srow, "0"])
 
-            def store(q, j, v):
-                t, jj = entry(q)
-                f.store("float", v, k2.ptr(out, [t, jj, j]), 4)
-            combine = None if a_up is None else (lambda gu: f.op(f"fmul float {_unary('SILU', f, gu[0])}, {gu[1]}"))
-            _products(k2, wt, rows, a.strides[1] * es, N, Kdim, c, act_ptr, store, act_rb, combine)
+            def store(where, j, v):
+                f.store("float", v, k2.ptr(out, [where[0], where[1], j]), 4)
+            _products(k2, wt, rows, a.strides[1] * es, N, Kdim, c, entry, act_ptr, store, act_rb,
+                      None if a_up is None else (lambda g, u, n: _swiglu(f, g, u, n)))
     phases.append(k2)
     return phases, 0
 

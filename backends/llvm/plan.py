@@ -200,13 +200,15 @@ class Plan:
 
     def _scratch_bytes(self, n: Node) -> int:
         from moegraph.quants import vec_dot_type
+
+        from .quantk import act_row_bytes
         if n.id in self.moe_swiglu:
             n = self.moe_swiglu[n.id]["gate"]
         if n.op in ("MUL_MAT", "MUL_MAT_ID") and n.id not in self.attention:
             a, b = n.inputs[0], n.inputs[1]
             vt = vec_dot_type(a.dtype)
             rows = math.prod(self.max_shape(b.shape[:-1]))
-            act = rows * row_bytes(vt, b.shape[-1]) if vt != F32 else 0
+            act = rows * act_row_bytes(vt, b.shape[-1]) if vt != F32 else 0
             lists = 0
             if n.op == "MUL_MAT_ID":   # per-expert counts and (token, slot) lists
                 E = a.shape[0]

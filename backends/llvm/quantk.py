@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moegraph.quants import GGMLType as G
+from moegraph.quants import GGMLType as G, row_bytes
 
 from .irgen import I32, Fn, f32
 
@@ -43,7 +43,18 @@ LAYOUTS = {
     G.Q5_K: Layout(256, 176, 32, 256, G.Q8_K),
     G.Q6_K: Layout(256, 210, 16, 256, G.Q8_K),
 }
-ACT_SIZE = {G.Q8_0: (32, 34), G.Q8_1: (32, 36), G.Q8_K: (256, 292)}
+# Activation blocks in this backend's scratch: ggml's values, but the fp16 scales d (and Q8_1's s)
+# stored widened to float32, so products load them without conversion: Q8_0 = d, qs[32];
+# Q8_1 = d, s, qs[32]; Q8_K as ggml (float d, qs[256], int16 bsums[16]).
+ACT_SIZE = {G.Q8_0: (32, 36), G.Q8_1: (32, 40), G.Q8_K: (256, 292)}
+
+
+def act_row_bytes(vt, K: int) -> int:
+    """Bytes of one activation row of K values in vec_dot_type vt, as kernels lay it out."""
+    if vt in ACT_SIZE:
+        B, size = ACT_SIZE[vt]
+        return K // B * size
+    return row_bytes(vt, K)
 
 
 def unpacked_bytes(t: G, K: int) -> int:
@@ -76,6 +87,11 @@ declare float @llvm.tanh.f32(float)
 
 
 # --------------------------------------------------------------------------- activations
+def _via_half(f: Fn, x: str) -> str:
+    """x rounded to fp16 (ggml stores it so) and widened back."""
+    return f.op(f"fpext half {f.op(f'fptrunc float {x} to half')} to float")
+
+
 def quantize_act_fn(t: G) -> str:
     """@quant_<T>(ptr x, ptr out, i64 K): one row of float32 to ggml blocks (x86 rounding)."""
     f = Fn(f"quant_{t.name}", [("ptr", "%x"), ("ptr", "%out"), ("i64", "%K")], attrs="noinline")
@@ -95,7 +111,7 @@ def quantize_act_fn(t: G) -> str:
             nz = f.op(f"fcmp one float {am}, 0.0")
             inv = f.op(f"fdiv float {f32(127.0)}, {am}")
             mul = f.op(f"select i1 {nz}, float {inv}, float 0.0")
-            qoff = 2 if t == G.Q8_0 else 4
+            qoff = 4 if t == G.Q8_0 else 8
             total = f.var("i32", "0")
             with f.loop(0, 32) as i:
                 v = f.load("float", f.gep("float", xb, i))
@@ -103,10 +119,10 @@ def quantize_act_fn(t: G) -> str:
                 qi = f.op(f"fptosi float {r} to i32")
                 total.set(f.op(f"add i32 {total.get()}, {qi}"))
                 f.store("i8", f.op(f"trunc i32 {qi} to i8"), f.gep("i8", ob, f.op(f"add i64 {i}, {qoff}")))
-            f.store("half", f.op(f"fptrunc float {d} to half"), ob)
+            f.store("float", _via_half(f, d), ob)
             if t == G.Q8_1:
                 s = f.op(f"fmul float {d}, {f.op(f'sitofp i32 {total.get()} to float')}")
-                f.store("half", f.op(f"fptrunc float {s} to half"), f.gep("i8", ob, 2))
+                f.store("float", _via_half(f, s), f.gep("i8", ob, 4))
         else:  # Q8_K: scale by the element of largest |x| (first one), nearest_int, min(127)
             amax, mx = f.var("float", "0.0"), f.var("float", "0.0")
             with f.loop(0, 256) as i:
