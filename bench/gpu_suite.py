@@ -69,7 +69,8 @@ def device_name() -> str:
 def profile_by_kind(s, T: int) -> dict:
     ids = np.arange(T, dtype=np.int32) % s.model.config.n_vocab
     prof = s.executable.profile({"tokens": ids, "pos": np.arange(T, dtype=np.int32),
-                                 "kq_mask": np.triu(np.full((T, T), -np.inf, np.float32), 1)})
+                                 "kq_mask": np.triu(np.full((T, T), -np.inf, np.float32), 1),
+                                 "out_rows": np.arange(T, dtype=np.int32)})
     s.reset()
     by = defaultdict(float)
     for p in prof:

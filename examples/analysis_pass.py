@@ -80,10 +80,11 @@ def node_cost(n, bind):
 
 
 @register_pass("cost_report")
-def cost_report(graph, T=1, n_past=0):
+def cost_report(graph, T=1, n_past=0, n_out=1):
     """Stores graph.meta['cost'][f'T={T},KV={KV}'] = {op: {count, flops, weight_bytes, ...}} for a
-    step of T new tokens after n_past cached ones; the graph is returned unchanged."""
-    bind = {"T": T, "KV": n_past + T}
+    step of T new tokens after n_past cached ones, with logits for n_out of them (1 when
+    generating); the graph is returned unchanged."""
+    bind = {"T": T, "KV": n_past + T, "O": n_out}
     by_op = defaultdict(lambda: dict.fromkeys(COLUMNS, 0))
     for n in graph.toposort():
         row = by_op[n.op]

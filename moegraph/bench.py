@@ -64,7 +64,9 @@ def _timed_runs(engine: str, reset, evaluate, n_vocab: int, n_prompt: int, n_gen
 
 
 def bench_moegraph(session, n_prompt: int, n_gen: int, repeats: int) -> list[BenchResult]:
-    return _timed_runs("moegraph", session.reset, session.forward, session.model.config.n_vocab,
+    # logits of the last position only, as llama.cpp computes them (llm.eval below)
+    return _timed_runs("moegraph", session.reset, lambda t: session.forward(t, last_only=True),
+                       session.model.config.n_vocab,
                        n_prompt, n_gen, repeats)
 
 

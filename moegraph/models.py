@@ -2,8 +2,10 @@
 
 A builder turns a ModelConfig and the file's tensors into one Graph for a forward step of T
 tokens (T is a symbol: the same graph serves the prompt and each generated token):
-inputs `tokens` [T], `pos` [T], `kq_mask` [T, KV]; states `cache_k.i`/`cache_v.i`
-[n_ctx, n_head_kv, head_dim]; output `logits` [T, n_vocab]. The MoE FFN is one builder
+inputs `tokens` [T], `pos` [T], `kq_mask` [T, KV], `out_rows` [O]; states `cache_k.i`/`cache_v.i`
+[n_ctx, n_head_kv, head_dim]; output `logits` [O, n_vocab] for the token positions in `out_rows`
+(all of them for perplexity; only the last when a prompt is processed for generation, as
+llama.cpp does: the LM head is the largest single product). The MoE FFN is one builder
 parameterised as llama.cpp's build_moe_ffn is.
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ from .ir import F16, F32, I32, ROPE_NEOX, ROPE_NORM, DType, Graph, Node
 
 T = "T"    # the symbolic number of tokens in a step
 KV = "KV"  # the symbolic number of KV-cache cells a step attends to (n_past + T)
+O = "O"    # the symbolic number of token positions whose logits a step computes
 
 
 @dataclass
@@ -136,6 +139,7 @@ class GraphBuilder:
         self.tokens = g.input("tokens", (T,), I32)
         self.pos = g.input("pos", (T,), I32)
         self.kq_mask = g.input("kq_mask", (T, KV), F32)
+        self.out_rows = g.input("out_rows", (O,), I32)
 
     # -- weights
     def has(self, name: str) -> bool:
@@ -246,7 +250,7 @@ class GraphBuilder:
 
     def output(self, x: Node) -> Node:
         g, c = self.g, self.cfg
-        x = self.norm(x, "output_norm.weight")
+        x = self.norm(g.get_rows(x, self.out_rows), "output_norm.weight")
         name = "output.weight" if self.has("output.weight") else "token_embd.weight"  # tied
         return g.mul_mat(self.w(name, (c.n_vocab, c.n_embd)), x)
 

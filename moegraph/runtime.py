@@ -121,11 +121,13 @@ class Session:
         self.n_past = 0
         self.executable.reset_state()
 
-    def forward(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Appends tokens to the sequence; returns the logits [n_tokens, n_vocab] (float32)."""
-        return self.run(tokens)["logits"]
+    def forward(self, tokens: Sequence[int] | np.ndarray, last_only: bool = False) -> np.ndarray:
+        """Appends tokens to the sequence; returns the logits [n_tokens, n_vocab] (float32), or
+        with last_only only the last position's [1, n_vocab]: all that generation needs, and the
+        LM head then runs for one row instead of n_tokens (llama.cpp's default too)."""
+        return self.run(tokens, last_only)["logits"]
 
-    def run(self, tokens: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
+    def run(self, tokens: Sequence[int] | np.ndarray, last_only: bool = False) -> dict[str, np.ndarray]:
         """Like forward, but returns every output of the graph (passes and analyses may add some,
         e.g. the chosen experts). Longer inputs than the backend takes at once are split into
         batches (like llama.cpp's ubatches)."""
@@ -141,17 +143,22 @@ class Session:
             raise InputError(f"{self.n_past} tokens in the context + {n} new ones exceed the "
                              f"context size n_ctx={self.n_ctx} (reset() the session or use a larger n_ctx)")
         step = getattr(self.executable, "max_tokens", None) or n
-        parts = [self._run_batch(ids[i:i + step]) for i in range(0, n, step)]
+        parts = [self._run_batch(ids[i:i + step], last_only) for i in range(0, n, step)]
         if len(parts) == 1:
             return parts[0]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        if last_only:
+            out["logits"] = parts[-1]["logits"]
+        return out
 
-    def _run_batch(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+    def _run_batch(self, ids: np.ndarray, last_only: bool = False) -> dict[str, np.ndarray]:
         n = len(ids)
         pos = np.arange(self.n_past, self.n_past + n, dtype=np.int32)
         n_kv = self.n_past + n
         mask = np.where(np.arange(n_kv)[None, :] <= pos[:, None], 0.0, -np.inf).astype(np.float32)
-        out = self.executable.run({"tokens": ids.astype(np.int32), "pos": pos, "kq_mask": mask})
+        rows = np.array([n - 1], np.int32) if last_only else np.arange(n, dtype=np.int32)
+        out = self.executable.run({"tokens": ids.astype(np.int32), "pos": pos, "kq_mask": mask,
+                                   "out_rows": rows})
         self.n_past += n
         return out
 
@@ -172,7 +179,7 @@ class Session:
         self.reset()
         self.stats = st = GenerationStats(n_prompt=len(ids))
         t0 = time.perf_counter()
-        logits = self.forward(ids)[-1]
+        logits = self.forward(ids, last_only=True)[-1]
         st.prompt_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         for _ in range(max_tokens):

@@ -187,7 +187,8 @@ def test_gpu_profile_names_every_step():
     need_gpu()
     s = moegraph.load(str(bundled())).compile(backend="cuda", n_ctx=64)
     prof = s.executable.profile({"tokens": np.array([1, 2, 3], np.int32), "pos": np.arange(3, dtype=np.int32),
-                                 "kq_mask": np.triu(np.full((3, 3), -np.inf, np.float32), 1)})
+                                 "kq_mask": np.triu(np.full((3, 3), -np.inf, np.float32), 1),
+                                 "out_rows": np.arange(3, dtype=np.int32)})
     assert len(prof) == len(s.executable.program.launches)
     assert any(p["step"].startswith("MUL_MAT") for p in prof) and all(p["ms"] >= 0 for p in prof)
 

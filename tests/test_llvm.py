@@ -55,11 +55,47 @@ def test_single_ops_match_numpy(dtype, T):
               "ids": np.stack([rng.permutation(5)[:3] for _ in range(T)]).astype(np.int32),
               "rid": rng.integers(0, 38, T).astype(np.int32)}
     ref = get_backend("numpy").compile(g).run(inputs)
-    for n_threads in (1, 3):
-        got = get_backend("llvm", n_threads=n_threads, max_tokens=80, use_cache=False).compile(g).run(inputs)
-        errs = {k: float(np.abs(got[k] - ref[k]).max() / (np.abs(ref[k]).max() + 1e-30)) for k in ref}
-        # identical integer sums and activation rounding: only float summation order differs
-        assert all(e < 1e-5 for e in errs.values()), (dtype, T, n_threads, errs)
+    # 3 threads: uneven shares of rows and of each expert's rows
+    got = get_backend("llvm", n_threads=3, max_tokens=80, use_cache=False).compile(g).run(inputs)
+    errs = {k: float(np.abs(got[k] - ref[k]).max() / (np.abs(ref[k]).max() + 1e-30)) for k in ref}
+    # identical integer sums and activation rounding: only float summation order differs
+    assert all(e < 1e-5 for e in errs.values()), (dtype, T, errs)
+
+
+@pytest.mark.parametrize("dtype", ["Q8_0", "Q4_1", "Q5_0", "Q3_K", "Q6_K", "BF16"])
+def test_portable_ir_without_avx2(dtype, monkeypatch):
+    """CPUs without AVX2 get the same sums from portable IR (checked here on this CPU)."""
+    import moegraph.backends.llvm as llvm_backend
+    real = llvm_backend.host_features()
+    monkeypatch.setattr(llvm_backend, "host_features", lambda: {**real, "avx2": False})
+    g = _op_graph(dtype, 512, N=38)
+    rng = np.random.default_rng(5)
+    inputs = {"x": rng.standard_normal((9, 512)).astype(np.float32),
+              "ids": np.stack([rng.permutation(5)[:3] for _ in range(9)]).astype(np.int32),
+              "rid": rng.integers(0, 38, 9).astype(np.int32)}
+    ref = get_backend("numpy").compile(g).run(inputs)
+    ex = get_backend("llvm", n_threads=2, max_tokens=16, use_cache=False).compile(g)
+    assert "call <8 x i32> @llvm.x86.avx2" not in ex.ir_text and "call <16 x i16> @llvm.x86" not in ex.ir_text
+    got = ex.run(inputs)
+    for k in ref:
+        assert np.abs(got[k] - ref[k]).max() <= 1e-5 * np.abs(ref[k]).max(), (dtype, k)
+
+
+def test_last_only_logits_equal_the_last_row():
+    """Generation computes the LM head for the last position only (as llama.cpp does)."""
+    import importlib.resources
+    m = moegraph.load(str(importlib.resources.files("moegraph.data") / "tiny-qwen3moe-kjv-Q8_0.gguf"))
+    ids = list(range(3, 40))
+    for backend in ("numpy", "llvm"):
+        s = m.compile(backend=backend, n_ctx=64)
+        full = s.forward(ids)
+        s.reset()
+        last = s.forward(ids, last_only=True)
+        assert last.shape == (1, full.shape[1])
+        np.testing.assert_allclose(last[0], full[-1], rtol=1e-5, atol=1e-5)
+        nxt = s.forward([7], last_only=True)          # the cache advanced by all 37 tokens
+        s.reset()
+        np.testing.assert_allclose(nxt[0], s.forward(ids + [7])[-1], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ["qwen3moe", "llama"])

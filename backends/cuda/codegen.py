@@ -146,7 +146,7 @@ class KB:
             "block": "for (i64 it = blockIdx.x; it < total; it += gridDim.x) {",
             "single": "if (blockIdx.x == 0) { const i64 it = 0; (void)it;",
         }[mode]
-        return (f'extern "C" __global__ void {name}({params}) {{\n  {syms} (void)sym_T; (void)sym_KV;\n'
+        return (f'extern "C" __global__ void {name}({params}) {{\n  {syms} (void)sym_T; (void)sym_KV; (void)sym_O;\n'
                 + "\n".join(self.lines) + f"\n  {loop}\n" + "\n".join(body_lines) + "\n  }\n}\n")
 
 
@@ -355,7 +355,7 @@ def g_set_rows(plan: Plan, n: Node):
     k.lines, saved = body, k.lines
     si = k.unflatten("it", src.shape, "s")
     body.append(f"    const i64 row = {k.load(idx, [si[0]])};")
-    body.append(f"    if (row >= 0 && row < {R}) {{ float v = {k.load(src, si)}; {k.store(dst, ['row'] + si[1:], 'v')} }}")
+    body.append(f"    if (row >= 0 && row < {k.dim(R)}) {{ float v = {k.load(src, si)}; {k.store(dst, ['row'] + si[1:], 'v')} }}")
     k.lines = saved
     return [(k, body, "thread", tuple(src.shape), 256, 0)]
 
@@ -368,7 +368,7 @@ def g_get_rows(plan: Plan, n: Node):
     body = []
     k.lines, saved = body, k.lines
     oi = k.unflatten("it", out.shape, "o")
-    body.append(f"    i64 row = {k.load(ids, oi[:-1])}; if (row < 0 || row >= {R}) row = 0;")
+    body.append(f"    i64 row = {k.load(ids, oi[:-1])}; if (row < 0 || row >= {k.dim(R)}) row = 0;")
     ti = oi[:-2] + ["row"]
     if is_quantized(table.dtype):
         if table.dtype not in DOT_TYPES:

@@ -227,7 +227,7 @@ class CUDAExecutable:
             _check(drv.cuStreamBeginCapture(stream, drv.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED),
                    "cuStreamBeginCapture")
             try:
-                self._launch_all({**self.plan.maxes, "T": T})
+                self._launch_all({**self.plan.maxes, "T": T, "O": T})
             finally:
                 graph = _check(drv.cuStreamEndCapture(stream), "cuStreamEndCapture")
             g = self._graphs[T] = (graph, _check(drv.cuGraphInstantiate(graph, 0), "cuGraphInstantiate"))

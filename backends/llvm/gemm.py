@@ -30,7 +30,7 @@ KQUANT = {G.Q2_K: 84, G.Q3_K: 110, G.Q4_K: 144, G.Q5_K: 176, G.Q6_K: 210}
 FLOAT = {F32: ("float", 4), F16: ("half", 2), BF16: ("i16", 2)}
 
 # (RW, RA) for prompts; decode uses (RW, 1). Measured on Zen 3 (16 vector registers).
-TILES = {"float": (4, 2), "legacy": (2, 4), "kquant": (2, 4)}
+TILES = {"float": (4, 2), "legacy": (2, 4), "kquant": (1, 4)}
 
 DECLS = """
 declare <16 x i16> @llvm.x86.avx2.pmadd.ub.sw(<32 x i8>, <32 x i8>)
@@ -352,24 +352,25 @@ def tile_fn(t, RW: int, RA: int, avx2: bool) -> str:
     else:
         size = KQUANT[t]
         with f.loop(0, f.udiv("%K", 256)) as sb:
-            kbs = [decode_kquant(f, t, f.gep("i8", rows[r], f.mul(sb, size))) for r in range(RW)]
+            # row by row: the row's 8 decoded chunks meet the RA activations while only RA integer
+            # sums are live (2D register tiles over chunks spill on 16 registers)
             abs_ = [f.gep("i8", a, f.mul(sb, 292)) for a in acts]
-            isums = [[None] * RA for _ in range(RW)]
-            for j in range(8):
-                aqs = [f.load("<32 x i8>", f.gep("i8", ab, 4 + 32 * j)) for ab in abs_]
-                for r, kb in enumerate(kbs):
+            for r in range(RW):
+                kb = decode_kquant(f, t, f.gep("i8", rows[r], f.mul(sb, size)))
+                isums = [None] * RA
+                for j in range(8):
                     u = kb.chunk(j)
                     scv = f.op(f"shufflevector <16 x i16> {kb.sc16}, <16 x i16> poison, "
                                f"{_mask([2 * j] * 8 + [2 * j + 1] * 8)}")
-                    for c in range(RA):
-                        s = simd.madd(simd.maddubs(u, aqs[c]), scv)
-                        isums[r][c] = s if j == 0 else f.op(f"add <8 x i32> {isums[r][c]}, {s}")
-            for c, ab in enumerate(abs_):
-                da = f.load("float", ab)
-                bsums = f.load("<16 x i16>", f.gep("i8", ab, 260))
-                for r, kb in enumerate(kbs):
+                    for c, ab in enumerate(abs_):
+                        aq = f.load("<32 x i8>", f.gep("i8", ab, 4 + 32 * j))
+                        s = simd.madd(simd.maddubs(u, aq), scv)
+                        isums[c] = s if j == 0 else f.op(f"add <8 x i32> {isums[c]}, {s}")
+                for c, ab in enumerate(abs_):
+                    da = f.load("float", ab)
+                    bsums = f.load("<16 x i16>", f.gep("i8", ab, 260))
                     ms = f.op(f"sitofp <8 x i32> {simd.madd(kb.m16, bsums)} to <8 x float>")
-                    isum = f.op(f"sitofp <8 x i32> {isums[r][c]} to <8 x float>")
+                    isum = f.op(f"sitofp <8 x i32> {isums[c]} to <8 x float>")
                     acc = _fma8(f, isum, _splat8(f, f.op(f"fmul float {kb.d}, {da}")), accs[r][c].get())
                     nc = f.op(f"fneg float {f.op(f'fmul float {kb.c}, {da}')}")
                     accs[r][c].set(_fma8(f, ms, _splat8(f, nc), acc))

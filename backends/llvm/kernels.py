@@ -497,7 +497,7 @@ def k_set_rows(plan: Plan, n: Node, name: str):
     with f.loop(lo, hi) as r:
         si = k.unflatten(r, src.shape[:-1])
         row = f.op(f"sext i32 {f.load('i32', k.ptr(idx, [si[0]]))} to i64")
-        ok = f.op(f"icmp ult i64 {row}, {R}")    # never write out of bounds
+        ok = f.op(f"icmp ult i64 {row}, {k.dim(R)}")    # never write out of bounds
         with f.if_(ok):
             ps = k.ptr(src, si + ["0"])
             pd = k.ptr(dst, [row] + si[1:] + ["0"])
@@ -520,7 +520,7 @@ def k_get_rows(plan: Plan, n: Node, name: str):
     with loop as r:
         oi = k.unflatten(r, outer) if outer else []
         row = f.op(f"sext i32 {f.load('i32', k.ptr(ids, oi))} to i64")
-        ok = f.op(f"icmp ult i64 {row}, {R}")
+        ok = f.op(f"icmp ult i64 {row}, {k.dim(R)}")
         rowc = f.op(f"select i1 {ok}, i64 {row}, i64 0")   # out-of-range ids read row 0 (validated upstream)
         ti = oi[:-1] + [rowc]
         po = k.ptr(out, oi + ["0"])
@@ -755,38 +755,12 @@ def k_mul_mat_id(plan: Plan, n: Node, name: str, swiglu=None):
     return phases, 0
 
 
-def _vec8(f: Fn, p: str, dtype, i) -> str:
-    """8 floats at element 8*i of a float or half row."""
-    if dtype == F16:
-        v = f.load("<8 x half>", f.gep("half", p, f.mul(i, 8)), 2)
-        return f.op(f"fpext <8 x half> {v} to <8 x float>")
-    return f.load("<8 x float>", f.gep("float", p, f.mul(i, 8)), 4)
-
-
-def _vec_dot_f32(f: Fn, x: str, y: str, ydtype, n: int) -> str:
-    """sum x[i] * y[i] over n (a multiple of 8) with an <8 x float> accumulator."""
-    acc = f.var("<8 x float>", "zeroinitializer")
-    with f.loop(0, n // 8) as i:
-        acc.set(f.call("<8 x float>", "@llvm.fma.v8f32", f"<8 x float> {_vec8(f, x, F32, i)}",
-                       f"<8 x float> {_vec8(f, y, ydtype, i)}", f"<8 x float> {acc.get()}"))
-    return f.call("float", "@llvm.vector.reduce.fadd.v8f32", "float 0.0", f"<8 x float> {acc.get()}")
-
-
-def _vec_axpy(f: Fn, a: str, x: str, xdtype, y: str, n: int) -> None:
-    """y[i] += a * x[i] over n (a multiple of 8)."""
-    av = f.op(f"insertelement <8 x float> poison, float {a}, i64 0")
-    av = f.op(f"shufflevector <8 x float> {av}, <8 x float> poison, <8 x i32> zeroinitializer")
-    with f.loop(0, n // 8) as i:
-        py = f.gep("float", y, f.mul(i, 8))
-        r = f.call("<8 x float>", "@llvm.fma.v8f32", f"<8 x float> {av}", f"<8 x float> {_vec8(f, x, xdtype, i)}",
-                   f"<8 x float> {f.load('<8 x float>', py, 4)}")
-        f.store("<8 x float>", r, py, 4)
-
-
 def k_attention(plan: Plan, n: Node, name: str):
-    """out[h, t, :] = softmax(scale * q[t, h] . k[j, h/g] + mask[t, j]) . v[j, h/g], one (h, t)
-    per work item; with an F16 cache, q and the probabilities are rounded to F16 first (as
-    ggml-cpu's F16 matmuls do). Masked cells (-inf) are skipped."""
+    """out[h, t, :] = softmax(scale * q[t, h] . k[j, h/g] + mask[t, j]) . v[j, h/g]. A work item
+    is one token and one KV head with its g query heads, so each cached K and V row is loaded and
+    converted once for g heads; dot products and the output rows stay in vector registers. With an
+    F16 cache, q and the probabilities are rounded to F16 first (as ggml-cpu's F16 matmuls do).
+    Masked cells (-inf) are skipped."""
     info = plan.attention[n.id]
     k = K(plan, name)
     k.work = (info["q"].shape[0], info["q"].shape[1], "KV", info["q"].shape[2])
@@ -798,49 +772,72 @@ def k_attention(plan: Plan, n: Node, name: str):
     if D % 8 or Dv % 8:
         raise MoeGraphError(f"llvm attention needs head dims divisible by 8, got {D} and {Dv}")
     g = H // Hkv
+    kvmax = plan.maxes["KV"]
     scale = f32(info["scale"])
-    kf16 = kc.dtype == F16
-    vf16 = vc.dtype == F16
     Tv, KVv = k.dim(T), k.dim(KV)
-    items = f.op(f"mul i64 {Tv}, {H}")
-    lo, hi = k.split(items)
-    scores = "%tls"
-    qbuf = f.gep("float", "%tls", plan.maxes["KV"])
+    lo, hi = k.split(f.op(f"mul i64 {Tv}, {Hkv}"))
+    scores = "%tls"                                   # [g, kvmax] floats
+    qbuf = f.gep("float", "%tls", g * kvmax)          # [g, D] floats
+
+    def vec(p, dtype, i):
+        if dtype == F16:
+            return f.op(f"fpext <8 x half> {f.load('<8 x half>', f.gep('half', p, 8 * i), 2)} to <8 x float>")
+        return f.load("<8 x float>", f.gep("float", p, 8 * i), 4)
+
+    def hsum(v):
+        return f.op(f"call reassoc float @llvm.vector.reduce.fadd.v8f32(float 0.0, <8 x float> {v})")
     with f.loop(lo, hi) as it:
-        h = f.op(f"urem i64 {it}, {H}")
-        t = f.op(f"udiv i64 {it}, {H}")
-        hk = f.op(f"udiv i64 {h}, {g}")
-        pq = k.ptr(q, [t, h, "0"])
-        with f.loop(0, D) as i:
-            v = f.load("float", f.gep("float", pq, i))
-            if kf16:
-                v = f.op(f"fpext half {f.op(f'fptrunc float {v} to half')} to float")
-            f.store("float", v, f.gep("float", qbuf, i), 4)
+        hk = f.op(f"urem i64 {it}, {Hkv}")
+        t = f.op(f"udiv i64 {it}, {Hkv}")
+        for hh in range(g):
+            pq = k.ptr(q, [t, f.add(f.mul(hk, g), hh), "0"])
+            with f.loop(0, D) as i:
+                v = f.load("float", f.gep("float", pq, i))
+                if kc.dtype == F16:
+                    v = f.op(f"fpext half {f.op(f'fptrunc float {v} to half')} to float")
+                f.store("float", v, f.gep("float", qbuf, f.add(i, hh * D)), 4)
+        qv = [[vec(f.gep("float", qbuf, hh * D), F32, i) for i in range(D // 8)] for hh in range(g)]
         pm = k.ptr(k.bview(mask, (T, KV)), [t, "0"])
-        mx = f.var("float", f32(-math.inf))
+        mx = [f.var("float", f32(-math.inf)) for _ in range(g)]
         with f.loop(0, KVv) as j:
             mv = f.load("float", f.gep("float", pm, j))
             live = f.op(f"fcmp ogt float {mv}, {f32(-math.inf)}")
-            ps = f.gep("float", scores, j)
-            f.store("float", f32(-math.inf), ps, 4)
+            for hh in range(g):
+                f.store("float", f32(-math.inf), f.gep("float", scores, f.add(j, hh * kvmax)), 4)
             with f.if_(live):
                 pk = k.ptr(kc, [j, hk, "0"])
-                dot = _vec_dot_f32(f, qbuf, pk, kc.dtype, D)
-                s = f.op(f"fadd float {f.op(f'fmul float {dot}, {scale}')}, {mv}")
-                f.store("float", s, ps, 4)
-                mx.set(f.call("float", "@llvm.maxnum.f32", f"float {mx.get()}", f"float {s}"))
-        inv = _exp_in_place(f, scores, KVv, mx.get())
-        po = k.ptr(out, [h, t, "0"])
-        with f.loop(0, Dv) as i:
-            f.store("float", "0.0", f.gep("float", po, i), 4)
+                accs = ["zeroinitializer"] * g
+                for i in range(D // 8):
+                    kv = vec(pk, kc.dtype, i)
+                    accs = [f.call("<8 x float>", "@llvm.fma.v8f32", f"<8 x float> {qv[hh][i]}", f"<8 x float> {kv}",
+                                   f"<8 x float> {accs[hh]}") for hh in range(g)]
+                for hh in range(g):
+                    sc = f.op(f"fadd float {f.op(f'fmul float {hsum(accs[hh])}, {scale}')}, {mv}")
+                    f.store("float", sc, f.gep("float", scores, f.add(j, hh * kvmax)), 4)
+                    mx[hh].set(f.call("float", "@llvm.maxnum.f32", f"float {mx[hh].get()}", f"float {sc}"))
+        invs = [_exp_in_place(f, f.gep("float", scores, hh * kvmax), KVv, mx[hh].get()) for hh in range(g)]
+        acc = [[f.var("<8 x float>", "zeroinitializer") for _ in range(Dv // 8)] for _ in range(g)]
         with f.loop(0, KVv) as j:
-            p = f.op(f"fmul float {f.load('float', f.gep('float', scores, j))}, {inv}")
-            if vf16:
-                p = f.op(f"fpext half {f.op(f'fptrunc float {p} to half')} to float")
-            with f.if_(f.op(f"fcmp one float {p}, 0.0")):
+            live = f.op(f"fcmp ogt float {f.load('float', f.gep('float', pm, j))}, {f32(-math.inf)}")
+            with f.if_(live):
                 pv = k.ptr(vc, [j, hk, "0"])
-                _vec_axpy(f, p, pv, vc.dtype, po, Dv)
-    return [k], 4 * (plan.maxes["KV"] + D + 16)
+                ps = []
+                for hh in range(g):
+                    p = f.op(f"fmul float {f.load('float', f.gep('float', scores, f.add(j, hh * kvmax)))}, {invs[hh]}")
+                    if vc.dtype == F16:
+                        p = f.op(f"fpext half {f.op(f'fptrunc float {p} to half')} to float")
+                    ps.append(f.op(f"shufflevector <8 x float> {f.op(f'insertelement <8 x float> poison, float {p}, i64 0')}, "
+                                   "<8 x float> poison, <8 x i32> zeroinitializer"))
+                for i in range(Dv // 8):
+                    vv = vec(pv, vc.dtype, i)
+                    for hh in range(g):
+                        acc[hh][i].set(f.call("<8 x float>", "@llvm.fma.v8f32", f"<8 x float> {ps[hh]}",
+                                              f"<8 x float> {vv}", f"<8 x float> {acc[hh][i].get()}"))
+        for hh in range(g):
+            po = k.ptr(out, [f.add(f.mul(hk, g), hh), t, "0"])
+            for i in range(Dv // 8):
+                f.store("<8 x float>", acc[hh][i].get(), f.gep("float", po, 8 * i), 4)
+    return [k], 4 * (g * kvmax + g * D + 16)
 
 
 GENERATORS = {

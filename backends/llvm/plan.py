@@ -13,7 +13,7 @@ from moegraph.errors import MoeGraphError
 from moegraph.ir import F16, F32, I32, Graph, Node
 from moegraph.quants import is_quantized, row_bytes, type_size
 
-SYMBOLS = ("T", "KV")          # index in the run-time syms array
+SYMBOLS = ("T", "KV", "O")          # index in the run-time syms array
 
 
 @dataclass
@@ -64,7 +64,7 @@ def dense_strides(max_shape: tuple[int, ...], dtype) -> tuple[int, ...]:
 class Plan:
     def __init__(self, graph: Graph, max_tokens: int, n_ctx: int):
         self.graph = graph
-        self.maxes = {"T": max_tokens, "KV": n_ctx}
+        self.maxes = {"T": max_tokens, "KV": n_ctx, "O": max_tokens}
         self.order = graph.toposort()
         self.views: dict[int, View] = {}
         self.slots: list[tuple[str, object]] = [("arena", None)]   # (kind, node or name)
