@@ -29,8 +29,9 @@ LEGACY = {G.Q8_0: 34, G.Q4_0: 18, G.Q5_0: 22, G.Q4_1: 20, G.Q5_1: 24}     # bloc
 KQUANT = {G.Q2_K: 84, G.Q3_K: 110, G.Q4_K: 144, G.Q5_K: 176, G.Q6_K: 210}
 FLOAT = {F32: ("float", 4), F16: ("half", 2), BF16: ("i16", 2)}
 
-# (RW, RA) for prompts; decode uses (RW, 1). Measured on Zen 3 (16 vector registers).
-TILES = {"float": (4, 2), "legacy": (2, 4), "kquant": (1, 4)}
+# (RW, RA, U): RW x RA tiles for prompts, U x 1 for single activations (decoding, leftovers);
+# threads share rows in units of U. Measured on Zen 3 (16 vector registers).
+TILES = {"float": (4, 2, 4), "legacy": (2, 4, 4), "kquant": (2, 4, 4)}
 
 DECLS = """
 declare <16 x i16> @llvm.x86.avx2.pmadd.ub.sw(<32 x i8>, <32 x i8>)
@@ -44,7 +45,7 @@ def tile_class(t) -> str:
     return "float" if t in FLOAT else "legacy" if t in LEGACY else "kquant"
 
 
-def tile_shape(t) -> tuple[int, int]:
+def tile_shape(t) -> tuple[int, int, int]:
     return TILES[tile_class(t)]
 
 

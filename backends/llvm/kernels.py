@@ -559,17 +559,19 @@ def _act_quant_phase(k: K, b: View, rows_dims, vt, Kdim: int, dst: str) -> None:
 def _products(k: K, wt, rows: list, wstride: int, n_rows: int, Kdim: int, M: str, locate, act_ptr, store,
               act_rb: int, combine=None) -> None:
     """out(m, j) = weight row j . activation row m for this thread's share of the n_rows rows and
-    all M activation rows, in tiles (gemm.py): RW rows x RA activations, then RW x 1 for the
-    activations left over, 1 x RA / 1 x 1 for rows left over. Activations go in chunks that stay in
+    all M activation rows, in tiles (gemm.py): units of U rows, each as RW x RA tiles over the
+    activations and U x 1 tiles for the activations left over (all of them when decoding); the
+    rows left over after the last full unit go 1 x RA / 1 x 1. Activations go in chunks that stay in
     L2 while this thread's rows pass over them. rows: one function per weight tensor (j -> pointer
     to row j); with two (SWIGLU's gate and up) combine(g, u, n) merges their <n x float> results.
     locate(m) -> a handle on activation row m, computed once per tile; act_ptr(handle) -> the row
     (in vec_dot_type); store(handle, j, value)."""
     f = k.f
-    RW, RA = tile_shape(wt)
-    RW = min(RW, n_rows)
+    RW, RA, U = tile_shape(wt)
+    U = min(U, n_rows)
+    RW = min(RW, U)
     chunk = max(RA, (1 << 17) // max(act_rb, 1) // RA * RA)
-    ulo, uhi = k.split(str(-(-n_rows // RW)))
+    ulo, uhi = k.split(str(-(-n_rows // U)))
 
     def tile(rw, ra, j, m):
         k.plan.tiles.add((wt, rw, ra))
@@ -584,40 +586,43 @@ def _products(k: K, wt, rows: list, wstride: int, n_rows: int, Kdim: int, M: str
             for c in range(ra):
                 store(where[c], jr, f.op(f"extractelement <{n} x float> {v}, i64 {r * ra + c}"))
 
-    def over_acts(rw, j, m0, m1, mfull):
+    def over_acts(u, rw, j, m0, m1, mfull):
         with f.loop(m0, mfull, RA) as m:
-            tile(rw, RA, j, m)
+            for r in range(0, u, rw):
+                tile(rw, RA, f.add(j, r) if r else j, m)
         with f.loop(mfull, m1) as m:
-            tile(rw, 1, j, m)
+            tile(u, 1, j, m)
 
     with f.loop(0, M, chunk) as m0:
         end = f.add(m0, chunk)
         m1 = f.op(f"select i1 {f.op(f'icmp slt i64 {end}, {M}')}, i64 {end}, i64 {M}")
         mfull = f.add(m0, f.mul(f.udiv(f.sub(m1, m0), RA), RA))
         with f.loop(ulo, uhi) as u:
-            j0 = f.mul(u, RW)
-            if n_rows % RW == 0:
-                over_acts(RW, j0, m0, m1, mfull)
+            j0 = f.mul(u, U)
+            if n_rows % U == 0:
+                over_acts(U, RW, j0, m0, m1, mfull)
             else:                       # only the last unit is short
-                full = f.op(f"icmp ule i64 {f.add(j0, RW)}, {n_rows}")
+                full = f.op(f"icmp ule i64 {f.add(j0, U)}, {n_rows}")
                 with f.if_(full):
-                    over_acts(RW, j0, m0, m1, mfull)
+                    over_acts(U, RW, j0, m0, m1, mfull)
                 with f.if_(f.op(f"xor i1 {full}, true")):
                     with f.loop(j0, n_rows) as j:
-                        over_acts(1, j, m0, m1, mfull)
+                        over_acts(1, 1, j, m0, m1, mfull)
 
 
 def _swiglu(f: Fn, g: str, u: str, n: int) -> str:
-    """silu(g) * u on <n x float>: 8 lanes at once through the vector exp."""
-    if n == 8:
-        one = splat("float", 8, "1.0")
-        e = f.call("<8 x float>", "@exp_v", f"<8 x float> {f.op(f'fneg <8 x float> {g}')}")
-        sg = f.op(f"fdiv <8 x float> {g}, {f.op(f'fadd <8 x float> {one}, {e}')}")
-        return f.op(f"fmul <8 x float> {sg}, {u}")
+    """silu(g) * u on <n x float>, 8 lanes at a time through the vector exp."""
+    parts, one = [], splat("float", 8, "1.0")
+    for c0 in range(0, n, 8):
+        lanes = [min(c0 + i, n - 1) for i in range(8)]           # short tails repeat a lane
+        mask = "<8 x i32> <" + ", ".join(f"i32 {i}" for i in lanes) + ">"
+        g8, u8 = (f.op(f"shufflevector <{n} x float> {x}, <{n} x float> poison, {mask}") for x in (g, u))
+        e = f.call("<8 x float>", "@exp_v", f"<8 x float> {f.op(f'fneg <8 x float> {g8}')}")
+        sg = f.op(f"fdiv <8 x float> {g8}, {f.op(f'fadd <8 x float> {one}, {e}')}")
+        parts.append(f.op(f"fmul <8 x float> {sg}, {u8}"))
     out = "poison"
     for i in range(n):
-        gi, ui = (f.op(f"extractelement <{n} x float> {x}, i64 {i}") for x in (g, u))
-        v = f.op(f"fmul float {_unary('SILU', f, gi)}, {ui}")
+        v = f.op(f"extractelement <8 x float> {parts[i // 8]}, i64 {i % 8}")
         out = f.op(f"insertelement <{n} x float> {out}, float {v}, i64 {i}")
     return out
 
