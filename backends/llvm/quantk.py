@@ -100,28 +100,30 @@ def quantize_act_fn(t: G) -> str:
     with f.loop(0, nb) as b:
         xb = f.gep("float", "%x", f.op(f"mul i64 {b}, {B}"))
         ob = f.gep("i8", "%out", f.op(f"mul i64 {b}, {size}"))
-        if t in (G.Q8_0, G.Q8_1):
-            amax = f.var("float", "0.0")
-            with f.loop(0, 32) as i:
-                v = f.load("float", f.gep("float", xb, i))
-                a = f.op(f"call float @llvm.fabs.f32(float {v})")
-                amax.set(f.op(f"call float @llvm.maxnum.f32(float {amax.get()}, float {a})"))
-            am = amax.get()
+        if t in (G.Q8_0, G.Q8_1):      # 4 x 8 lanes, as ggml's AVX2 quantize_row_q8_0/q8_1
+            xs = [f.load("<8 x float>", f.gep("float", xb, 8 * i), 4) for i in range(4)]
+            ab = [f.op(f"call <8 x float> @llvm.fabs.v8f32(<8 x float> {x})") for x in xs]
+            m = [f.op(f"call <8 x float> @llvm.maxnum.v8f32(<8 x float> {ab[i]}, <8 x float> {ab[i + 2]})") for i in (0, 1)]
+            m = f.op(f"call <8 x float> @llvm.maxnum.v8f32(<8 x float> {m[0]}, <8 x float> {m[1]})")
+            am = f.op(f"call float @llvm.vector.reduce.fmax.v8f32(<8 x float> {m})")
             d = f.op(f"fdiv float {am}, {f32(127.0)}")
             nz = f.op(f"fcmp one float {am}, 0.0")
             inv = f.op(f"fdiv float {f32(127.0)}, {am}")
             mul = f.op(f"select i1 {nz}, float {inv}, float 0.0")
-            qoff = 4 if t == G.Q8_0 else 8
-            total = f.var("i32", "0")
-            with f.loop(0, 32) as i:
-                v = f.load("float", f.gep("float", xb, i))
-                r = f.op(f"call float @llvm.roundeven.f32(float {f.op(f'fmul float {v}, {mul}')})")
-                qi = f.op(f"fptosi float {r} to i32")
-                total.set(f.op(f"add i32 {total.get()}, {qi}"))
-                f.store("i8", f.op(f"trunc i32 {qi} to i8"), f.gep("i8", ob, f.op(f"add i64 {i}, {qoff}")))
+            mv = f.op(f"shufflevector <8 x float> {f.op(f'insertelement <8 x float> poison, float {mul}, i64 0')}, "
+                      "<8 x float> poison, <8 x i32> zeroinitializer")
+            qs = []
+            for x in xs:
+                r = f.op(f"call <8 x float> @llvm.roundeven.v8f32(<8 x float> {f.op(f'fmul <8 x float> {x}, {mv}')})")
+                qs.append(f.op(f"fptosi <8 x float> {r} to <8 x i32>"))
+            lo = f.op(f"shufflevector <8 x i32> {qs[0]}, <8 x i32> {qs[1]}, <16 x i32> <{', '.join(f'i32 {i}' for i in range(16))}>")
+            hi = f.op(f"shufflevector <8 x i32> {qs[2]}, <8 x i32> {qs[3]}, <16 x i32> <{', '.join(f'i32 {i}' for i in range(16))}>")
+            q32 = f.op(f"shufflevector <16 x i32> {lo}, <16 x i32> {hi}, <32 x i32> <{', '.join(f'i32 {i}' for i in range(32))}>")
+            f.store("<32 x i8>", f.op(f"trunc <32 x i32> {q32} to <32 x i8>"), f.gep("i8", ob, 4 if t == G.Q8_0 else 8))
             f.store("float", _via_half(f, d), ob)
             if t == G.Q8_1:
-                s = f.op(f"fmul float {d}, {f.op(f'sitofp i32 {total.get()} to float')}")
+                total = f.op(f"call i32 @llvm.vector.reduce.add.v32i32(<32 x i32> {q32})")
+                s = f.op(f"fmul float {d}, {f.op(f'sitofp i32 {total} to float')}")
                 f.store("float", _via_half(f, s), f.gep("i8", ob, 4))
         else:  # Q8_K: scale by the element of largest |x| (first one), nearest_int, min(127)
             amax, mx = f.var("float", "0.0"), f.var("float", "0.0")
