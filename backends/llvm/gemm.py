@@ -38,6 +38,7 @@ declare <16 x i16> @llvm.x86.avx2.pmadd.ub.sw(<32 x i8>, <32 x i8>)
 declare <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16>, <16 x i16>)
 declare <32 x i8> @llvm.x86.avx2.psign.b(<32 x i8>, <32 x i8>)
 declare <32 x i8> @llvm.abs.v32i8(<32 x i8>, i1)
+declare void @llvm.prefetch.p0(ptr, i32, i32, i32)
 """
 
 
@@ -278,6 +279,18 @@ def reduce_many(f: Fn, vecs: list[str]) -> list[str]:
     return out
 
 
+def _prefetch(f: Fn, rows: list[str], offset: str, nbytes: int = 64) -> None:
+    """Software prefetch of the same blocks of the next RW rows, which the next tile call reads:
+    weight rows stream from DRAM when decoding, each row is short, and the decode work per byte
+    keeps the hardware from running ahead on its own. (A hint: it cannot fault, so prefetching
+    past the end of the tensor is harmless.)"""
+    ahead = f.mul("%ws", len(rows))
+    for r in rows:
+        for line in range(0, nbytes, 64):
+            p = f.gep("i8", r, f.add(offset, f.add(ahead, line)), inbounds=False)
+            f(f"call void @llvm.prefetch.p0(ptr {p}, i32 0, i32 3, i32 1)")
+
+
 def _fma8(f: Fn, a: str, b: str, acc: str) -> str:
     return f.call("<8 x float>", "@llvm.fma.v8f32", f"<8 x float> {a}", f"<8 x float> {b}", f"<8 x float> {acc}")
 
@@ -318,6 +331,7 @@ def tile_fn(t, RW: int, RA: int, avx2: bool) -> str:
             return v
         nv = f.and_("%K", -8)
         with f.loop(0, nv, 8) as i:
+            _prefetch(f, rows, f.mul(i, esz))
             ws = [load8(rows[r], i) for r in range(RW)]
             for c in range(RA):
                 av = load8(acts[c], i)
@@ -335,6 +349,7 @@ def tile_fn(t, RW: int, RA: int, avx2: bool) -> str:
         asize, qoff = (40, 8) if q81 else (36, 4)     # quantk.ACT_SIZE: float d (and s) first
         ones = _sp(16, "i16", 1)
         with f.loop(0, f.udiv("%K", 32)) as b:
+            _prefetch(f, rows, f.mul(b, size))
             wbs = [decode_legacy(f, t, f.gep("i8", rows[r], f.mul(b, size))) for r in range(RW)]
             absw = [simd.abs(w.q) if (avx2 and not q81) else None for w in wbs]
             dws = [_splat8(f, w.d) for w in wbs]
@@ -356,6 +371,7 @@ def tile_fn(t, RW: int, RA: int, avx2: bool) -> str:
             # row by row: the row's 8 decoded chunks meet the RA activations while only RA integer
             # sums are live (2D register tiles over chunks spill on 16 registers)
             abs_ = [f.gep("i8", a, f.mul(sb, 292)) for a in acts]
+            _prefetch(f, rows, f.mul(sb, size), size)
             for r in range(RW):
                 kb = decode_kquant(f, t, f.gep("i8", rows[r], f.mul(sb, size)))
                 isums = [None] * RA
