@@ -1,17 +1,12 @@
-"""LLVM IR for GGML block formats: activation quantization (Q8_0, Q8_1, Q8_K, as ggml-cpu rounds
-them on x86), weight-row unpacking into one common form, and dot products on that form.
-
-The common unpacked form of one weight row of K values (in a thread's scratch):
+"""LLVM IR for GGML block formats outside the matrix products (those are gemm.py): activation
+quantization (Q8_0, Q8_1, Q8_K, rounded as ggml-cpu rounds them on x86) and row dequantization
+for GET_ROWS (embedding lookups), the latter through one common unpacked form of a row:
     q[K]      int8 quants (signed; already offset, e.g. Q4_0 nibble - 8)
     sc[K/S]   int32 sub-block scales (1 for the legacy 32-blocks), S = sub-block size
     mn[K/S]   int32 sub-block mins (K-quants with mins)
     d[K/SB]   float super-block scale (the block scale for legacy types), SB = 32 or 256
     dm[K/SB]  float min scale (K-quants: dmin; Q4_1/Q5_1: the block's m)
-Every type's dot product with its vec_dot_type activations is then one of three formulas:
-    legacy/Q8_0:  sum_b d[b] * da[b] * isum_b
-    legacy/Q8_1:  sum_b d[b] * da[b] * isum_b + dm[b] * sa[b]
-    K/Q8_K:       sum_sb da[sb] * (d[sb] * sum_j sc_j * isum_j - dm[sb] * sum_j mn_j * bsum_j)
-integer sums in int32 as ggml does, so results agree with llama.cpp up to float summation order.
+dequantized in ggml's operation order ((d*sc)*q - dmin*m), so rows equal gguf-py's.
 """
 from __future__ import annotations
 
