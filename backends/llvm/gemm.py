@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
+
 from moegraph.ir import BF16, F16, F32
 from moegraph.quants import GGMLType as G
 
@@ -291,8 +293,104 @@ def _prefetch(f: Fn, rows: list[str], offset: str, nbytes: int = 64) -> None:
             f(f"call void @llvm.prefetch.p0(ptr {p}, i32 0, i32 3, i32 1)")
 
 
+def _concat(f: Fn, vs: list[str], w: int) -> str:
+    """Concatenate len(vs) (a power of two) <w x float> vectors."""
+    while len(vs) > 1:
+        vs = [f.op(f"shufflevector <{w} x float> {vs[i]}, <{w} x float> {vs[i + 1]}, {_mask(range(2 * w))}")
+              for i in range(0, len(vs), 2)]
+        w *= 2
+    return vs[0]
+
+
 def _fma8(f: Fn, a: str, b: str, acc: str) -> str:
     return f.call("<8 x float>", "@llvm.fma.v8f32", f"<8 x float> {a}", f"<8 x float> {b}", f"<8 x float> {acc}")
+
+
+# ---------------------------------------------------------------------------------- Q4_K x8
+# Q4_K weights used only by products are repacked when the session is built (same values, same
+# integer sums; only the byte order changes, as llama.cpp's Q4_Kx8 "repack" buffers do): per 8
+# rows and 256 values, X8_BYTES bytes:
+#     0  d[8] fp16        16  dmin[8] fp16
+#    32  sc[8 sub-blocks][8 rows] u8        96  mn[8 sub-blocks][8 rows] u8
+#   160  quants[4 groups][8 pieces][8 rows][4 bytes]: piece p of group g holds nibble bytes
+#        4p..4p+3 of the row's 32 bytes of group g (low nibbles: values 64g+4p.., high: +32)
+# A product then puts the 8 rows in vector lanes: no horizontal sums, and int16 sums over a
+# sub-block (|sum| <= 8*2*15*127 < 2^15) before one vpmaddwd applies the 8 rows' scales.
+X8_BYTES = 1184
+X8_TILE = (8, 4, 8)
+
+
+def repack_q4_k_x8(raw: np.ndarray, n_rows: int, K: int) -> np.ndarray:
+    """Raw Q4_K rows [..., n_rows, K/256*144] (uint8; n_rows % 8 == 0) -> the x8 layout, as
+    [..., n_rows/8, K/256, X8_BYTES] uint8."""
+    from moegraph.quants import _k4_scale_min
+    nsb = K // 256
+    b = np.ascontiguousarray(raw).reshape(-1, n_rows // 8, 8, nsb, 144)
+    lead = b.shape[:2]
+    b = b.transpose(0, 1, 3, 2, 4)                                  # [.., group, sb, row, 144]
+    out = np.empty((*lead, nsb, X8_BYTES), np.uint8)
+    out[..., 0:16] = b[..., 0:2].reshape(*lead, nsb, 16)
+    out[..., 16:32] = b[..., 2:4].reshape(*lead, nsb, 16)
+    sc, mn = _k4_scale_min(b[..., 4:16].reshape(-1, 12))
+    out[..., 32:96] = sc.reshape(*lead, nsb, 8, 8).swapaxes(-1, -2).reshape(*lead, nsb, 64)
+    out[..., 96:160] = mn.reshape(*lead, nsb, 8, 8).swapaxes(-1, -2).reshape(*lead, nsb, 64)
+    q = b[..., 16:144].reshape(*lead, nsb, 8, 4, 8, 4)              # row, group, piece, byte
+    out[..., 160:] = q.transpose(0, 1, 2, 4, 5, 3, 6).reshape(*lead, nsb, 1024)
+    return out.reshape(*raw.shape[:-2], n_rows // 8, nsb, X8_BYTES)
+
+
+def _q4k_x8(f: Fn, simd: SIMD, w: str, acts: list[str]) -> list[str]:
+    """8 repacked Q4_K rows at w against the activations: one <8 x float> (lanes = rows) each."""
+    RA = len(acts)
+    fa = [f.var("<8 x float>", "zeroinitializer") for _ in range(RA)]
+    ones = _sp(16, "i16", 1)
+    with f.loop(0, f.udiv("%K", 256)) as sb:
+        blk = f.gep("i8", w, f.mul(sb, X8_BYTES))
+        for line in range(0, X8_BYTES, 64):        # the next super-block of these 8 rows
+            f(f"call void @llvm.prefetch.p0(ptr {f.gep('i8', blk, X8_BYTES + line, inbounds=False)}, i32 0, i32 3, i32 1)")
+
+        def halves(off):
+            return f.op(f"fpext <8 x half> {f.load('<8 x half>', f.gep('i8', blk, off), 2)} to <8 x float>")
+        d8, dmin8 = halves(0), halves(16)
+
+        def pairs(off, lanes):          # bytes -> <16 x i16> for vpmaddwd
+            v = f.load("<16 x i8>", f.gep("i8", blk, off))
+            return f.op(f"zext <16 x i8> {f.op(f'shufflevector <16 x i8> {v}, <16 x i8> poison, {_mask(lanes)}')} to <16 x i16>")
+        tots = [None] * RA
+        abs_ = [f.gep("i8", a, f.mul(sb, 292)) for a in acts]
+        for g in range(4):
+            sums = [[None, None] for _ in range(RA)]
+            for p in range(8):
+                b = f.load("<32 x i8>", f.gep("i8", blk, 160 + 256 * g + 32 * p))
+                q = (f.op(f"and <32 x i8> {b}, {_sp(32, 'i8', 15)}"),
+                     f.op(f"lshr <32 x i8> {b}, {_sp(32, 'i8', 4)}"))
+                for c, ab in enumerate(abs_):
+                    for h in range(2):
+                        a4 = f.load("i32", f.gep("i8", ab, 4 + 64 * g + 32 * h + 4 * p))
+                        s = simd.maddubs(q[h], f.op(f"bitcast <8 x i32> {_splat8(f, a4, 'i32')} to <32 x i8>"))
+                        sums[c][h] = s if p == 0 else f.op(f"add <16 x i16> {sums[c][h]}, {s}")
+            for h in range(2):
+                j = 2 * g + h
+                sc = pairs(32 + 8 * (j - j % 2), [8 * (j % 2) + i // 2 for i in range(16)])
+                for c in range(RA):
+                    s = simd.madd(sums[c][h], sc)
+                    tots[c] = s if tots[c] is None else f.op(f"add <8 x i32> {tots[c]}, {s}")
+        mns = [pairs(96 + 16 * q, [(i % 2) * 8 + i // 2 for i in range(16)]) for q in range(4)]
+        for c, ab in enumerate(abs_):
+            # the activation's sums of 32 values as int16 pairs (bsum_2q, bsum_2q+1), against the
+            # rows' (mn_2q, mn_2q+1) pairs
+            b32 = f.op(f"bitcast <8 x i32> {simd.madd(f.load('<16 x i16>', f.gep('i8', ab, 260)), ones)} to <16 x i16>")
+            b16 = f.op(f"bitcast <16 x i16> {f.op(f'shufflevector <16 x i16> {b32}, <16 x i16> poison, {_mask(list(range(0, 16, 2)) * 2)}')} to <8 x i32>")
+            msum = None
+            for q in range(4):
+                pair = f.op(f"extractelement <8 x i32> {b16}, i64 {q}")
+                s = simd.madd(mns[q], f.op(f"bitcast <8 x i32> {_splat8(f, pair, 'i32')} to <16 x i16>"))
+                msum = s if msum is None else f.op(f"add <8 x i32> {msum}, {s}")
+            da = _splat8(f, f.load("float", ab))
+            acc = _fma8(f, f.op(f"sitofp <8 x i32> {tots[c]} to <8 x float>"), f.op(f"fmul <8 x float> {d8}, {da}"), fa[c].get())
+            nm = f.op(f"fneg <8 x float> {f.op(f'fmul <8 x float> {dmin8}, {da}')}")
+            fa[c].set(_fma8(f, f.op(f"sitofp <8 x i32> {msum} to <8 x float>"), nm, acc))
+    return [x.get() for x in fa]
 
 
 def tile_name(t, RW: int, RA: int) -> str:
@@ -307,6 +405,14 @@ def tile_fn(t, RW: int, RA: int, avx2: bool) -> str:
     simd = SIMD(f, avx2)
     accs = [[f.var("<8 x float>", "zeroinitializer") for _ in range(RA)] for _ in range(RW)]
     extras = [[f.var("float", "0.0") for _ in range(RA)] for _ in range(RW)]
+    if t == G.Q4_K and RW == 8:                 # the repacked layout (X8_TILE)
+        vs = _q4k_x8(f, simd, "%w", acts)
+        out = vs[0]
+        if RA > 1:                              # lanes c*8 + r -> r*RA + c
+            out = f.op(f"shufflevector <{8 * RA} x float> {_concat(f, vs, 8)}, <{8 * RA} x float> poison, "
+                       f"{_mask([c * 8 + r for r in range(8) for c in range(RA)])}")
+        f(f"ret <{n} x float> {out}")
+        return f.text()
     rows = [f.gep("i8", "%w", f.mul("%ws", r)) for r in range(RW)]
 
     if t in FLOAT:

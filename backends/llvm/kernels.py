@@ -16,7 +16,7 @@ from moegraph.quants import GGMLType, is_quantized, row_bytes, vec_dot_type
 
 from .irgen import I32 as TI32, Fn, f32, f64, splat
 from .plan import SYMBOLS, Plan, View, elem_size
-from .gemm import tile_name, tile_shape
+from .gemm import X8_BYTES, X8_TILE, tile_name, tile_shape
 from .quantk import act_row_bytes, unpacked_bytes
 
 PARAMS = [("ptr", "%ptrs"), ("ptr", "%syms"), ("i64", "%ith"), ("i64", "%nth"), ("ptr", "%tls")]
@@ -557,7 +557,7 @@ def _act_quant_phase(k: K, b: View, rows_dims, vt, Kdim: int, dst: str) -> None:
 
 
 def _products(k: K, wt, rows: list, wstride: int, n_rows: int, Kdim: int, M: str, locate, act_ptr, store,
-              act_rb: int, combine=None) -> None:
+              act_rb: int, combine=None, shape=None) -> None:
     """out(m, j) = weight row j . activation row m for this thread's share of the n_rows rows and
     all M activation rows, in tiles (gemm.py): units of U rows, each as RW x RA tiles over the
     activations and U x 1 tiles for the activations left over (all of them when decoding); the
@@ -567,7 +567,7 @@ def _products(k: K, wt, rows: list, wstride: int, n_rows: int, Kdim: int, M: str
     locate(m) -> a handle on activation row m, computed once per tile; act_ptr(handle) -> the row
     (in vec_dot_type); store(handle, j, value)."""
     f = k.f
-    RW, RA, U = tile_shape(wt)
+    RW, RA, U = shape or tile_shape(wt)
     U = min(U, n_rows)
     RW = min(RW, U)
     chunk = max(RA, (1 << 17) // max(act_rb, 1) // RA * RA)
@@ -632,6 +632,17 @@ def _esize(t) -> int:
     return 1 if is_quantized(t) else elem_size(t)
 
 
+def _weight_layout(plan: Plan, w: Node, v: View):
+    """(bytes per row, bytes per expert, tile shape or None) of a product's weight. A repacked
+    (x8) tensor has the raw size and the same 8-row group offsets, so 'row j' (j % 8 == 0) is at
+    j * X8_BYTES/8 per super-block."""
+    if w.id in plan.repacked:
+        row = v.shape[-1] // 256 * X8_BYTES // 8
+        return row, row * v.shape[-2], X8_TILE
+    es = _esize(v.dtype)
+    return v.strides[-2] * es, (v.strides[-3] * es if v.rank >= 3 else 0), None
+
+
 def k_mul_mat(plan: Plan, n: Node, name: str):
     out, (a, b) = _views(plan, n)
     if a.rank != 2:
@@ -655,6 +666,7 @@ def k_mul_mat(plan: Plan, n: Node, name: str):
     es = _esize(wt)
     acts = k2.operand(0, scratch_off) if converted else None
     wbase = k2.operand(a.slot, a.offset * es)
+    wrow, _, shape = _weight_layout(plan, n.inputs[0], a)
 
     def act_ptr(m):
         if converted:
@@ -663,8 +675,8 @@ def k_mul_mat(plan: Plan, n: Node, name: str):
 
     def store(m, j, v):
         f.store("float", v, f.gep("float", k2.operand(0, out.offset * 4), f.add(f.mul(m, N), j)), 4)
-    _products(k2, wt, [lambda j: f.gep("i8", wbase, f.mul(j, a.strides[0] * es))], a.strides[0] * es, N, Kdim,
-              k2.count(rows_dims), lambda m: m, act_ptr, store, act_rb)
+    _products(k2, wt, [lambda j: f.gep("i8", wbase, f.mul(j, wrow))], wrow, N, Kdim,
+              k2.count(rows_dims), lambda m: m, act_ptr, store, act_rb, shape=shape)
     phases.append(k2)
     return phases, 0
 
@@ -736,10 +748,13 @@ def k_mul_mat_id(plan: Plan, n: Node, name: str, swiglu=None):
     with f.loop(0, E) as e:
         c = f.op(f"sext i32 {f.load('i32', f.gep('i32', cnt, e), 4)} to i64")
         with f.if_(f.op(f"icmp sgt i64 {c}, 0")):
-            def row_fn(w, row0):
-                base = f.gep("i8", k2.operand(w.slot, w.offset * es), f.mul(e, w.strides[0] * es))
-                return lambda j: f.gep("i8", base, f.mul(f.add(j, row0) if row0 else j, w.strides[1] * es))
-            rows = [row_fn(a, 0)] + ([row_fn(a_up, up_row0)] if a_up is not None else [])
+            def row_fn(w, wnode, row0):
+                wrow, wexp, _ = _weight_layout(plan, wnode, w)
+                base = f.gep("i8", k2.operand(w.slot, w.offset * es), f.mul(e, wexp))
+                return lambda j: f.gep("i8", base, f.mul(f.add(j, row0) if row0 else j, wrow))
+            rows = [row_fn(a, n.inputs[0], 0)]
+            if a_up is not None:
+                rows.append(row_fn(a_up, n.inputs[0] if up is None else up.inputs[0], up_row0))
 
             def entry(q):   # (token, slot) of the q-th selection of expert e
                 tj = f.op(f"sext i32 {f.load('i32', f.gep('i32', lst, f.add(f.mul(e, per_t), q)), 4)} to i64")
@@ -754,8 +769,11 @@ def k_mul_mat_id(plan: Plan, n: Node, name: str, swiglu=None):
 
             def store(where, j, v):
                 f.store("float", v, k2.ptr(out, [where[0], where[1], j]), 4)
-            _products(k2, wt, rows, a.strides[1] * es, N, Kdim, c, entry, act_ptr, store, act_rb,
-                      None if a_up is None else (lambda g, u, n: _swiglu(f, g, u, n)))
+            wrow, _, shape = _weight_layout(plan, n.inputs[0], a)
+            if a_up is not None:    # gate and up tiles are called alike: same type, same layout
+                assert _weight_layout(plan, up.inputs[0] if up else n.inputs[0], a_up)[::2] == (wrow, shape)
+            _products(k2, wt, rows, wrow, N, Kdim, c, entry, act_ptr, store, act_rb,
+                      None if a_up is None else (lambda g, u, n: _swiglu(f, g, u, n)), shape=shape)
     phases.append(k2)
     return phases, 0
 

@@ -71,6 +71,7 @@ class Plan:
         self.steps: list[Step] = []
         self.arena_size = 0
         self.tiles: set = set()    # (weight type, RW, RA) of the product tiles kernels call
+        self.repacked = self._repackable()   # weight node ids stored in gemm.py's x8 layout
         self._fuse()
         self._place()
 
@@ -190,6 +191,19 @@ class Plan:
             self.views[n.id] = v
             for r in [r for r, (_, _) in live.items() if last_use.get(r, -1) <= i and r != n.id]:
                 release(*live.pop(r))
+
+    def _repackable(self) -> set[int]:
+        """Q4_K weights whose only readers are products (as the weight) and whose rows come in
+        eights get gemm.py's row-interleaved layout; embeddings (GET_ROWS) keep the GGUF one."""
+        from moegraph.quants import GGMLType
+        out = set()
+        for w, readers in self.graph.users().items():
+            if (w.op == "WEIGHT" and w.dtype == GGMLType.Q4_K and readers and w.rank >= 2
+                    and w.shape[-2] % 8 == 0 and w.shape[-1] % 256 == 0
+                    and all(r.op in ("MUL_MAT", "MUL_MAT_ID") and r.inputs[0] is w and r.inputs[1] is not w
+                            for r in readers)):
+                out.add(w.id)
+        return out
 
     def _kind(self, n: Node) -> str:
         if n.id in self.attention:
