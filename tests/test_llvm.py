@@ -62,17 +62,18 @@ def test_single_ops_match_numpy(dtype, T):
     assert all(e < 1e-5 for e in errs.values()), (dtype, T, errs)
 
 
-@pytest.mark.parametrize("dtype", ["Q8_0", "Q4_1", "Q5_0", "Q3_K", "Q6_K", "BF16"])
+@pytest.mark.parametrize("dtype", ["Q8_0", "Q4_K", "Q4_1", "Q5_0", "Q3_K", "Q6_K", "BF16"])
 def test_portable_ir_without_avx2(dtype, monkeypatch):
-    """CPUs without AVX2 get the same sums from portable IR (checked here on this CPU)."""
+    """CPUs without AVX2 get the same sums from portable IR (checked here on this CPU; 40 rows,
+    so Q8_0 and Q4_K expert weights take the x8 layout)."""
     import moegraph.backends.llvm as llvm_backend
     real = llvm_backend.host_features()
     monkeypatch.setattr(llvm_backend, "host_features", lambda: {**real, "avx2": False})
-    g = _op_graph(dtype, 512, N=38)
+    g = _op_graph(dtype, 512, N=40)
     rng = np.random.default_rng(5)
     inputs = {"x": rng.standard_normal((9, 512)).astype(np.float32),
               "ids": np.stack([rng.permutation(5)[:3] for _ in range(9)]).astype(np.int32),
-              "rid": rng.integers(0, 38, 9).astype(np.int32)}
+              "rid": rng.integers(0, 40, 9).astype(np.int32)}
     ref = get_backend("numpy").compile(g).run(inputs)
     ex = get_backend("llvm", n_threads=2, max_tokens=16, use_cache=False).compile(g)
     assert "call <8 x i32> @llvm.x86.avx2" not in ex.ir_text and "call <16 x i16> @llvm.x86" not in ex.ir_text
@@ -117,10 +118,11 @@ def test_weight_types_whole_model(dtype, arch, tmp_path):
 
 
 @pytest.mark.parametrize("T", [1, 6, 70])
-def test_repacked_q4_k_matches_numpy(T):
-    """Q4_K products in the row-interleaved (x8) layout: 64 rows (whole groups of 8), two
-    super-blocks, dense and expert weights, fused SwiGLU-free MUL_MAT_ID."""
-    g = _op_graph("Q4_K", 512, N=64)
+@pytest.mark.parametrize("dtype", ["Q4_K", "Q8_0"])
+def test_repacked_products_match_numpy(dtype, T):
+    """Products in the row-interleaved (x8) layouts: 64 rows (whole groups of 8), two
+    super-blocks, dense and expert weights."""
+    g = _op_graph(dtype, 512, N=64)
     rng = np.random.default_rng(6)
     inputs = {"x": rng.standard_normal((T, 512)).astype(np.float32),
               "ids": np.stack([rng.permutation(5)[:3] for _ in range(T)]).astype(np.int32),
@@ -134,13 +136,21 @@ def test_repacked_q4_k_matches_numpy(T):
         assert np.abs(got[k] - ref[k]).max() <= 1e-5 * np.abs(ref[k]).max(), (k, T)
 
 
-def test_repack_q4_k_x8_layout():
-    from moegraph.backends.llvm.gemm import X8_BYTES, repack_q4_k_x8
+def test_repack_x8_layouts():
+    from moegraph.backends.llvm.gemm import repack_x8
     rng = np.random.default_rng(2)
     raw = quantize_weights(rng.standard_normal((16, 512)).astype(np.float32), GGMLType.Q4_K)
-    x8 = repack_q4_k_x8(raw, 16, 512)
-    assert x8.shape == (2, 2, X8_BYTES) and x8.nbytes == raw.nbytes * X8_BYTES // 1152
+    x8 = repack_x8(GGMLType.Q4_K, raw, 16, 512)
+    assert x8.shape == (2, 2, 1184) and x8.nbytes == raw.nbytes * 1184 // 1152
     # group 1, super-block 1, row 3: its d, and quant byte 5 of group 2 (piece 1, byte 1)
     blk = raw[8 + 3, 144:288]
     assert x8[1, 1, 6:8].tobytes() == blk[0:2].tobytes()
     assert x8[1, 1, 160 + 256 * 2 + 32 * 1 + 4 * 3 + 1] == blk[16 + 32 * 2 + 5]
+
+    q8 = quantize_weights(rng.standard_normal((3, 16, 64)).astype(np.float32), GGMLType.Q8_0)   # 3 experts
+    x8 = repack_x8(GGMLType.Q8_0, q8, 16, 64)
+    assert x8.shape == (3, 2, 2, 272) and x8.nbytes == q8.nbytes
+    # expert 2, rows 8..15, block 1, row 5: its d, and its value 13 (piece 3, byte 1)
+    blk = q8[2, 8 + 5, 34:68]
+    assert x8[2, 1, 1, 10:12].tobytes() == blk[0:2].tobytes()
+    assert x8[2, 1, 1, 16 + 32 * 3 + 4 * 5 + 1] == blk[2 + 13]

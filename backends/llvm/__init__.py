@@ -26,7 +26,7 @@ from moegraph.quants import is_quantized
 
 from .kernels import emit, vexp_fn
 from .plan import SYMBOLS, Plan
-from .gemm import repack_q4_k_x8, tiles_text
+from .gemm import repack_x8, tiles_text
 from .quantk import module_text
 
 ENTRY = "moegraph_graph"
@@ -299,8 +299,8 @@ entry:
         for kind, node in p.slots[1:]:
             if kind == "weight":
                 raw = node.data.raw
-                if node.id in p.repacked:       # gemm.py's row-interleaved Q4_K (a copy)
-                    raw = repack_q4_k_x8(raw.reshape(*node.shape[:-1], -1), node.shape[-2], node.shape[-1])
+                if node.id in p.repacked:       # gemm.py's row-interleaved layout (a copy)
+                    raw = repack_x8(node.dtype, raw.reshape(*node.shape[:-1], -1), node.shape[-2], node.shape[-1])
                 if not raw.flags.c_contiguous:
                     raw = np.ascontiguousarray(raw)
                 keep.append(raw)

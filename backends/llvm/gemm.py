@@ -306,48 +306,86 @@ def _fma8(f: Fn, a: str, b: str, acc: str) -> str:
     return f.call("<8 x float>", "@llvm.fma.v8f32", f"<8 x float> {a}", f"<8 x float> {b}", f"<8 x float> {acc}")
 
 
-# ---------------------------------------------------------------------------------- Q4_K x8
-# Q4_K weights used only by products are repacked when the session is built (same values, same
-# integer sums; only the byte order changes, as llama.cpp's Q4_Kx8 "repack" buffers do): per 8
-# rows and 256 values, X8_BYTES bytes:
-#     0  d[8] fp16        16  dmin[8] fp16
-#    32  sc[8 sub-blocks][8 rows] u8        96  mn[8 sub-blocks][8 rows] u8
-#   160  quants[4 groups][8 pieces][8 rows][4 bytes]: piece p of group g holds nibble bytes
-#        4p..4p+3 of the row's 32 bytes of group g (low nibbles: values 64g+4p.., high: +32)
-# A product then puts the 8 rows in vector lanes: no horizontal sums, and int16 sums over a
-# sub-block (|sum| <= 8*2*15*127 < 2^15) before one vpmaddwd applies the 8 rows' scales.
-X8_BYTES = 1184
+# ---------------------------------------------------------------------------------- x8 layouts
+# Q4_K and Q8_0 weights read only by products are repacked when the session is built (same values,
+# same integer sums; only the byte order changes, as llama.cpp's repack buffers do). A product then
+# puts 8 rows in the lanes of a vector: no horizontal sums, one activation broadcast serves 8 rows.
+# Per 8 rows and one block (256 values for Q4_K, 32 for Q8_0):
+#   Q4_K, 1184 bytes:  0 d[8] fp16 | 16 dmin[8] fp16 | 32 sc[8 sub-blocks][8 rows] u8 |
+#       96 mn[8][8] u8 | 160 quants[4 groups][8 pieces][8 rows][4 bytes]: piece p of group g is
+#       nibble bytes 4p..4p+3 of the row's 32 bytes of group g (low nibbles: values 64g+4p..,
+#       high nibbles: 64g+32+4p..); int16 sums over a sub-block (|sum| <= 8*2*15*127 < 2^15)
+#       before one vpmaddwd applies the 8 rows' scales.
+#   Q8_0, 272 bytes (= 8 x 34):  0 d[8] fp16 | 16 quants[8 pieces][8 rows][4 bytes].
+X8 = {G.Q4_K: (256, 1184), G.Q8_0: (32, 272)}      # type -> (values per block, bytes per 8 rows)
 X8_TILE = (8, 4, 8)
 
 
-def repack_q4_k_x8(raw: np.ndarray, n_rows: int, K: int) -> np.ndarray:
-    """Raw Q4_K rows [..., n_rows, K/256*144] (uint8; n_rows % 8 == 0) -> the x8 layout, as
-    [..., n_rows/8, K/256, X8_BYTES] uint8."""
-    from moegraph.quants import _k4_scale_min
-    nsb = K // 256
-    b = np.ascontiguousarray(raw).reshape(-1, n_rows // 8, 8, nsb, 144)
+def x8_row_bytes(t, K: int) -> int:
+    """Bytes per row in the x8 layout (the offset of row j, j % 8 == 0, is j times this)."""
+    B, size = X8[t]
+    return K // B * size // 8
+
+
+def repack_x8(t, raw: np.ndarray, n_rows: int, K: int) -> np.ndarray:
+    """Raw rows [..., n_rows, row_bytes] (uint8; n_rows % 8 == 0) -> the x8 layout of type t,
+    as [..., n_rows/8, blocks, bytes per 8 rows] uint8."""
+    B, size = X8[t]
+    nb, raw_size = K // B, {G.Q4_K: 144, G.Q8_0: 34}[t]
+    b = np.ascontiguousarray(raw).reshape(-1, n_rows // 8, 8, nb, raw_size)
     lead = b.shape[:2]
-    b = b.transpose(0, 1, 3, 2, 4)                                  # [.., group, sb, row, 144]
-    out = np.empty((*lead, nsb, X8_BYTES), np.uint8)
-    out[..., 0:16] = b[..., 0:2].reshape(*lead, nsb, 16)
-    out[..., 16:32] = b[..., 2:4].reshape(*lead, nsb, 16)
-    sc, mn = _k4_scale_min(b[..., 4:16].reshape(-1, 12))
-    out[..., 32:96] = sc.reshape(*lead, nsb, 8, 8).swapaxes(-1, -2).reshape(*lead, nsb, 64)
-    out[..., 96:160] = mn.reshape(*lead, nsb, 8, 8).swapaxes(-1, -2).reshape(*lead, nsb, 64)
-    q = b[..., 16:144].reshape(*lead, nsb, 8, 4, 8, 4)              # row, group, piece, byte
-    out[..., 160:] = q.transpose(0, 1, 2, 4, 5, 3, 6).reshape(*lead, nsb, 1024)
-    return out.reshape(*raw.shape[:-2], n_rows // 8, nsb, X8_BYTES)
+    b = b.transpose(0, 1, 3, 2, 4)                                  # [.., group, block, row, bytes]
+    out = np.empty((*lead, nb, size), np.uint8)
+    out[..., 0:16] = b[..., 0:2].reshape(*lead, nb, 16)
+    if t == G.Q8_0:
+        out[..., 16:] = b[..., 2:34].reshape(*lead, nb, 8, 8, 4).swapaxes(-3, -2).reshape(*lead, nb, 256)
+    else:
+        from moegraph.quants import _k4_scale_min
+        out[..., 16:32] = b[..., 2:4].reshape(*lead, nb, 16)
+        sc, mn = _k4_scale_min(b[..., 4:16].reshape(-1, 12))
+        out[..., 32:96] = sc.reshape(*lead, nb, 8, 8).swapaxes(-1, -2).reshape(*lead, nb, 64)
+        out[..., 96:160] = mn.reshape(*lead, nb, 8, 8).swapaxes(-1, -2).reshape(*lead, nb, 64)
+        q = b[..., 16:144].reshape(*lead, nb, 8, 4, 8, 4)           # row, group, piece, byte
+        out[..., 160:] = q.transpose(0, 1, 2, 4, 5, 3, 6).reshape(*lead, nb, 1024)
+    return out.reshape(*raw.shape[:-2], n_rows // 8, nb, size)
+
+
+def _q8_0_x8(f: Fn, simd: SIMD, w: str, acts: list[str]) -> list[str]:
+    """8 repacked Q8_0 rows at w against Q8_0 activations: one <8 x float> (lanes = rows) each.
+    Signed x signed, so ggml's sign trick per piece; int32 sums per block."""
+    RA = len(acts)
+    fa = [f.var("<8 x float>", "zeroinitializer") for _ in range(RA)]
+    ones = _sp(16, "i16", 1)
+    with f.loop(0, f.udiv("%K", 32)) as b:
+        blk = f.gep("i8", w, f.mul(b, 272))
+        for line in range(0, 272, 64):
+            f(f"call void @llvm.prefetch.p0(ptr {f.gep('i8', blk, 4 * 272 + line, inbounds=False)}, i32 0, i32 3, i32 1)")
+        d8 = f.op(f"fpext <8 x half> {f.load('<8 x half>', blk, 2)} to <8 x float>")
+        abs_ = [f.gep("i8", a, f.mul(b, 36)) for a in acts]
+        tots = [None] * RA
+        for p in range(8):
+            wv = f.load("<32 x i8>", f.gep("i8", blk, 16 + 32 * p))
+            aw = simd.abs(wv) if simd.avx2 else None
+            for c, ab in enumerate(abs_):
+                a4 = f.load("i32", f.gep("i8", ab, 4 + 4 * p))
+                av = f.op(f"bitcast <8 x i32> {_splat8(f, a4, 'i32')} to <32 x i8>")
+                s = simd.madd(simd.dot_s8(wv, aw, av), ones)
+                tots[c] = s if tots[c] is None else f.op(f"add <8 x i32> {tots[c]}, {s}")
+        for c, ab in enumerate(abs_):
+            scale = f.op(f"fmul <8 x float> {d8}, {_splat8(f, f.load('float', ab))}")
+            fa[c].set(_fma8(f, f.op(f"sitofp <8 x i32> {tots[c]} to <8 x float>"), scale, fa[c].get()))
+    return [x.get() for x in fa]
 
 
 def _q4k_x8(f: Fn, simd: SIMD, w: str, acts: list[str]) -> list[str]:
-    """8 repacked Q4_K rows at w against the activations: one <8 x float> (lanes = rows) each."""
+    """8 repacked Q4_K rows at w against Q8_K activations: one <8 x float> (lanes = rows) each."""
     RA = len(acts)
     fa = [f.var("<8 x float>", "zeroinitializer") for _ in range(RA)]
     ones = _sp(16, "i16", 1)
     with f.loop(0, f.udiv("%K", 256)) as sb:
-        blk = f.gep("i8", w, f.mul(sb, X8_BYTES))
-        for line in range(0, X8_BYTES, 64):        # the next super-block of these 8 rows
-            f(f"call void @llvm.prefetch.p0(ptr {f.gep('i8', blk, X8_BYTES + line, inbounds=False)}, i32 0, i32 3, i32 1)")
+        blk = f.gep("i8", w, f.mul(sb, 1184))
+        for line in range(0, 1184, 64):        # the next super-block of these 8 rows
+            f(f"call void @llvm.prefetch.p0(ptr {f.gep('i8', blk, 1184 + line, inbounds=False)}, i32 0, i32 3, i32 1)")
 
         def halves(off):
             return f.op(f"fpext <8 x half> {f.load('<8 x half>', f.gep('i8', blk, off), 2)} to <8 x float>")
@@ -405,8 +443,8 @@ def tile_fn(t, RW: int, RA: int, avx2: bool) -> str:
     simd = SIMD(f, avx2)
     accs = [[f.var("<8 x float>", "zeroinitializer") for _ in range(RA)] for _ in range(RW)]
     extras = [[f.var("float", "0.0") for _ in range(RA)] for _ in range(RW)]
-    if t == G.Q4_K and RW == 8:                 # the repacked layout (X8_TILE)
-        vs = _q4k_x8(f, simd, "%w", acts)
+    if t in X8 and RW == 8:                     # the repacked layout (X8_TILE)
+        vs = (_q4k_x8 if t == G.Q4_K else _q8_0_x8)(f, simd, "%w", acts)
         out = vs[0]
         if RA > 1:                              # lanes c*8 + r -> r*RA + c
             out = f.op(f"shufflevector <{8 * RA} x float> {_concat(f, vs, 8)}, <{8 * RA} x float> poison, "

@@ -16,7 +16,7 @@ from moegraph.quants import GGMLType, is_quantized, row_bytes, vec_dot_type
 
 from .irgen import I32 as TI32, Fn, f32, f64, splat
 from .plan import SYMBOLS, Plan, View, elem_size
-from .gemm import X8_BYTES, X8_TILE, tile_name, tile_shape
+from .gemm import X8_TILE, tile_name, tile_shape, x8_row_bytes
 from .quantk import act_row_bytes, unpacked_bytes
 
 PARAMS = [("ptr", "%ptrs"), ("ptr", "%syms"), ("i64", "%ith"), ("i64", "%nth"), ("ptr", "%tls")]
@@ -635,9 +635,9 @@ def _esize(t) -> int:
 def _weight_layout(plan: Plan, w: Node, v: View):
     """(bytes per row, bytes per expert, tile shape or None) of a product's weight. A repacked
     (x8) tensor has the raw size and the same 8-row group offsets, so 'row j' (j % 8 == 0) is at
-    j * X8_BYTES/8 per super-block."""
+    x8_row_bytes(...) (gemm.py)."""
     if w.id in plan.repacked:
-        row = v.shape[-1] // 256 * X8_BYTES // 8
+        row = x8_row_bytes(v.dtype, v.shape[-1])
         return row, row * v.shape[-2], X8_TILE
     es = _esize(v.dtype)
     return v.strides[-2] * es, (v.strides[-3] * es if v.rank >= 3 else 0), None

@@ -193,13 +193,13 @@ class Plan:
                 release(*live.pop(r))
 
     def _repackable(self) -> set[int]:
-        """Q4_K weights whose only readers are products (as the weight) and whose rows come in
-        eights get gemm.py's row-interleaved layout; embeddings (GET_ROWS) keep the GGUF one."""
-        from moegraph.quants import GGMLType
+        """Weights of a type with an x8 layout (gemm.py) whose only readers are products (as the
+        weight) and whose rows come in eights get it; embeddings (GET_ROWS) keep the GGUF one."""
+        from .gemm import X8
         out = set()
         for w, readers in self.graph.users().items():
-            if (w.op == "WEIGHT" and w.dtype == GGMLType.Q4_K and readers and w.rank >= 2
-                    and w.shape[-2] % 8 == 0 and w.shape[-1] % 256 == 0
+            if (w.op == "WEIGHT" and w.dtype in X8 and readers and w.rank >= 2
+                    and w.shape[-2] % 8 == 0 and w.shape[-1] % X8[w.dtype][0] == 0
                     and all(r.op in ("MUL_MAT", "MUL_MAT_ID") and r.inputs[0] is w and r.inputs[1] is not w
                             for r in readers)):
                 out.add(w.id)
