@@ -118,7 +118,7 @@ def test_weight_types_whole_model(dtype, arch, tmp_path):
 
 
 @pytest.mark.parametrize("T", [1, 6, 70])
-@pytest.mark.parametrize("dtype", ["Q4_K", "Q8_0"])
+@pytest.mark.parametrize("dtype", ["Q4_K", "Q6_K", "Q8_0"])
 def test_repacked_products_match_numpy(dtype, T):
     """Products in the row-interleaved (x8) layouts: 64 rows (whole groups of 8), two
     super-blocks, dense and expert weights."""
@@ -154,3 +154,11 @@ def test_repack_x8_layouts():
     blk = q8[2, 8 + 5, 34:68]
     assert x8[2, 1, 1, 10:12].tobytes() == blk[0:2].tobytes()
     assert x8[2, 1, 1, 16 + 32 * 3 + 4 * 5 + 1] == blk[2 + 13]
+    q6 = quantize_weights(rng.standard_normal((8, 256)).astype(np.float32), GGMLType.Q6_K)
+    x8 = repack_x8(GGMLType.Q6_K, q6, 8, 256)
+    assert x8.shape == (1, 1, 1680) and x8.nbytes == q6.nbytes
+    # row 6: its d, scale of group 11, ql byte 77 (piece 19, byte 1), qh byte 42 (piece 10, byte 2)
+    assert x8[0, 0, 12:14].tobytes() == q6[6, 208:210].tobytes()
+    assert x8[0, 0, 16 + 8 * 11 + 6] == q6[6, 192 + 11]
+    assert x8[0, 0, 144 + 32 * 19 + 4 * 6 + 1] == q6[6, 77]
+    assert x8[0, 0, 1168 + 32 * 10 + 4 * 6 + 2] == q6[6, 128 + 42]

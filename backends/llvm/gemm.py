@@ -316,8 +316,11 @@ def _fma8(f: Fn, a: str, b: str, acc: str) -> str:
 #       nibble bytes 4p..4p+3 of the row's 32 bytes of group g (low nibbles: values 64g+4p..,
 #       high nibbles: 64g+32+4p..); int16 sums over a sub-block (|sum| <= 8*2*15*127 < 2^15)
 #       before one vpmaddwd applies the 8 rows' scales.
+#   Q6_K, 1680 bytes (= 8 x 210):  0 d[8] fp16 | 16 sc[16 groups of 16][8 rows] i8 |
+#       144 ql[32 pieces][8 rows][4 bytes] | 1168 qh[16 pieces][8 rows][4 bytes] (the file's bit
+#       planes, interleaved by 4-byte pieces); int16 sums over 2 pieces (<= 2*2*63*127 < 2^15).
 #   Q8_0, 272 bytes (= 8 x 34):  0 d[8] fp16 | 16 quants[8 pieces][8 rows][4 bytes].
-X8 = {G.Q4_K: (256, 1184), G.Q8_0: (32, 272)}      # type -> (values per block, bytes per 8 rows)
+X8 = {G.Q4_K: (256, 1184), G.Q6_K: (256, 1680), G.Q8_0: (32, 272)}   # (values per block, bytes per 8 rows)
 X8_TILE = (8, 4, 8)
 
 
@@ -331,11 +334,17 @@ def repack_x8(t, raw: np.ndarray, n_rows: int, K: int) -> np.ndarray:
     """Raw rows [..., n_rows, row_bytes] (uint8; n_rows % 8 == 0) -> the x8 layout of type t,
     as [..., n_rows/8, blocks, bytes per 8 rows] uint8."""
     B, size = X8[t]
-    nb, raw_size = K // B, {G.Q4_K: 144, G.Q8_0: 34}[t]
+    nb, raw_size = K // B, {G.Q4_K: 144, G.Q6_K: 210, G.Q8_0: 34}[t]
     b = np.ascontiguousarray(raw).reshape(-1, n_rows // 8, 8, nb, raw_size)
     lead = b.shape[:2]
     b = b.transpose(0, 1, 3, 2, 4)                                  # [.., group, block, row, bytes]
     out = np.empty((*lead, nb, size), np.uint8)
+    if t == G.Q6_K:
+        out[..., 0:16] = b[..., 208:210].reshape(*lead, nb, 16)
+        out[..., 16:144] = b[..., 192:208].swapaxes(-1, -2).reshape(*lead, nb, 128)
+        out[..., 144:1168] = b[..., 0:128].reshape(*lead, nb, 8, 32, 4).swapaxes(-3, -2).reshape(*lead, nb, 1024)
+        out[..., 1168:] = b[..., 128:192].reshape(*lead, nb, 8, 16, 4).swapaxes(-3, -2).reshape(*lead, nb, 512)
+        return out.reshape(*raw.shape[:-2], n_rows // 8, nb, size)
     out[..., 0:16] = b[..., 0:2].reshape(*lead, nb, 16)
     if t == G.Q8_0:
         out[..., 16:] = b[..., 2:34].reshape(*lead, nb, 8, 8, 4).swapaxes(-3, -2).reshape(*lead, nb, 256)
@@ -348,6 +357,58 @@ def repack_x8(t, raw: np.ndarray, n_rows: int, K: int) -> np.ndarray:
         q = b[..., 16:144].reshape(*lead, nb, 8, 4, 8, 4)           # row, group, piece, byte
         out[..., 160:] = q.transpose(0, 1, 2, 4, 5, 3, 6).reshape(*lead, nb, 1024)
     return out.reshape(*raw.shape[:-2], n_rows // 8, nb, size)
+
+
+def _q6k_x8(f: Fn, simd: SIMD, w: str, acts: list[str]) -> list[str]:
+    """8 repacked Q6_K rows at w against Q8_K activations: one <8 x float> (lanes = rows) each.
+    sum sc*(u-32)*a = sum sc*u*a - 32 * sum_g sc_g*bsum_g, all in int32 as ggml does."""
+    RA = len(acts)
+    fa = [f.var("<8 x float>", "zeroinitializer") for _ in range(RA)]
+    with f.loop(0, f.udiv("%K", 256)) as sb:
+        blk = f.gep("i8", w, f.mul(sb, 1680))
+        for line in range(0, 1680, 64):
+            f(f"call void @llvm.prefetch.p0(ptr {f.gep('i8', blk, 1680 + line, inbounds=False)}, i32 0, i32 3, i32 1)")
+        d8 = f.op(f"fpext <8 x half> {f.load('<8 x half>', blk, 2)} to <8 x float>")
+
+        def pairs(off, lanes):          # signed scale bytes -> <16 x i16> for vpmaddwd
+            v = f.load("<16 x i8>", f.gep("i8", blk, off))
+            return f.op(f"sext <16 x i8> {f.op(f'shufflevector <16 x i8> {v}, <16 x i8> poison, {_mask(lanes)}')} to <16 x i16>")
+        abs_ = [f.gep("i8", a, f.mul(sb, 292)) for a in acts]
+        tots = [None] * RA
+        three, four = _sp(32, "i8", 3), _sp(32, "i8", 4)
+        for j in range(8):
+            h, k = divmod(j, 4)
+            for p0 in (0, 2, 4, 6):
+                sums = [None] * RA
+                for p in (p0, p0 + 1):
+                    ql = f.load("<32 x i8>", f.gep("i8", blk, 144 + 32 * (16 * h + 8 * (k % 2) + p)))
+                    qh = f.load("<32 x i8>", f.gep("i8", blk, 1168 + 32 * (8 * h + p)))
+                    lo = f.op(f"lshr <32 x i8> {ql}, {_sp(32, 'i8', 4 * (k // 2))}")
+                    lo = f.op(f"and <32 x i8> {lo}, {_sp(32, 'i8', 15)}")
+                    hb = f.op(f"lshr <32 x i8> {qh}, {_sp(32, 'i8', 2 * k)}")
+                    hb = f.op(f"shl <32 x i8> {f.op(f'and <32 x i8> {hb}, {three}')}, {four}")
+                    u = f.op(f"or <32 x i8> {lo}, {hb}")
+                    for c, ab in enumerate(abs_):
+                        a4 = f.load("i32", f.gep("i8", ab, 4 + 32 * j + 4 * p))
+                        s = simd.maddubs(u, f.op(f"bitcast <8 x i32> {_splat8(f, a4, 'i32')} to <32 x i8>"))
+                        sums[c] = s if p == p0 else f.op(f"add <16 x i16> {sums[c]}, {s}")
+                g = 2 * j + p0 // 4                  # the 16-value group these 8 values are in
+                sc = pairs(16 + 8 * (g - g % 2), [8 * (g % 2) + i // 2 for i in range(16)])
+                for c in range(RA):
+                    s = simd.madd(sums[c], sc)
+                    tots[c] = s if tots[c] is None else f.op(f"add <8 x i32> {tots[c]}, {s}")
+        scp = [pairs(16 + 16 * q, [(i % 2) * 8 + i // 2 for i in range(16)]) for q in range(8)]
+        for c, ab in enumerate(abs_):
+            off = None
+            for q in range(8):                       # (bsum_2q, bsum_2q+1) against (sc_2q, sc_2q+1)
+                b2 = f.load("i32", f.gep("i8", ab, 260 + 4 * q))
+                s = simd.madd(scp[q], f.op(f"bitcast <8 x i32> {_splat8(f, b2, 'i32')} to <16 x i16>"))
+                off = s if off is None else f.op(f"add <8 x i32> {off}, {s}")
+            off32 = f.op(f"shl <8 x i32> {off}, {_sp(8, 'i32', 5)}")
+            isum = f.op(f"sub <8 x i32> {tots[c]}, {off32}")
+            scale = f.op(f"fmul <8 x float> {d8}, {_splat8(f, f.load('float', ab))}")
+            fa[c].set(_fma8(f, f.op(f"sitofp <8 x i32> {isum} to <8 x float>"), scale, fa[c].get()))
+    return [x.get() for x in fa]
 
 
 def _q8_0_x8(f: Fn, simd: SIMD, w: str, acts: list[str]) -> list[str]:
@@ -444,7 +505,7 @@ def tile_fn(t, RW: int, RA: int, avx2: bool) -> str:
     accs = [[f.var("<8 x float>", "zeroinitializer") for _ in range(RA)] for _ in range(RW)]
     extras = [[f.var("float", "0.0") for _ in range(RA)] for _ in range(RW)]
     if t in X8 and RW == 8:                     # the repacked layout (X8_TILE)
-        vs = (_q4k_x8 if t == G.Q4_K else _q8_0_x8)(f, simd, "%w", acts)
+        vs = {G.Q4_K: _q4k_x8, G.Q6_K: _q6k_x8, G.Q8_0: _q8_0_x8}[t](f, simd, "%w", acts)
         out = vs[0]
         if RA > 1:                              # lanes c*8 + r -> r*RA + c
             out = f.op(f"shufflevector <{8 * RA} x float> {_concat(f, vs, 8)}, <{8 * RA} x float> poison, "
