@@ -134,6 +134,9 @@ def test_repacked_products_match_numpy(dtype, T):
     got = ex.run(inputs)
     for k in ref:
         assert np.abs(got[k] - ref[k]).max() <= 1e-5 * np.abs(ref[k]).max(), (k, T)
+    plain = get_backend("llvm", n_threads=2, max_tokens=80, repack=False).compile(g)
+    assert not plain.plan.repacked
+    np.testing.assert_allclose(plain.run(inputs)["mmid"], got["mmid"], rtol=1e-5, atol=1e-5 * np.abs(got["mmid"]).max())
 
 
 def test_repack_x8_layouts():

@@ -15,6 +15,7 @@ import os
 import threading
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -151,23 +152,27 @@ class LLVMBackend:
     name = "llvm"
 
     def __init__(self, n_threads: int | None = None, max_tokens: int = 512, use_cache: bool = True,
-                 **_ignored):
+                 repack: bool = True, **_ignored):
+        """repack: give Q4_K/Q6_K/Q8_0 product weights the row-interleaved x8 layout (gemm.py),
+        a copy in memory beside the memory-mapped file; False keeps only the file's blocks."""
         self.n_threads = n_threads or os.cpu_count() or 1
         self.max_tokens = max_tokens
         self.use_cache = use_cache
+        self.repack = repack
 
     def compile(self, graph: Graph) -> "LLVMExecutable":
-        return LLVMExecutable(graph, self.n_threads, self.max_tokens, self.use_cache)
+        return LLVMExecutable(graph, self.n_threads, self.max_tokens, self.use_cache, self.repack)
 
 
 class LLVMExecutable:
-    def __init__(self, graph: Graph, n_threads: int, max_tokens: int, use_cache: bool = True):
+    def __init__(self, graph: Graph, n_threads: int, max_tokens: int, use_cache: bool = True,
+                 repack: bool = True):
         self.graph = graph
         self.n_threads = n_threads
         n_ctx = graph.meta.get("n_ctx") or max([n.shape[0] for n in graph.states().values()] or [1])
         self.max_tokens = min(max_tokens, n_ctx)
         t0 = time.perf_counter()
-        self.plan = plan = Plan(graph, self.max_tokens, n_ctx)
+        self.plan = plan = Plan(graph, self.max_tokens, n_ctx, repack=repack)
         ir, self.tls_bytes = self._module(plan)
         self.ir_text = ir
         self.compile_info = self._jit(ir, use_cache)
@@ -296,11 +301,14 @@ entry:
         self.states: dict[str, np.ndarray] = {}
         keep = []
         addrs = [self.arena.ctypes.data]
+        # gemm.py's row-interleaved layouts (copies), tensors in parallel (NumPy releases the GIL)
+        with ThreadPoolExecutor(self.n_threads) as pool:
+            repacked = {n.id: pool.submit(repack_x8, n.dtype, n.data.raw.reshape(*n.shape[:-1], -1), n.shape[-2],
+                                          n.shape[-1]) for kind, n in p.slots[1:] if kind == "weight" and n.id in p.repacked}
+            repacked = {i: fut.result() for i, fut in repacked.items()}
         for kind, node in p.slots[1:]:
             if kind == "weight":
-                raw = node.data.raw
-                if node.id in p.repacked:       # gemm.py's row-interleaved layout (a copy)
-                    raw = repack_x8(node.dtype, raw.reshape(*node.shape[:-1], -1), node.shape[-2], node.shape[-1])
+                raw = repacked.get(node.id, node.data.raw)
                 if not raw.flags.c_contiguous:
                     raw = np.ascontiguousarray(raw)
                 keep.append(raw)

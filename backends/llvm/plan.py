@@ -62,7 +62,7 @@ def dense_strides(max_shape: tuple[int, ...], dtype) -> tuple[int, ...]:
 
 
 class Plan:
-    def __init__(self, graph: Graph, max_tokens: int, n_ctx: int):
+    def __init__(self, graph: Graph, max_tokens: int, n_ctx: int, repack: bool = False):
         self.graph = graph
         self.maxes = {"T": max_tokens, "KV": n_ctx, "O": max_tokens}
         self.order = graph.toposort()
@@ -71,7 +71,7 @@ class Plan:
         self.steps: list[Step] = []
         self.arena_size = 0
         self.tiles: set = set()    # (weight type, RW, RA) of the product tiles kernels call
-        self.repacked = self._repackable()   # weight node ids stored in gemm.py's x8 layout
+        self.repacked = self._repackable() if repack else set()   # weights in gemm.py's x8 layout
         self._fuse()
         self._place()
 
