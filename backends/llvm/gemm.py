@@ -320,7 +320,12 @@ def _fma8(f: Fn, a: str, b: str, acc: str) -> str:
 #       144 ql[32 pieces][8 rows][4 bytes] | 1168 qh[16 pieces][8 rows][4 bytes] (the file's bit
 #       planes, interleaved by 4-byte pieces); int16 sums over 2 pieces (<= 2*2*63*127 < 2^15).
 #   Q8_0, 272 bytes (= 8 x 34):  0 d[8] fp16 | 16 quants[8 pieces][8 rows][4 bytes].
-X8 = {G.Q4_K: (256, 1184), G.Q6_K: (256, 1680), G.Q8_0: (32, 272)}   # (values per block, bytes per 8 rows)
+#   Q4_0, 144 bytes (= 8 x 18):  0 d[8] fp16 | 16 nibbles[4 pieces][8 rows][4 bytes] (low nibbles:
+#       values 4p.., high: 16+4p..); the -8 offset as -8 * the activation block's sum.
+#   Q4_1, 160 bytes (= 8 x 20):  0 d[8] | 16 m[8] fp16 | 32 nibbles as Q4_0; + m * s (Q8_1's s).
+X8 = {G.Q4_K: (256, 1184), G.Q6_K: (256, 1680), G.Q8_0: (32, 272),
+      G.Q4_0: (32, 144), G.Q4_1: (32, 160)}       # type -> (values per block, bytes per 8 rows)
+_RAW_BLOCK = {G.Q4_K: 144, G.Q6_K: 210, G.Q8_0: 34, G.Q4_0: 18, G.Q4_1: 20}
 X8_TILE = (8, 4, 8)
 
 
@@ -334,7 +339,7 @@ def repack_x8(t, raw: np.ndarray, n_rows: int, K: int) -> np.ndarray:
     """Raw rows [..., n_rows, row_bytes] (uint8; n_rows % 8 == 0) -> the x8 layout of type t,
     as [..., n_rows/8, blocks, bytes per 8 rows] uint8."""
     B, size = X8[t]
-    nb, raw_size = K // B, {G.Q4_K: 144, G.Q6_K: 210, G.Q8_0: 34}[t]
+    nb, raw_size = K // B, _RAW_BLOCK[t]
     b = np.ascontiguousarray(raw).reshape(-1, n_rows // 8, 8, nb, raw_size)
     lead = b.shape[:2]
     b = b.transpose(0, 1, 3, 2, 4)                                  # [.., group, block, row, bytes]
@@ -346,7 +351,12 @@ def repack_x8(t, raw: np.ndarray, n_rows: int, K: int) -> np.ndarray:
         out[..., 1168:] = b[..., 128:192].reshape(*lead, nb, 8, 16, 4).swapaxes(-3, -2).reshape(*lead, nb, 512)
         return out.reshape(*raw.shape[:-2], n_rows // 8, nb, size)
     out[..., 0:16] = b[..., 0:2].reshape(*lead, nb, 16)
-    if t == G.Q8_0:
+    if t in (G.Q4_0, G.Q4_1):
+        qs = 16 if t == G.Q4_1 else 0
+        if t == G.Q4_1:
+            out[..., 16:32] = b[..., 2:4].reshape(*lead, nb, 16)
+        out[..., 16 + qs:] = b[..., 2 + qs // 8:].reshape(*lead, nb, 8, 4, 4).swapaxes(-3, -2).reshape(*lead, nb, 128)
+    elif t == G.Q8_0:
         out[..., 16:] = b[..., 2:34].reshape(*lead, nb, 8, 8, 4).swapaxes(-3, -2).reshape(*lead, nb, 256)
     else:
         from moegraph.quants import _k4_scale_min
@@ -408,6 +418,45 @@ def _q6k_x8(f: Fn, simd: SIMD, w: str, acts: list[str]) -> list[str]:
             isum = f.op(f"sub <8 x i32> {tots[c]}, {off32}")
             scale = f.op(f"fmul <8 x float> {d8}, {_splat8(f, f.load('float', ab))}")
             fa[c].set(_fma8(f, f.op(f"sitofp <8 x i32> {isum} to <8 x float>"), scale, fa[c].get()))
+    return [x.get() for x in fa]
+
+
+def _q4_x8(t, f: Fn, simd: SIMD, w: str, acts: list[str]) -> list[str]:
+    """8 repacked Q4_0 (Q8_0 acts) or Q4_1 (Q8_1 acts) rows: unsigned nibbles, int16 sums over
+    the block (<= 8*2*15*127 < 2^15), then the offset: -8*sum(a) (Q4_0) or m*s (Q4_1)."""
+    RA = len(acts)
+    size, q1 = X8[t][1], t == G.Q4_1
+    asize, aq = (40, 8) if q1 else (36, 4)
+    fa = [f.var("<8 x float>", "zeroinitializer") for _ in range(RA)]
+    ones = _sp(16, "i16", 1)
+    with f.loop(0, f.udiv("%K", 32)) as b:
+        blk = f.gep("i8", w, f.mul(b, size))
+        for line in range(0, size, 64):
+            f(f"call void @llvm.prefetch.p0(ptr {f.gep('i8', blk, 4 * size + line, inbounds=False)}, i32 0, i32 3, i32 1)")
+        d8 = f.op(f"fpext <8 x half> {f.load('<8 x half>', blk, 2)} to <8 x float>")
+        abs_ = [f.gep("i8", a, f.mul(b, asize)) for a in acts]
+        sums = [None] * RA
+        for p in range(4):
+            v = f.load("<32 x i8>", f.gep("i8", blk, (32 if q1 else 16) + 32 * p))
+            q = (f.op(f"and <32 x i8> {v}, {_sp(32, 'i8', 15)}"), f.op(f"lshr <32 x i8> {v}, {_sp(32, 'i8', 4)}"))
+            for c, ab in enumerate(abs_):
+                for h in range(2):
+                    a4 = f.load("i32", f.gep("i8", ab, aq + 16 * h + 4 * p))
+                    s = simd.maddubs(q[h], f.op(f"bitcast <8 x i32> {_splat8(f, a4, 'i32')} to <32 x i8>"))
+                    sums[c] = s if sums[c] is None else f.op(f"add <16 x i16> {sums[c]}, {s}")
+        for c, ab in enumerate(abs_):
+            isum = simd.madd(sums[c], ones)
+            if not q1:                               # - 8 * sum of the block's activations
+                av = f.load("<32 x i8>", f.gep("i8", ab, aq))
+                asum = f.call("i32", "@llvm.vector.reduce.add.v8i32",
+                              f"<8 x i32> {simd.madd(simd.maddubs(_sp(32, 'i8', 1), av), ones)}")
+                isum = f.op(f"sub <8 x i32> {isum}, {_splat8(f, f.op(f'shl i32 {asum}, 3'), 'i32')}")
+            scale = f.op(f"fmul <8 x float> {d8}, {_splat8(f, f.load('float', ab))}")
+            acc = _fma8(f, f.op(f"sitofp <8 x i32> {isum} to <8 x float>"), scale, fa[c].get())
+            if q1:
+                m8 = f.op(f"fpext <8 x half> {f.load('<8 x half>', f.gep('i8', blk, 16), 2)} to <8 x float>")
+                acc = _fma8(f, m8, _splat8(f, f.load("float", f.gep("i8", ab, 4))), acc)
+            fa[c].set(acc)
     return [x.get() for x in fa]
 
 
@@ -505,7 +554,8 @@ def tile_fn(t, RW: int, RA: int, avx2: bool) -> str:
     accs = [[f.var("<8 x float>", "zeroinitializer") for _ in range(RA)] for _ in range(RW)]
     extras = [[f.var("float", "0.0") for _ in range(RA)] for _ in range(RW)]
     if t in X8 and RW == 8:                     # the repacked layout (X8_TILE)
-        vs = {G.Q4_K: _q4k_x8, G.Q6_K: _q6k_x8, G.Q8_0: _q8_0_x8}[t](f, simd, "%w", acts)
+        kernel = {G.Q4_K: _q4k_x8, G.Q6_K: _q6k_x8, G.Q8_0: _q8_0_x8}.get(t) or (lambda *a: _q4_x8(t, *a))
+        vs = kernel(f, simd, "%w", acts)
         out = vs[0]
         if RA > 1:                              # lanes c*8 + r -> r*RA + c
             out = f.op(f"shufflevector <{8 * RA} x float> {_concat(f, vs, 8)}, <{8 * RA} x float> poison, "
