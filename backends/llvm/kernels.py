@@ -557,11 +557,12 @@ def _act_quant_phase(k: K, b: View, rows_dims, vt, Kdim: int, dst: str) -> None:
 
 
 def _products(k: K, wt, rows: list, wstride: int, n_rows: int, Kdim: int, M: str, locate, act_ptr, store,
-              act_rb: int, combine=None, shape=None) -> None:
+              act_rb: int, combine=None, shape=None, all_rows: bool = False) -> None:
     """out(m, j) = weight row j . activation row m for this thread's share of the n_rows rows and
     all M activation rows, in tiles (gemm.py): units of U rows, each as RW x RA tiles over the
     activations and U x 1 tiles for the activations left over (all of them when decoding); the
-    rows left over after the last full unit go 1 x RA / 1 x 1. Activations go in chunks that stay in
+    rows left over after the last full unit go 1 x RA / 1 x 1. all_rows: this thread does every
+    row (whole experts scheduled across threads). Activations go in chunks that stay in
     L2 while this thread's rows pass over them. rows: one function per weight tensor (j -> pointer
     to row j); with two (SWIGLU's gate and up) combine(g, u, n) merges their <n x float> results.
     locate(m) -> a handle on activation row m, computed once per tile; act_ptr(handle) -> the row
@@ -571,7 +572,8 @@ def _products(k: K, wt, rows: list, wstride: int, n_rows: int, Kdim: int, M: str
     U = min(U, n_rows)
     RW = min(RW, U)
     chunk = max(RA, (1 << 17) // max(act_rb, 1) // RA * RA)
-    ulo, uhi = k.split(str(-(-n_rows // U)))
+    units = -(-n_rows // U)
+    ulo, uhi = ("0", str(units)) if all_rows else k.split(str(units))
 
     def tile(rw, ra, j, m):
         k.plan.tiles.add((wt, rw, ra))
@@ -721,10 +723,14 @@ def k_mul_mat_id(plan: Plan, n: Node, name: str, swiglu=None):
     f = k1.f
     if converted:
         _act_quant_phase(k1, b, b.shape[:-1], vt, Kdim, k1.operand(0, base_off))
-    # thread 0 buckets (token, slot) pairs by expert: counts[E], then lists[E][T*k]
+    # thread 0 buckets (token, slot) pairs by expert: counts[E], lists[E][T*k], then
+    # meta = [n_active, claim counter], active[E]  (plan.py sizes the scratch)
+    meta_off = lists_off + 4 * E + 4 * E * per_t
     with f.if_(f.op("icmp eq i64 %ith, 0")):
         cnt = k1.operand(0, lists_off)
         lst = f.gep("i8", cnt, 4 * E)
+        meta = k1.operand(0, meta_off)
+        active = f.gep("i8", meta, 8)
         with f.loop(0, E) as e:
             f.store("i32", "0", f.gep("i32", cnt, e), 4)
         with f.loop(0, k1.dim(T)) as t:
@@ -736,6 +742,14 @@ def k_mul_mat_id(plan: Plan, n: Node, name: str, swiglu=None):
                     slot = f.add(f.mul(ev, per_t), f.op(f"sext i32 {c} to i64"))
                     f.store("i32", f.op(f"trunc i64 {f.add(f.mul(t, kk), j)} to i32"), f.gep("i32", lst, slot), 4)
                     f.store("i32", f.op(f"add i32 {c}, 1"), pc, 4)
+        # the active experts, their number, and the claim counter of whole-expert scheduling
+        n_act = f.var("i32", "0")
+        with f.loop(0, E) as e:
+            with f.if_(f.op(f"icmp sgt i32 {f.load('i32', f.gep('i32', cnt, e), 4)}, 0")):
+                f.store("i32", f.op(f"trunc i64 {e} to i32"), f.gep("i32", active, f.op(f"sext i32 {n_act.get()} to i64")), 4)
+                n_act.set(f.op(f"add i32 {n_act.get()}, 1"))
+        f.store("i32", n_act.get(), meta, 4)
+        f.store("i32", "0", f.gep("i32", meta, 1), 4)
     phases.append(k1)
 
     k2 = K(plan, name + "b")
@@ -745,7 +759,10 @@ def k_mul_mat_id(plan: Plan, n: Node, name: str, swiglu=None):
     lst = f.gep("i8", cnt, 4 * E)
     acts = k2.operand(0, base_off)
     es = _esize(wt)
-    with f.loop(0, E) as e:
+    meta = k2.operand(0, meta_off)
+    n_act = f.load("i32", meta, 4)
+
+    def expert(e, all_rows):
         c = f.op(f"sext i32 {f.load('i32', f.gep('i32', cnt, e), 4)} to i64")
         with f.if_(f.op(f"icmp sgt i64 {c}, 0")):
             def row_fn(w, wnode, row0):
@@ -773,7 +790,20 @@ def k_mul_mat_id(plan: Plan, n: Node, name: str, swiglu=None):
             if a_up is not None:    # gate and up tiles are called alike: same type, same layout
                 assert _weight_layout(plan, up.inputs[0] if up else n.inputs[0], a_up)[::2] == (wrow, shape)
             _products(k2, wt, rows, wrow, N, Kdim, c, entry, act_ptr, store, act_rb,
-                      None if a_up is None else (lambda g, u, n: _swiglu(f, g, u, n)), shape=shape)
+                      None if a_up is None else (lambda g, u, n: _swiglu(f, g, u, n)), shape=shape,
+                      all_rows=all_rows)
+    # Many active experts (>= 2 per thread): whole experts, claimed one at a time from a shared
+    # counter (uneven token counts balance themselves); few: every expert's rows split.
+    whole = f.op(f"icmp uge i64 {f.op(f'zext i32 {n_act} to i64')}, {f.op('mul i64 %nth, 2')}")
+    with f.if_(whole):
+        with f.loop(0, n_act, ty="i32") as _:
+            q = f.op(f"atomicrmw add ptr {f.gep('i32', meta, 1)}, i32 1 monotonic")
+            with f.if_(f.op(f"icmp slt i32 {q}, {n_act}")):
+                e = f.op(f"sext i32 {f.load('i32', f.gep('i32', f.gep('i8', meta, 8), f.op(f'sext i32 {q} to i64')), 4)} to i64")
+                expert(e, True)
+    with f.if_(f.op(f"xor i1 {whole}, true")):
+        with f.loop(0, E) as e:
+            expert(e, False)
     phases.append(k2)
     return phases, 0
 

@@ -224,9 +224,9 @@ class Plan:
             rows = math.prod(self.max_shape(b.shape[:-1]))
             act = rows * act_row_bytes(vt, b.shape[-1]) if vt != F32 else 0
             lists = 0
-            if n.op == "MUL_MAT_ID":   # per-expert counts and (token, slot) lists
+            if n.op == "MUL_MAT_ID":   # per-expert counts, (token, slot) lists, active experts
                 E = a.shape[0]
-                lists = 4 * (2 * E + 1) + 4 * E * math.prod(self.max_shape(n.inputs[2].shape))
+                lists = 4 * (2 * E + 1) + 4 * E * math.prod(self.max_shape(n.inputs[2].shape)) + 64
             return act + lists + 64
         return 0
 
