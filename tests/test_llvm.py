@@ -62,7 +62,7 @@ def test_single_ops_match_numpy(dtype, T):
     assert all(e < 1e-5 for e in errs.values()), (dtype, T, errs)
 
 
-@pytest.mark.parametrize("dtype", ["Q8_0", "Q4_K", "Q4_1", "Q5_0", "Q3_K", "Q6_K", "BF16"])
+@pytest.mark.parametrize("dtype", ["Q8_0", "Q4_K", "Q5_K", "Q4_1", "Q5_0", "Q3_K", "Q6_K", "BF16"])
 def test_portable_ir_without_avx2(dtype, monkeypatch):
     """CPUs without AVX2 get the same sums from portable IR (checked here on this CPU; 40 rows,
     so Q8_0 and Q4_K expert weights take the x8 layout)."""
@@ -118,7 +118,7 @@ def test_weight_types_whole_model(dtype, arch, tmp_path):
 
 
 @pytest.mark.parametrize("T", [1, 6, 70])
-@pytest.mark.parametrize("dtype", ["Q4_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("dtype", ["Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1"])
 def test_repacked_products_match_numpy(dtype, T):
     """Products in the row-interleaved (x8) layouts: 64 rows (whole groups of 8), two
     super-blocks, dense and expert weights."""

@@ -316,6 +316,8 @@ def _fma8(f: Fn, a: str, b: str, acc: str) -> str:
 #       nibble bytes 4p..4p+3 of the row's 32 bytes of group g (low nibbles: values 64g+4p..,
 #       high nibbles: 64g+32+4p..); int16 sums over a sub-block (|sum| <= 8*2*15*127 < 2^15)
 #       before one vpmaddwd applies the 8 rows' scales.
+#   Q5_K, 1440 bytes: Q4_K's, with qh[8 pieces][8 rows][4 bytes] at 160 (bit j of byte l: the
+#       fifth bit of value 32j+l) and the quants at 416; int16 sums over 4 pieces (<= 4*2*31*127).
 #   Q6_K, 1680 bytes (= 8 x 210):  0 d[8] fp16 | 16 sc[16 groups of 16][8 rows] i8 |
 #       144 ql[32 pieces][8 rows][4 bytes] | 1168 qh[16 pieces][8 rows][4 bytes] (the file's bit
 #       planes, interleaved by 4-byte pieces); int16 sums over 2 pieces (<= 2*2*63*127 < 2^15).
@@ -323,9 +325,9 @@ def _fma8(f: Fn, a: str, b: str, acc: str) -> str:
 #   Q4_0, 144 bytes (= 8 x 18):  0 d[8] fp16 | 16 nibbles[4 pieces][8 rows][4 bytes] (low nibbles:
 #       values 4p.., high: 16+4p..); the -8 offset as -8 * the activation block's sum.
 #   Q4_1, 160 bytes (= 8 x 20):  0 d[8] | 16 m[8] fp16 | 32 nibbles as Q4_0; + m * s (Q8_1's s).
-X8 = {G.Q4_K: (256, 1184), G.Q6_K: (256, 1680), G.Q8_0: (32, 272),
+X8 = {G.Q4_K: (256, 1184), G.Q5_K: (256, 1440), G.Q6_K: (256, 1680), G.Q8_0: (32, 272),
       G.Q4_0: (32, 144), G.Q4_1: (32, 160)}       # type -> (values per block, bytes per 8 rows)
-_RAW_BLOCK = {G.Q4_K: 144, G.Q6_K: 210, G.Q8_0: 34, G.Q4_0: 18, G.Q4_1: 20}
+_RAW_BLOCK = {G.Q4_K: 144, G.Q5_K: 176, G.Q6_K: 210, G.Q8_0: 34, G.Q4_0: 18, G.Q4_1: 20}
 X8_TILE = (8, 4, 8)
 
 
@@ -358,14 +360,18 @@ def repack_x8(t, raw: np.ndarray, n_rows: int, K: int) -> np.ndarray:
         out[..., 16 + qs:] = b[..., 2 + qs // 8:].reshape(*lead, nb, 8, 4, 4).swapaxes(-3, -2).reshape(*lead, nb, 128)
     elif t == G.Q8_0:
         out[..., 16:] = b[..., 2:34].reshape(*lead, nb, 8, 8, 4).swapaxes(-3, -2).reshape(*lead, nb, 256)
-    else:
+    else:                                                           # Q4_K, Q5_K
         from moegraph.quants import _k4_scale_min
         out[..., 16:32] = b[..., 2:4].reshape(*lead, nb, 16)
         sc, mn = _k4_scale_min(b[..., 4:16].reshape(-1, 12))
         out[..., 32:96] = sc.reshape(*lead, nb, 8, 8).swapaxes(-1, -2).reshape(*lead, nb, 64)
         out[..., 96:160] = mn.reshape(*lead, nb, 8, 8).swapaxes(-1, -2).reshape(*lead, nb, 64)
-        q = b[..., 16:144].reshape(*lead, nb, 8, 4, 8, 4)           # row, group, piece, byte
-        out[..., 160:] = q.transpose(0, 1, 2, 4, 5, 3, 6).reshape(*lead, nb, 1024)
+        qs = 16
+        if t == G.Q5_K:
+            out[..., 160:416] = b[..., 16:48].reshape(*lead, nb, 8, 8, 4).swapaxes(-3, -2).reshape(*lead, nb, 256)
+            qs = 48
+        q = b[..., qs:qs + 128].reshape(*lead, nb, 8, 4, 8, 4)      # row, group, piece, byte
+        out[..., size - 1024:] = q.transpose(0, 1, 2, 4, 5, 3, 6).reshape(*lead, nb, 1024)
     return out.reshape(*raw.shape[:-2], n_rows // 8, nb, size)
 
 
@@ -487,15 +493,20 @@ def _q8_0_x8(f: Fn, simd: SIMD, w: str, acts: list[str]) -> list[str]:
     return [x.get() for x in fa]
 
 
-def _q4k_x8(f: Fn, simd: SIMD, w: str, acts: list[str]) -> list[str]:
-    """8 repacked Q4_K rows at w against Q8_K activations: one <8 x float> (lanes = rows) each."""
+def _q45k_x8(t, f: Fn, simd: SIMD, w: str, acts: list[str]) -> list[str]:
+    """8 repacked Q4_K or Q5_K rows at w against Q8_K activations: one <8 x float> (lanes =
+    rows) each. Q5_K's fifth bits (value < 32: int16 sums over 4 pieces, not 8)."""
     RA = len(acts)
+    size = X8[t][1]
+    q5 = t == G.Q5_K
+    qs_off, flush = (416, 4) if q5 else (160, 8)
+    one8, four8 = _sp(32, "i8", 1), _sp(32, "i8", 4)
     fa = [f.var("<8 x float>", "zeroinitializer") for _ in range(RA)]
     ones = _sp(16, "i16", 1)
     with f.loop(0, f.udiv("%K", 256)) as sb:
-        blk = f.gep("i8", w, f.mul(sb, 1184))
-        for line in range(0, 1184, 64):        # the next super-block of these 8 rows
-            f(f"call void @llvm.prefetch.p0(ptr {f.gep('i8', blk, 1184 + line, inbounds=False)}, i32 0, i32 3, i32 1)")
+        blk = f.gep("i8", w, f.mul(sb, size))
+        for line in range(0, size, 64):        # the next super-block of these 8 rows
+            f(f"call void @llvm.prefetch.p0(ptr {f.gep('i8', blk, size + line, inbounds=False)}, i32 0, i32 3, i32 1)")
 
         def halves(off):
             return f.op(f"fpext <8 x half> {f.load('<8 x half>', f.gep('i8', blk, off), 2)} to <8 x float>")
@@ -507,22 +518,29 @@ def _q4k_x8(f: Fn, simd: SIMD, w: str, acts: list[str]) -> list[str]:
         tots = [None] * RA
         abs_ = [f.gep("i8", a, f.mul(sb, 292)) for a in acts]
         for g in range(4):
+            scs = [pairs(32 + 8 * (j - j % 2), [8 * (j % 2) + i // 2 for i in range(16)]) for j in (2 * g, 2 * g + 1)]
             sums = [[None, None] for _ in range(RA)]
             for p in range(8):
-                b = f.load("<32 x i8>", f.gep("i8", blk, 160 + 256 * g + 32 * p))
-                q = (f.op(f"and <32 x i8> {b}, {_sp(32, 'i8', 15)}"),
-                     f.op(f"lshr <32 x i8> {b}, {_sp(32, 'i8', 4)}"))
+                b = f.load("<32 x i8>", f.gep("i8", blk, qs_off + 256 * g + 32 * p))
+                q = [f.op(f"and <32 x i8> {b}, {_sp(32, 'i8', 15)}"),
+                     f.op(f"lshr <32 x i8> {b}, {_sp(32, 'i8', 4)}")]
+                if q5:                          # bit 2g (low nibbles) / 2g+1 (high) of qh
+                    qh = f.load("<32 x i8>", f.gep("i8", blk, 160 + 32 * p))
+                    for h in range(2):
+                        bit = f.op(f"lshr <32 x i8> {qh}, {_sp(32, 'i8', 2 * g + h)}")
+                        bit = f.op(f"shl <32 x i8> {f.op(f'and <32 x i8> {bit}, {one8}')}, {four8}")
+                        q[h] = f.op(f"or <32 x i8> {q[h]}, {bit}")
                 for c, ab in enumerate(abs_):
                     for h in range(2):
                         a4 = f.load("i32", f.gep("i8", ab, 4 + 64 * g + 32 * h + 4 * p))
                         s = simd.maddubs(q[h], f.op(f"bitcast <8 x i32> {_splat8(f, a4, 'i32')} to <32 x i8>"))
-                        sums[c][h] = s if p == 0 else f.op(f"add <16 x i16> {sums[c][h]}, {s}")
-            for h in range(2):
-                j = 2 * g + h
-                sc = pairs(32 + 8 * (j - j % 2), [8 * (j % 2) + i // 2 for i in range(16)])
-                for c in range(RA):
-                    s = simd.madd(sums[c][h], sc)
-                    tots[c] = s if tots[c] is None else f.op(f"add <8 x i32> {tots[c]}, {s}")
+                        sums[c][h] = s if sums[c][h] is None else f.op(f"add <16 x i16> {sums[c][h]}, {s}")
+                if p % flush == flush - 1:      # apply the scales before int16 could overflow
+                    for h in range(2):
+                        for c in range(RA):
+                            s = simd.madd(sums[c][h], scs[h])
+                            tots[c] = s if tots[c] is None else f.op(f"add <8 x i32> {tots[c]}, {s}")
+                            sums[c][h] = None
         mns = [pairs(96 + 16 * q, [(i % 2) * 8 + i // 2 for i in range(16)]) for q in range(4)]
         for c, ab in enumerate(abs_):
             # the activation's sums of 32 values as int16 pairs (bsum_2q, bsum_2q+1), against the
@@ -554,7 +572,8 @@ def tile_fn(t, RW: int, RA: int, avx2: bool) -> str:
     accs = [[f.var("<8 x float>", "zeroinitializer") for _ in range(RA)] for _ in range(RW)]
     extras = [[f.var("float", "0.0") for _ in range(RA)] for _ in range(RW)]
     if t in X8 and RW == 8:                     # the repacked layout (X8_TILE)
-        kernel = {G.Q4_K: _q4k_x8, G.Q6_K: _q6k_x8, G.Q8_0: _q8_0_x8}.get(t) or (lambda *a: _q4_x8(t, *a))
+        kernel = {G.Q6_K: _q6k_x8, G.Q8_0: _q8_0_x8}.get(t) or (
+            (lambda *a: _q45k_x8(t, *a)) if t in (G.Q4_K, G.Q5_K) else (lambda *a: _q4_x8(t, *a)))
         vs = kernel(f, simd, "%w", acts)
         out = vs[0]
         if RA > 1:                              # lanes c*8 + r -> r*RA + c
