@@ -31,6 +31,7 @@ from .gemm import repack_x8, tiles_text
 from .quantk import module_text
 
 ENTRY = "moegraph_graph"
+_REPACKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # WeightData -> its x8 copy
 PARALLEL_WORK = 4096   # estimated element operations above which a kernel is split among threads
 _llvm_lock = threading.Lock()
 _initialized = False
@@ -301,11 +302,16 @@ entry:
         self.states: dict[str, np.ndarray] = {}
         keep = []
         addrs = [self.arena.ctypes.data]
-        # gemm.py's row-interleaved layouts (copies), tensors in parallel (NumPy releases the GIL)
+        # gemm.py's row-interleaved layouts (copies), tensors in parallel (NumPy releases the GIL),
+        # made once per tensor: sessions of one model share them
+        todo = [n for kind, n in p.slots[1:] if kind == "weight" and n.id in p.repacked
+                and _REPACKED.get(n.data) is None]
         with ThreadPoolExecutor(self.n_threads) as pool:
-            repacked = {n.id: pool.submit(repack_x8, n.dtype, n.data.raw.reshape(*n.shape[:-1], -1), n.shape[-2],
-                                          n.shape[-1]) for kind, n in p.slots[1:] if kind == "weight" and n.id in p.repacked}
-            repacked = {i: fut.result() for i, fut in repacked.items()}
+            done = pool.map(lambda n: repack_x8(n.dtype, n.data.raw.reshape(*n.shape[:-1], -1), n.shape[-2],
+                                                n.shape[-1]), todo)
+            for n, arr in zip(todo, done):
+                _REPACKED[n.data] = arr
+        repacked = {n.id: _REPACKED[n.data] for kind, n in p.slots[1:] if kind == "weight" and n.id in p.repacked}
         for kind, node in p.slots[1:]:
             if kind == "weight":
                 raw = repacked.get(node.id, node.data.raw)
