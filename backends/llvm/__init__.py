@@ -154,8 +154,8 @@ class LLVMBackend:
 
     def __init__(self, n_threads: int | None = None, max_tokens: int = 512, use_cache: bool = True,
                  repack: bool = True, **_ignored):
-        """repack: give Q4_K/Q6_K/Q8_0 product weights the row-interleaved x8 layout (gemm.py),
-        a copy in memory beside the memory-mapped file; False keeps only the file's blocks."""
+        """repack: give product weights of the types in gemm.X8 the row-interleaved x8 layout, a
+        copy in memory beside the memory-mapped file; False keeps only the file's blocks."""
         self.n_threads = n_threads or os.cpu_count() or 1
         self.max_tokens = max_tokens
         self.use_cache = use_cache
