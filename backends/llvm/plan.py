@@ -73,6 +73,10 @@ class Plan:
         self.tiles: set = set()    # (weight type, RW, RA) of the product tiles kernels call
         self.repacked = self._repackable() if repack else set()   # weights in gemm.py's x8 layout
         self._fuse()
+        for info in self.moe_swiglu.values():   # a merged [gate; up] is read from row F too
+            w = info["gate"].inputs[0]
+            if info["up"] is None and (w.shape[-2] // 2) % 8:
+                self.repacked.discard(w.id)
         self._place()
 
     # -- helpers
