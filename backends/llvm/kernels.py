@@ -16,7 +16,7 @@ from moegraph.quants import GGMLType, is_quantized, row_bytes, vec_dot_type
 
 from .irgen import I32 as TI32, Fn, f32, f64, splat
 from .plan import SYMBOLS, Plan, View, elem_size
-from .gemm import X8_TILE, tile_name, tile_shape, x8_row_bytes
+from .gemm import X8_TILE, reduce_many, tile_name, tile_shape, x8_row_bytes
 from .quantk import act_row_bytes, unpacked_bytes
 
 PARAMS = [("ptr", "%ptrs"), ("ptr", "%syms"), ("i64", "%ith"), ("i64", "%nth"), ("ptr", "%tls")]
@@ -808,12 +808,38 @@ def k_mul_mat_id(plan: Plan, n: Node, name: str, swiglu=None):
     return phases, 0
 
 
+V8F = "<8 x float>"
+
+
+def _exp8_in_place(f: Fn, row: str, n: str, mx: str) -> str:
+    """row[i] = exp(row[i] - mx) for i < n, 8 lanes at a time (row has room for 8 more; lanes
+    past n become 0); returns 1 / sum, the sum taken in double (as ggml's soft_max)."""
+    def bcast(ty, x):
+        one = f.op(f"insertelement <8 x {ty}> poison, {ty} {x}, i64 0")
+        return f.op(f"shufflevector <8 x {ty}> {one}, <8 x {ty}> poison, <8 x i32> zeroinitializer")
+    total = f.var("<8 x double>", "zeroinitializer")
+    mxv, nv = bcast("float", mx), bcast("i64", n)
+    lane = "<" + ", ".join(f"i64 {i}" for i in range(8)) + ">"
+    with f.loop(0, n, 8) as i:
+        p = f.gep("float", row, i)
+        x = f.op(f"fsub <8 x float> {f.load(V8F, p, 4)}, {mxv}")
+        e = f.call(V8F, "@exp_v", f"<8 x float> {x}")
+        idx = f.op(f"add <8 x i64> {bcast('i64', i)}, {lane}")
+        live = f.op(f"icmp slt <8 x i64> {idx}, {nv}")
+        e = f.op(f"select <8 x i1> {live}, <8 x float> {e}, <8 x float> zeroinitializer")
+        f.store(V8F, e, p, 4)
+        total.set(f.op(f"fadd <8 x double> {total.get()}, {f.op(f'fpext <8 x float> {e} to <8 x double>')}"))
+    tot = f.call("double", "@llvm.vector.reduce.fadd.v8f64", "double 0.0", f"<8 x double> {total.get()}")
+    return f.op(f"fptrunc double {f.op(f'fdiv double 1.0, {tot}')} to float")
+
+
 def k_attention(plan: Plan, n: Node, name: str):
     """out[h, t, :] = softmax(scale * q[t, h] . k[j, h/g] + mask[t, j]) . v[j, h/g]. A work item
     is one token and one KV head with its g query heads, so each cached K and V row is loaded and
-    converted once for g heads; dot products and the output rows stay in vector registers. With an
-    F16 cache, q and the probabilities are rounded to F16 first (as ggml-cpu's F16 matmuls do).
-    Masked cells (-inf) are skipped."""
+    converted once for g heads; output rows stay in vector registers. Only cells up to the last
+    unmasked one are visited (for a causal mask: up to the token's own position); scores go four
+    keys at a time (one transpose-and-add for their sums), exp eight at a time. With an F16 cache,
+    q and the probabilities are rounded to F16 first (as ggml-cpu's F16 matmuls do)."""
     info = plan.attention[n.id]
     k = K(plan, name)
     k.work = (info["q"].shape[0], info["q"].shape[1], "KV", info["q"].shape[2])
@@ -825,20 +851,18 @@ def k_attention(plan: Plan, n: Node, name: str):
     if D % 8 or Dv % 8:
         raise MoeGraphError(f"llvm attention needs head dims divisible by 8, got {D} and {Dv}")
     g = H // Hkv
-    kvmax = plan.maxes["KV"]
+    row = plan.maxes["KV"] + 16                       # a head's scores, with room past the end
     scale = f32(info["scale"])
     Tv, KVv = k.dim(T), k.dim(KV)
     lo, hi = k.split(f.op(f"mul i64 {Tv}, {Hkv}"))
-    scores = "%tls"                                   # [g, kvmax] floats
-    qbuf = f.gep("float", "%tls", g * kvmax)          # [g, D] floats
+    scores = "%tls"                                   # [g, row] floats
+    qbuf = f.gep("float", "%tls", g * row)            # [g, D] floats
+    ninf = f32(-math.inf)
 
     def vec(p, dtype, i):
         if dtype == F16:
             return f.op(f"fpext <8 x half> {f.load('<8 x half>', f.gep('half', p, 8 * i), 2)} to <8 x float>")
         return f.load("<8 x float>", f.gep("float", p, 8 * i), 4)
-
-    def hsum(v):
-        return f.op(f"call reassoc float @llvm.vector.reduce.fadd.v8f32(float 0.0, <8 x float> {v})")
     with f.loop(lo, hi) as it:
         hk = f.op(f"urem i64 {it}, {Hkv}")
         t = f.op(f"udiv i64 {it}, {Hkv}")
@@ -851,46 +875,52 @@ def k_attention(plan: Plan, n: Node, name: str):
                 f.store("float", v, f.gep("float", qbuf, f.add(i, hh * D)), 4)
         qv = [[vec(f.gep("float", qbuf, hh * D), F32, i) for i in range(D // 8)] for hh in range(g)]
         pm = k.ptr(k.bview(mask, (T, KV)), [t, "0"])
-        mx = [f.var("float", f32(-math.inf)) for _ in range(g)]
+        end = f.var("i64", "0")                       # 1 + the last unmasked cell
         with f.loop(0, KVv) as j:
-            mv = f.load("float", f.gep("float", pm, j))
-            live = f.op(f"fcmp ogt float {mv}, {f32(-math.inf)}")
-            for hh in range(g):
-                f.store("float", f32(-math.inf), f.gep("float", scores, f.add(j, hh * kvmax)), 4)
-            with f.if_(live):
+            live = f.op(f"fcmp ogt float {f.load('float', f.gep('float', pm, j))}, {ninf}")
+            end.set(f.op(f"select i1 {live}, i64 {f.add(j, 1)}, i64 {end.get()}"))
+        kv_end = end.get()
+        mx = [f.var("float", ninf) for _ in range(g)]
+        with f.loop(0, kv_end, 4) as j0:
+            keys = [f.op(f"select i1 {f.op(f'icmp slt i64 {f.add(j0, i)}, {kv_end}')}, i64 {f.add(j0, i)}, i64 {f.sub(kv_end, 1)}")
+                    for i in range(4)]              # past the end: recompute the last key, unused
+            accs = [["zeroinitializer"] * 4 for _ in range(g)]
+            for i, j in enumerate(keys):
                 pk = k.ptr(kc, [j, hk, "0"])
-                accs = ["zeroinitializer"] * g
-                for i in range(D // 8):
-                    kv = vec(pk, kc.dtype, i)
-                    accs = [f.call("<8 x float>", "@llvm.fma.v8f32", f"<8 x float> {qv[hh][i]}", f"<8 x float> {kv}",
-                                   f"<8 x float> {accs[hh]}") for hh in range(g)]
-                for hh in range(g):
-                    sc = f.op(f"fadd float {f.op(f'fmul float {hsum(accs[hh])}, {scale}')}, {mv}")
-                    f.store("float", sc, f.gep("float", scores, f.add(j, hh * kvmax)), 4)
-                    mx[hh].set(f.call("float", "@llvm.maxnum.f32", f"float {mx[hh].get()}", f"float {sc}"))
-        invs = [_exp_in_place(f, f.gep("float", scores, hh * kvmax), KVv, mx[hh].get()) for hh in range(g)]
-        acc = [[f.var("<8 x float>", "zeroinitializer") for _ in range(Dv // 8)] for _ in range(g)]
-        with f.loop(0, KVv) as j:
-            live = f.op(f"fcmp ogt float {f.load('float', f.gep('float', pm, j))}, {f32(-math.inf)}")
-            with f.if_(live):
-                pv = k.ptr(vc, [j, hk, "0"])
-                ps = []
-                for hh in range(g):
-                    p = f.op(f"fmul float {f.load('float', f.gep('float', scores, f.add(j, hh * kvmax)))}, {invs[hh]}")
-                    if vc.dtype == F16:
-                        p = f.op(f"fpext half {f.op(f'fptrunc float {p} to half')} to float")
-                    ps.append(f.op(f"shufflevector <8 x float> {f.op(f'insertelement <8 x float> poison, float {p}, i64 0')}, "
-                                   "<8 x float> poison, <8 x i32> zeroinitializer"))
-                for i in range(Dv // 8):
-                    vv = vec(pv, vc.dtype, i)
+                for d in range(D // 8):
+                    kv = vec(pk, kc.dtype, d)
                     for hh in range(g):
-                        acc[hh][i].set(f.call("<8 x float>", "@llvm.fma.v8f32", f"<8 x float> {ps[hh]}",
-                                              f"<8 x float> {vv}", f"<8 x float> {acc[hh][i].get()}"))
+                        accs[hh][i] = f.call("<8 x float>", "@llvm.fma.v8f32", f"<8 x float> {qv[hh][d]}",
+                                             f"<8 x float> {kv}", f"<8 x float> {accs[hh][i]}")
+            for hh in range(g):
+                for i, dot in enumerate(reduce_many(f, accs[hh])):
+                    ji = f.add(j0, i)
+                    mv = f.load("float", f.gep("float", pm, keys[i]))
+                    sc = f.op(f"fadd float {f.op(f'fmul float {dot}, {scale}')}, {mv}")
+                    f.store("float", sc, f.gep("float", scores, f.add(ji, hh * row)), 4)
+                    ok = f.op(f"icmp slt i64 {ji}, {kv_end}")
+                    mx[hh].set(f.op(f"select i1 {ok}, float {f.call('float', '@llvm.maxnum.f32', f'float {mx[hh].get()}', f'float {sc}')}, float {mx[hh].get()}"))
+        invs = [_exp8_in_place(f, f.gep("float", scores, hh * row), kv_end, mx[hh].get()) for hh in range(g)]
+        acc = [[f.var("<8 x float>", "zeroinitializer") for _ in range(Dv // 8)] for _ in range(g)]
+        with f.loop(0, kv_end) as j:
+            pv = k.ptr(vc, [j, hk, "0"])
+            ps = []
+            for hh in range(g):
+                p = f.op(f"fmul float {f.load('float', f.gep('float', scores, f.add(j, hh * row)))}, {invs[hh]}")
+                if vc.dtype == F16:
+                    p = f.op(f"fpext half {f.op(f'fptrunc float {p} to half')} to float")
+                ps.append(f.op(f"shufflevector <8 x float> {f.op(f'insertelement <8 x float> poison, float {p}, i64 0')}, "
+                               "<8 x float> poison, <8 x i32> zeroinitializer"))
+            for i in range(Dv // 8):
+                vv = vec(pv, vc.dtype, i)
+                for hh in range(g):
+                    acc[hh][i].set(f.call("<8 x float>", "@llvm.fma.v8f32", f"<8 x float> {ps[hh]}",
+                                          f"<8 x float> {vv}", f"<8 x float> {acc[hh][i].get()}"))
         for hh in range(g):
             po = k.ptr(out, [f.add(f.mul(hk, g), hh), t, "0"])
             for i in range(Dv // 8):
                 f.store("<8 x float>", acc[hh][i].get(), f.gep("float", po, 8 * i), 4)
-    return [k], 4 * (g * kvmax + g * D + 16)
+    return [k], 4 * (g * row + g * D + 16)
 
 
 GENERATORS = {
