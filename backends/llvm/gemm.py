@@ -72,40 +72,37 @@ class SIMD:
     def __init__(self, f: Fn, avx2: bool):
         self.f, self.avx2 = f, avx2
 
-    def _pairs(self, x: str, n: int, ty: str) -> str:
-        """Sums of adjacent lanes of an <n x ty> vector -> <n/2 x ty>."""
+    def _products_paired(self, x: str, x_ext: str, y: str, n: int, ty: str, wide: str) -> str:
+        """Portable form of the pairwise multiply-adds: x (extended by x_ext) times sign-extended
+        y, lane by lane in `wide`, adjacent pairs summed -> <n/2 x wide>."""
         f = self.f
-        ev = f.op(f"shufflevector <{n} x {ty}> {x}, <{n} x {ty}> poison, {_mask(range(0, n, 2))}")
-        od = f.op(f"shufflevector <{n} x {ty}> {x}, <{n} x {ty}> poison, {_mask(range(1, n, 2))}")
-        return f.op(f"add <{n // 2} x {ty}> {ev}, {od}")
+        xw = f.op(f"{x_ext} <{n} x {ty}> {x} to <{n} x {wide}>")
+        p = f.op(f"mul <{n} x {wide}> {xw}, {f.op(f'sext <{n} x {ty}> {y} to <{n} x {wide}>')}")
+        ev = f.op(f"shufflevector <{n} x {wide}> {p}, <{n} x {wide}> poison, {_mask(range(0, n, 2))}")
+        od = f.op(f"shufflevector <{n} x {wide}> {p}, <{n} x {wide}> poison, {_mask(range(1, n, 2))}")
+        return f.op(f"add <{n // 2} x {wide}> {ev}, {od}")
 
     def maddubs(self, u: str, s: str) -> str:
         """unsigned bytes u times signed bytes s, adjacent pairs summed -> <16 x i16>."""
-        f = self.f
         if self.avx2:
-            return f.op(f"call <16 x i16> @llvm.x86.avx2.pmadd.ub.sw(<32 x i8> {u}, <32 x i8> {s})")
-        p = f.op(f"mul <32 x i16> {f.op(f'zext <32 x i8> {u} to <32 x i16>')}, {f.op(f'sext <32 x i8> {s} to <32 x i16>')}")
-        return self._pairs(p, 32, "i16")
+            return self.f.op(f"call <16 x i16> @llvm.x86.avx2.pmadd.ub.sw(<32 x i8> {u}, <32 x i8> {s})")
+        return self._products_paired(u, "zext", s, 32, "i8", "i16")
 
     def dot_s8(self, w: str, absw: str | None, a: str) -> str:
         """signed w times signed a, pairs summed -> <16 x i16> (ggml's sign trick on AVX2)."""
-        f = self.f
         if self.avx2:
-            s = f.op(f"call <32 x i8> @llvm.x86.avx2.psign.b(<32 x i8> {a}, <32 x i8> {w})")
+            s = self.f.op(f"call <32 x i8> @llvm.x86.avx2.psign.b(<32 x i8> {a}, <32 x i8> {w})")
             return self.maddubs(absw, s)
-        p = f.op(f"mul <32 x i16> {f.op(f'sext <32 x i8> {w} to <32 x i16>')}, {f.op(f'sext <32 x i8> {a} to <32 x i16>')}")
-        return self._pairs(p, 32, "i16")
+        return self._products_paired(w, "sext", a, 32, "i8", "i16")
 
     def abs(self, w: str) -> str:
         return self.f.op(f"call <32 x i8> @llvm.abs.v32i8(<32 x i8> {w}, i1 false)")
 
     def madd(self, x: str, y: str) -> str:
         """<16 x i16> x <16 x i16>, adjacent pairs summed -> <8 x i32>."""
-        f = self.f
         if self.avx2:
-            return f.op(f"call <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16> {x}, <16 x i16> {y})")
-        p = f.op(f"mul <16 x i32> {f.op(f'sext <16 x i16> {x} to <16 x i32>')}, {f.op(f'sext <16 x i16> {y} to <16 x i32>')}")
-        return self._pairs(p, 16, "i32")
+            return self.f.op(f"call <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16> {x}, <16 x i16> {y})")
+        return self._products_paired(x, "sext", y, 16, "i16", "i32")
 
 
 # ---------------------------------------------------------------------------------- decoders
