@@ -577,22 +577,10 @@ def g_moe_swiglu(plan: Plan, n: Node):
 
 
 def g_mul_mat_id(plan: Plan, n: Node, swiglu=None):
-    out = plan.views.get(n.id)
-    a, b, ids = (plan.views[i.id] for i in n.inputs)
-    scratch_node = n
-    a_up, up_row0 = None, 0
-    if swiglu is not None:
-        scratch_node, up = swiglu
-        out = plan.views[scratch_node.id]
-        if up is None:
-            up_row0, a_up = a.shape[1] // 2, a
-        else:
-            a_up = plan.views[up.inputs[0].id]
-    E, N, Kdim = a.shape
-    if up_row0:
-        N = up_row0
-    T, S, _ = b.shape
-    kk = ids.shape[1]
+    m = plan.moe_operands(n, swiglu)
+    out, a, b, ids, a_up, up_row0 = m.out, m.a, m.b, m.ids, m.a_up, m.up_row0
+    E, N, Kdim, T, S, kk = m.E, m.N, m.K, m.T, m.S, m.kk
+    scratch_node = m.scratch_node
     wt = a.dtype
     _check_weight(n, wt)
     vt = vec_dot_type(wt)

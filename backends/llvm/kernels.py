@@ -7,12 +7,11 @@ between them. Semantics are those of the op table in moegraph/ir.py; rounding fo
 reference backend (and so ggml-cpu)."""
 from __future__ import annotations
 
-import contextlib
 import math
 
 from moegraph.errors import MoeGraphError
 from moegraph.ir import BF16, F16, F32, I32, Node
-from moegraph.quants import GGMLType, is_quantized, row_bytes, vec_dot_type
+from moegraph.quants import GGMLType, is_quantized, vec_dot_type
 
 from .irgen import I32 as TI32, Fn, f32, f64, splat
 from .plan import SYMBOLS, Plan, View, elem_size
@@ -691,23 +690,10 @@ def k_moe_swiglu(plan: Plan, n: Node, name: str):
 
 
 def k_mul_mat_id(plan: Plan, n: Node, name: str, swiglu=None):
-    out = plan.views.get(n.id)           # absent when fused into a SWIGLU
-    a, b, ids = (plan.views[i.id] for i in n.inputs)
-    scratch_node = n
-    a_up, up_row0 = None, 0
-    if swiglu is not None:
-        scratch_node, up = swiglu
-        out = plan.views[scratch_node.id]
-        if up is None:                       # merged: rows [0, F) gate, [F, 2F) up
-            up_row0 = a.shape[1] // 2
-            a_up = a
-        else:
-            a_up = plan.views[up.inputs[0].id]
-    E, N, Kdim = a.shape
-    if up_row0:
-        N = up_row0
-    T, S, _ = b.shape
-    kk = ids.shape[1]
+    m = plan.moe_operands(n, swiglu)
+    out, a, b, ids, a_up, up_row0 = m.out, m.a, m.b, m.ids, m.a_up, m.up_row0
+    E, N, Kdim, T, S, kk = m.E, m.N, m.K, m.T, m.S, m.kk
+    scratch_node = m.scratch_node
     wt = a.dtype
     vt = vec_dot_type(wt)
     act_rb = act_row_bytes(vt, Kdim)
@@ -771,7 +757,7 @@ def k_mul_mat_id(plan: Plan, n: Node, name: str, swiglu=None):
                 return lambda j: f.gep("i8", base, f.mul(f.add(j, row0) if row0 else j, wrow))
             rows = [row_fn(a, n.inputs[0], 0)]
             if a_up is not None:
-                rows.append(row_fn(a_up, n.inputs[0] if up is None else up.inputs[0], up_row0))
+                rows.append(row_fn(a_up, m.up_weight, up_row0))
 
             def entry(q):   # (token, slot) of the q-th selection of expert e
                 tj = f.op(f"sext i32 {f.load('i32', f.gep('i32', lst, f.add(f.mul(e, per_t), q)), 4)} to i64")
@@ -788,7 +774,7 @@ def k_mul_mat_id(plan: Plan, n: Node, name: str, swiglu=None):
                 f.store("float", v, k2.ptr(out, [where[0], where[1], j]), 4)
             wrow, _, shape = _weight_layout(plan, n.inputs[0], a)
             if a_up is not None:    # gate and up tiles are called alike: same type, same layout
-                assert _weight_layout(plan, up.inputs[0] if up else n.inputs[0], a_up)[::2] == (wrow, shape)
+                assert _weight_layout(plan, m.up_weight, a_up)[::2] == (wrow, shape)
             _products(k2, wt, rows, wrow, N, Kdim, c, entry, act_ptr, store, act_rb,
                       None if a_up is None else (lambda g, u, n: _swiglu(f, g, u, n)), shape=shape,
                       all_rows=all_rows)

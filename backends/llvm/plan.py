@@ -61,6 +61,25 @@ def dense_strides(max_shape: tuple[int, ...], dtype) -> tuple[int, ...]:
     return tuple(reversed(out))
 
 
+@dataclass(frozen=True)
+class MoeOperands:
+    """What a MUL_MAT_ID kernel (or a fused SwiGLU over one) works on, for every backend."""
+    out: View                 # [T, k, N] output (the SWIGLU's when fused)
+    a: View                   # [E, rows, K] expert weights (the gate's, or the merged [gate; up])
+    b: View                   # [T, S, K] activations
+    ids: View                 # [T, k] chosen experts
+    scratch_node: Node        # the node owning the scratch (activation rows, token lists)
+    a_up: View | None         # the up weights when fused (a itself when merged)
+    up_weight: Node | None    # their WEIGHT node
+    up_row0: int              # first up row in a_up (F when merged, else 0)
+    E: int
+    N: int                    # output rows per expert (F when fused)
+    K: int
+    T: object                 # tokens (a symbol)
+    S: int
+    kk: int                   # experts per token
+
+
 class Plan:
     def __init__(self, graph: Graph, max_tokens: int, n_ctx: int, repack: bool = False):
         self.graph = graph
@@ -80,6 +99,24 @@ class Plan:
         self._place()
 
     # -- helpers
+    def moe_operands(self, n: Node, swiglu=None) -> MoeOperands:
+        """n: a MUL_MAT_ID; swiglu: (SWIGLU node, up MUL_MAT_ID or None for a merged [gate; up]
+        tensor) when the two products are fused."""
+        out = self.views.get(n.id)           # absent when fused into a SWIGLU
+        a, b, ids = (self.views[i.id] for i in n.inputs)
+        scratch_node, a_up, up_weight, up_row0 = n, None, None, 0
+        if swiglu is not None:
+            scratch_node, up = swiglu
+            out = self.views[scratch_node.id]
+            if up is None:                   # merged: rows [0, F) gate, [F, 2F) up
+                a_up, up_weight, up_row0 = a, n.inputs[0], a.shape[1] // 2
+            else:
+                a_up, up_weight = self.views[up.inputs[0].id], up.inputs[0]
+        E, N, K = a.shape
+        T, S, _ = b.shape
+        return MoeOperands(out, a, b, ids, scratch_node, a_up, up_weight, up_row0, E, up_row0 or N, K, T, S,
+                           ids.shape[1])
+
     def max_shape(self, shape) -> tuple[int, ...]:
         return tuple(d if isinstance(d, int) else self.maxes[d] for d in shape)
 
