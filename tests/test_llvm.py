@@ -118,7 +118,7 @@ def test_weight_types_whole_model(dtype, arch, tmp_path):
 
 
 @pytest.mark.parametrize("T", [1, 6, 70])
-@pytest.mark.parametrize("dtype", ["Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("dtype", ["Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1"])
 def test_repacked_products_match_numpy(dtype, T):
     """Products in the row-interleaved (x8) layouts: 64 rows (whole groups of 8), two
     super-blocks, dense and expert weights."""

@@ -318,13 +318,16 @@ def _fma8(f: Fn, a: str, b: str, acc: str) -> str:
 #   Q6_K, 1680 bytes (= 8 x 210):  0 d[8] fp16 | 16 sc[16 groups of 16][8 rows] i8 |
 #       144 ql[32 pieces][8 rows][4 bytes] | 1168 qh[16 pieces][8 rows][4 bytes] (the file's bit
 #       planes, interleaved by 4-byte pieces); int16 sums over 2 pieces (<= 2*2*63*127 < 2^15).
+#   Q3_K, 912 bytes:  0 d[8] fp16 | 16 sc[16 groups][8 rows] i8 (decoded, minus 32) |
+#       144 hmask[8 pieces][8 rows][4 bytes] | 400 qs[16 pieces][8 rows][4 bytes]; as Q6_K with
+#       values low | hbit << 2 (0..7) and offset 4.
 #   Q8_0, 272 bytes (= 8 x 34):  0 d[8] fp16 | 16 quants[8 pieces][8 rows][4 bytes].
 #   Q4_0, 144 bytes (= 8 x 18):  0 d[8] fp16 | 16 nibbles[4 pieces][8 rows][4 bytes] (low nibbles:
 #       values 4p.., high: 16+4p..); the -8 offset as -8 * the activation block's sum.
 #   Q4_1, 160 bytes (= 8 x 20):  0 d[8] | 16 m[8] fp16 | 32 nibbles as Q4_0; + m * s (Q8_1's s).
-X8 = {G.Q4_K: (256, 1184), G.Q5_K: (256, 1440), G.Q6_K: (256, 1680), G.Q8_0: (32, 272),
-      G.Q4_0: (32, 144), G.Q4_1: (32, 160)}       # type -> (values per block, bytes per 8 rows)
-_RAW_BLOCK = {G.Q4_K: 144, G.Q5_K: 176, G.Q6_K: 210, G.Q8_0: 34, G.Q4_0: 18, G.Q4_1: 20}
+X8 = {G.Q3_K: (256, 912), G.Q4_K: (256, 1184), G.Q5_K: (256, 1440), G.Q6_K: (256, 1680),
+      G.Q8_0: (32, 272), G.Q4_0: (32, 144), G.Q4_1: (32, 160)}   # (values per block, bytes per 8 rows)
+_RAW_BLOCK = {G.Q3_K: 110, G.Q4_K: 144, G.Q5_K: 176, G.Q6_K: 210, G.Q8_0: 34, G.Q4_0: 18, G.Q4_1: 20}
 X8_TILE = (8, 4, 8)
 
 
@@ -343,6 +346,14 @@ def repack_x8(t, raw: np.ndarray, n_rows: int, K: int) -> np.ndarray:
     lead = b.shape[:2]
     b = b.transpose(0, 1, 3, 2, 4)                                  # [.., group, block, row, bytes]
     out = np.empty((*lead, nb, size), np.uint8)
+    if t == G.Q3_K:
+        from moegraph.quants import _q3_k_scales
+        out[..., 0:16] = b[..., 108:110].reshape(*lead, nb, 16)
+        sc = _q3_k_scales(b[..., 96:108].reshape(-1, 12)).view(np.uint8)
+        out[..., 16:144] = sc.reshape(*lead, nb, 8, 16).swapaxes(-1, -2).reshape(*lead, nb, 128)
+        out[..., 144:400] = b[..., 0:32].reshape(*lead, nb, 8, 8, 4).swapaxes(-3, -2).reshape(*lead, nb, 256)
+        out[..., 400:] = b[..., 32:96].reshape(*lead, nb, 8, 16, 4).swapaxes(-3, -2).reshape(*lead, nb, 512)
+        return out.reshape(*raw.shape[:-2], n_rows // 8, nb, size)
     if t == G.Q6_K:
         out[..., 0:16] = b[..., 208:210].reshape(*lead, nb, 16)
         out[..., 16:144] = b[..., 192:208].swapaxes(-1, -2).reshape(*lead, nb, 128)
@@ -372,15 +383,18 @@ def repack_x8(t, raw: np.ndarray, n_rows: int, K: int) -> np.ndarray:
     return out.reshape(*raw.shape[:-2], n_rows // 8, nb, size)
 
 
-def _q6k_x8(f: Fn, simd: SIMD, w: str, acts: list[str]) -> list[str]:
-    """8 repacked Q6_K rows at w against Q8_K activations: one <8 x float> (lanes = rows) each.
-    sum sc*(u-32)*a = sum sc*u*a - 32 * sum_g sc_g*bsum_g, all in int32 as ggml does."""
+def _q36k_x8(t, f: Fn, simd: SIMD, w: str, acts: list[str]) -> list[str]:
+    """8 repacked Q6_K or Q3_K rows at w against Q8_K activations: one <8 x float> (lanes =
+    rows) each. Both have a signed scale per 16 values and an offset (32 for Q6_K, 4 for Q3_K):
+    sum sc*(u-off)*a = sum sc*u*a - off * sum_g sc_g*bsum_g, all in int32 as ggml does."""
     RA = len(acts)
+    size = X8[t][1]
+    q6 = t == G.Q6_K
     fa = [f.var("<8 x float>", "zeroinitializer") for _ in range(RA)]
     with f.loop(0, f.udiv("%K", 256)) as sb:
-        blk = f.gep("i8", w, f.mul(sb, 1680))
-        for line in range(0, 1680, 64):
-            f(f"call void @llvm.prefetch.p0(ptr {f.gep('i8', blk, 1680 + line, inbounds=False)}, i32 0, i32 3, i32 1)")
+        blk = f.gep("i8", w, f.mul(sb, size))
+        for line in range(0, size, 64):
+            f(f"call void @llvm.prefetch.p0(ptr {f.gep('i8', blk, size + line, inbounds=False)}, i32 0, i32 3, i32 1)")
         d8 = f.op(f"fpext <8 x half> {f.load('<8 x half>', blk, 2)} to <8 x float>")
 
         def pairs(off, lanes):          # signed scale bytes -> <16 x i16> for vpmaddwd
@@ -388,18 +402,26 @@ def _q6k_x8(f: Fn, simd: SIMD, w: str, acts: list[str]) -> list[str]:
             return f.op(f"sext <16 x i8> {f.op(f'shufflevector <16 x i8> {v}, <16 x i8> poison, {_mask(lanes)}')} to <16 x i16>")
         abs_ = [f.gep("i8", a, f.mul(sb, 292)) for a in acts]
         tots = [None] * RA
-        three, four = _sp(32, "i8", 3), _sp(32, "i8", 4)
+        one, two, three, four = (_sp(32, "i8", v) for v in (1, 2, 3, 4))
         for j in range(8):
             h, k = divmod(j, 4)
             for p0 in (0, 2, 4, 6):
                 sums = [None] * RA
                 for p in (p0, p0 + 1):
-                    ql = f.load("<32 x i8>", f.gep("i8", blk, 144 + 32 * (16 * h + 8 * (k % 2) + p)))
-                    qh = f.load("<32 x i8>", f.gep("i8", blk, 1168 + 32 * (8 * h + p)))
-                    lo = f.op(f"lshr <32 x i8> {ql}, {_sp(32, 'i8', 4 * (k // 2))}")
-                    lo = f.op(f"and <32 x i8> {lo}, {_sp(32, 'i8', 15)}")
-                    hb = f.op(f"lshr <32 x i8> {qh}, {_sp(32, 'i8', 2 * k)}")
-                    hb = f.op(f"shl <32 x i8> {f.op(f'and <32 x i8> {hb}, {three}')}, {four}")
+                    if q6:      # 4 low bits from ql, 2 high bits from qh
+                        ql = f.load("<32 x i8>", f.gep("i8", blk, 144 + 32 * (16 * h + 8 * (k % 2) + p)))
+                        qh = f.load("<32 x i8>", f.gep("i8", blk, 1168 + 32 * (8 * h + p)))
+                        lo = f.op(f"lshr <32 x i8> {ql}, {_sp(32, 'i8', 4 * (k // 2))}")
+                        lo = f.op(f"and <32 x i8> {lo}, {_sp(32, 'i8', 15)}")
+                        hb = f.op(f"lshr <32 x i8> {qh}, {_sp(32, 'i8', 2 * k)}")
+                        hb = f.op(f"shl <32 x i8> {f.op(f'and <32 x i8> {hb}, {three}')}, {four}")
+                    else:       # Q3_K: 2 low bits from qs (shift 2k), bit j of hmask
+                        qs = f.load("<32 x i8>", f.gep("i8", blk, 400 + 32 * (8 * h + p)))
+                        hm = f.load("<32 x i8>", f.gep("i8", blk, 144 + 32 * p))
+                        lo = f.op(f"lshr <32 x i8> {qs}, {_sp(32, 'i8', 2 * k)}")
+                        lo = f.op(f"and <32 x i8> {lo}, {three}")
+                        hb = f.op(f"lshr <32 x i8> {hm}, {_sp(32, 'i8', j)}")
+                        hb = f.op(f"shl <32 x i8> {f.op(f'and <32 x i8> {hb}, {one}')}, {two}")
                     u = f.op(f"or <32 x i8> {lo}, {hb}")
                     for c, ab in enumerate(abs_):
                         a4 = f.load("i32", f.gep("i8", ab, 4 + 32 * j + 4 * p))
@@ -417,7 +439,7 @@ def _q6k_x8(f: Fn, simd: SIMD, w: str, acts: list[str]) -> list[str]:
                 b2 = f.load("i32", f.gep("i8", ab, 260 + 4 * q))
                 s = simd.madd(scp[q], f.op(f"bitcast <8 x i32> {_splat8(f, b2, 'i32')} to <16 x i16>"))
                 off = s if off is None else f.op(f"add <8 x i32> {off}, {s}")
-            off32 = f.op(f"shl <8 x i32> {off}, {_sp(8, 'i32', 5)}")
+            off32 = f.op(f"shl <8 x i32> {off}, {_sp(8, 'i32', 5 if q6 else 2)}")
             isum = f.op(f"sub <8 x i32> {tots[c]}, {off32}")
             scale = f.op(f"fmul <8 x float> {d8}, {_splat8(f, f.load('float', ab))}")
             fa[c].set(_fma8(f, f.op(f"sitofp <8 x i32> {isum} to <8 x float>"), scale, fa[c].get()))
@@ -569,9 +591,9 @@ def tile_fn(t, RW: int, RA: int, avx2: bool) -> str:
     accs = [[f.var("<8 x float>", "zeroinitializer") for _ in range(RA)] for _ in range(RW)]
     extras = [[f.var("float", "0.0") for _ in range(RA)] for _ in range(RW)]
     if t in X8 and RW == 8:                     # the repacked layout (X8_TILE)
-        kernel = {G.Q6_K: _q6k_x8, G.Q8_0: _q8_0_x8}.get(t) or (
-            (lambda *a: _q45k_x8(t, *a)) if t in (G.Q4_K, G.Q5_K) else (lambda *a: _q4_x8(t, *a)))
-        vs = kernel(f, simd, "%w", acts)
+        kernel = {G.Q4_K: _q45k_x8, G.Q5_K: _q45k_x8, G.Q3_K: _q36k_x8, G.Q6_K: _q36k_x8,
+                  G.Q8_0: lambda _t, *a: _q8_0_x8(*a), G.Q4_0: _q4_x8, G.Q4_1: _q4_x8}[t]
+        vs = kernel(t, f, simd, "%w", acts)
         out = vs[0]
         if RA > 1:                              # lanes c*8 + r -> r*RA + c
             out = f.op(f"shufflevector <{8 * RA} x float> {_concat(f, vs, 8)}, <{8 * RA} x float> poison, "
