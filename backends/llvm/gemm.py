@@ -285,9 +285,14 @@ def _prefetch(f: Fn, rows: list[str], offset: str, nbytes: int = 64) -> None:
     past the end of the tensor is harmless.)"""
     ahead = f.mul("%ws", len(rows))
     for r in rows:
-        for line in range(0, nbytes, 64):
-            p = f.gep("i8", r, f.add(offset, f.add(ahead, line)), inbounds=False)
-            f(f"call void @llvm.prefetch.p0(ptr {p}, i32 0, i32 3, i32 1)")
+        _prefetch_lines(f, r, f.add(offset, ahead), nbytes)
+
+
+def _prefetch_lines(f: Fn, base: str, offset, nbytes: int) -> None:
+    """Prefetch every cache line of base[offset : offset + nbytes] (a hint, never a fault)."""
+    for line in range(0, nbytes, 64):
+        p = f.gep("i8", base, f.add(offset, line) if line else offset, inbounds=False)
+        f(f"call void @llvm.prefetch.p0(ptr {p}, i32 0, i32 3, i32 1)")
 
 
 def _concat(f: Fn, vs: list[str], w: int) -> str:
@@ -393,8 +398,7 @@ def _q36k_x8(t, f: Fn, simd: SIMD, w: str, acts: list[str]) -> list[str]:
     fa = [f.var("<8 x float>", "zeroinitializer") for _ in range(RA)]
     with f.loop(0, f.udiv("%K", 256)) as sb:
         blk = f.gep("i8", w, f.mul(sb, size))
-        for line in range(0, size, 64):
-            f(f"call void @llvm.prefetch.p0(ptr {f.gep('i8', blk, size + line, inbounds=False)}, i32 0, i32 3, i32 1)")
+        _prefetch_lines(f, blk, size, size)        # the next block of these 8 rows
         d8 = f.op(f"fpext <8 x half> {f.load('<8 x half>', blk, 2)} to <8 x float>")
 
         def pairs(off, lanes):          # signed scale bytes -> <16 x i16> for vpmaddwd
@@ -456,8 +460,7 @@ def _q4_x8(t, f: Fn, simd: SIMD, w: str, acts: list[str]) -> list[str]:
     ones = _sp(16, "i16", 1)
     with f.loop(0, f.udiv("%K", 32)) as b:
         blk = f.gep("i8", w, f.mul(b, size))
-        for line in range(0, size, 64):
-            f(f"call void @llvm.prefetch.p0(ptr {f.gep('i8', blk, 4 * size + line, inbounds=False)}, i32 0, i32 3, i32 1)")
+        _prefetch_lines(f, blk, 4 * size, size)        # the next block of these 8 rows
         d8 = f.op(f"fpext <8 x half> {f.load('<8 x half>', blk, 2)} to <8 x float>")
         abs_ = [f.gep("i8", a, f.mul(b, asize)) for a in acts]
         sums = [None] * RA
@@ -493,8 +496,7 @@ def _q8_0_x8(f: Fn, simd: SIMD, w: str, acts: list[str]) -> list[str]:
     ones = _sp(16, "i16", 1)
     with f.loop(0, f.udiv("%K", 32)) as b:
         blk = f.gep("i8", w, f.mul(b, 272))
-        for line in range(0, 272, 64):
-            f(f"call void @llvm.prefetch.p0(ptr {f.gep('i8', blk, 4 * 272 + line, inbounds=False)}, i32 0, i32 3, i32 1)")
+        _prefetch_lines(f, blk, 4 * 272, 272)        # the next block of these 8 rows
         d8 = f.op(f"fpext <8 x half> {f.load('<8 x half>', blk, 2)} to <8 x float>")
         abs_ = [f.gep("i8", a, f.mul(b, 36)) for a in acts]
         tots = [None] * RA
@@ -524,8 +526,7 @@ def _q45k_x8(t, f: Fn, simd: SIMD, w: str, acts: list[str]) -> list[str]:
     ones = _sp(16, "i16", 1)
     with f.loop(0, f.udiv("%K", 256)) as sb:
         blk = f.gep("i8", w, f.mul(sb, size))
-        for line in range(0, size, 64):        # the next super-block of these 8 rows
-            f(f"call void @llvm.prefetch.p0(ptr {f.gep('i8', blk, size + line, inbounds=False)}, i32 0, i32 3, i32 1)")
+        _prefetch_lines(f, blk, size, size)        # the next block of these 8 rows
 
         def halves(off):
             return f.op(f"fpext <8 x half> {f.load('<8 x half>', f.gep('i8', blk, off), 2)} to <8 x float>")
@@ -605,35 +606,28 @@ def tile_fn(t, RW: int, RA: int, avx2: bool) -> str:
     if t in FLOAT:
         ety, esz = FLOAT[t]
 
-        def load8(p, i):
-            v = f.load(f"<8 x {ety}>", f.gep(ety, p, i), 2)
+        def load(p, i, n=8):            # n floats at element i, widened from the weight's type
+            vt, ft = (f"<{n} x {ety}>", f"<{n} x float>") if n > 1 else (ety, "float")
+            v = f.load(vt, f.gep(ety, p, i), 2)
             if t == F16:
-                return f.op(f"fpext <8 x half> {v} to <8 x float>")
+                return f.op(f"fpext {vt} {v} to {ft}")
             if t == BF16:
-                w = f.op(f"shl <8 x i32> {f.op(f'zext <8 x i16> {v} to <8 x i32>')}, {_sp(8, 'i32', 16)}")
-                return f.op(f"bitcast <8 x i32> {w} to <8 x float>")
-            return v
-
-        def load1(p, i):
-            v = f.load(ety, f.gep(ety, p, i), 2)
-            if t == F16:
-                return f.op(f"fpext half {v} to float")
-            if t == BF16:
-                w = f.op(f"shl i32 {f.op(f'zext i16 {v} to i32')}, 16")
-                return f.op(f"bitcast i32 {w} to float")
+                it = f"<{n} x i32>" if n > 1 else "i32"
+                w = f.op(f"shl {it} {f.op(f'zext {vt} {v} to {it}')}, {_sp(n, 'i32', 16) if n > 1 else 16}")
+                return f.op(f"bitcast {it} {w} to {ft}")
             return v
         nv = f.and_("%K", -8)
         with f.loop(0, nv, 8) as i:
             _prefetch(f, rows, f.mul(i, esz))
-            ws = [load8(rows[r], i) for r in range(RW)]
+            ws = [load(rows[r], i) for r in range(RW)]
             for c in range(RA):
-                av = load8(acts[c], i)
+                av = load(acts[c], i)
                 for r in range(RW):
                     accs[r][c].set(_fma8(f, ws[r], av, accs[r][c].get()))
         with f.loop(nv, "%K") as i:       # rows not a multiple of 8
-            ws = [load1(rows[r], i) for r in range(RW)]
+            ws = [load(rows[r], i, 1) for r in range(RW)]
             for c in range(RA):
-                av = load1(acts[c], i)
+                av = load(acts[c], i, 1)
                 for r in range(RW):
                     extras[r][c].set(f.op(f"call float @llvm.fma.f32(float {ws[r]}, float {av}, float {extras[r][c].get()})"))
     elif t in LEGACY:
