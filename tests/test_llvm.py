@@ -13,7 +13,6 @@ from moegraph.quants import GGMLType, quantize_weights
 
 from conftest import kl_and_argmax
 
-pytest.importorskip("llvmlite")
 
 WEIGHT_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                 "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
