@@ -31,6 +31,22 @@ Shape = tuple[Dim, ...]
 REQUIRED = object()  # marker for attributes without a default
 
 
+class Kind:
+    """What an op does to memory and values: the one place passes, dumps, the lowering and the
+    backends' generators learn an op's category from (tinygrad's GroupOp). The ops of a kind are
+    `ops_of(kind)`."""
+    LEAF = "leaf"                # INPUT / WEIGHT / STATE: values from outside the graph
+    ELEMENTWISE = "elementwise"  # out[i] = f(in0[i], in1[broadcast i], ...): fusable into one loop
+    VIEW = "view"                # new shape/strides over the same bytes (copied only if it must)
+    MOVEMENT = "movement"        # copies data to a new layout (CONCAT)
+    REDUCE = "reduce"            # a row of the last axis in, a row (or a value) out
+    PRODUCT = "product"          # matrix products on weights (MUL_MAT, MUL_MAT_ID)
+    OPAQUE = "opaque"            # its own kernel (ROPE, GET_ROWS)
+    SIDE_EFFECT = "side_effect"  # writes a STATE (SET_ROWS): never merged, never dropped early
+    FUSED = "fused"              # several ops in one kernel; `decompose` gives its semantics
+    ALL = (LEAF, ELEMENTWISE, VIEW, MOVEMENT, REDUCE, PRODUCT, OPAQUE, SIDE_EFFECT, FUSED)
+
+
 @dataclass(frozen=True)
 class OpDef:
     name: str
@@ -38,23 +54,52 @@ class OpDef:
     attrs: dict[str, Any]            # name -> default (REQUIRED if none)
     infer: Callable[..., tuple[Shape, DType]]
     doc: str = ""
+    kind: str = Kind.OPAQUE
+    # FUSED ops: (graph, node) -> a node computing the same value from other ops, built in graph
+    decompose: Callable[["Graph", "Node"], "Node"] | None = None
+    # row t of the output (tokens first) depends only on row t of the inputs, along any axis but
+    # the first: the lowering may run it in one kernel group with its neighbours (token-local)
+    rowwise: bool = False
 
     @property
     def variadic(self) -> bool:
         return bool(self.inputs) and self.inputs[-1].startswith("*")
 
+    @property
+    def pure(self) -> bool:
+        """Its value depends only on its inputs and attrs (so CSE may merge two of them)."""
+        return self.kind not in (Kind.LEAF, Kind.SIDE_EFFECT)
+
 
 OPS: dict[str, OpDef] = {}
 
 
-def defop(name: str, inputs: str = "", /, **attrs):
+ROWWISE_KINDS = (Kind.ELEMENTWISE, Kind.REDUCE, Kind.MOVEMENT, Kind.SIDE_EFFECT)
+
+
+def defop(name: str, inputs: str = "", /, kind: str = Kind.OPAQUE, decompose=None, rowwise=None, **attrs):
     """Register an op: `inputs` are space-separated names ('?' suffix = optional, '*' prefix =
-    variadic); `attrs` give defaults. The decorated function infers (shape, dtype) from the input
-    Nodes and attrs and raises IRError on misuse. Its docstring is the op's semantics."""
+    variadic); `kind` is one of Kind; `attrs` give defaults. The decorated function infers
+    (shape, dtype) from the input Nodes and attrs and raises IRError on misuse. Its docstring is
+    the op's semantics. A FUSED op also gives `decompose(graph, node)`: its value built from
+    other ops, which is what the reference backend runs. `rowwise` (default: true for the
+    elementwise, reduce, movement and side-effect kinds) says row t of the output depends only on
+    row t of the inputs."""
+    if kind not in Kind.ALL:
+        raise IRError(f"defop {name}: kind {kind!r} is not one of {', '.join(Kind.ALL)}")
+    if (kind == Kind.FUSED) != (decompose is not None):
+        raise IRError(f"defop {name}: a FUSED op needs a decompose function, and only it")
+
     def deco(infer):
-        OPS[name] = OpDef(name, tuple(inputs.split()), attrs, infer, (infer.__doc__ or "").strip())
+        OPS[name] = OpDef(name, tuple(inputs.split()), attrs, infer, (infer.__doc__ or "").strip(),
+                          kind, decompose, kind in ROWWISE_KINDS if rowwise is None else rowwise)
         return infer
     return deco
+
+
+def ops_of(*kinds: str) -> frozenset[str]:
+    """The ops of the given kinds, as the table holds them now (custom ops included)."""
+    return frozenset(name for name, d in OPS.items() if d.kind in kinds)
 
 
 # --------------------------------------------------------------------------- nodes and graphs
@@ -186,6 +231,31 @@ class Graph:
             shape, dtype = OPS[n.op].infer(*n.inputs, **n.attrs)
             n.shape, n.dtype = tuple(shape), dtype
 
+    def copy(self) -> "Graph":
+        """A new Graph with new Nodes (same ids, names, attrs, weight data): a lowering or a pass
+        may rewrite it without touching this one."""
+        g = Graph(self.name)
+        g.meta, g._next_id = dict(self.meta), self._next_id
+        new: dict[int, Node] = {}
+        dg = self.to_networkx()
+        for i in nx.topological_sort(dg):   # the list order need not be topological after passes
+            n = dg.nodes[i]["node"]
+            new[id(n)] = Node(n.op, tuple(None if x is None else new[id(x)] for x in n.inputs),
+                              dict(n.attrs), n.shape, n.dtype, n.name, n.data, n.id)
+        g.nodes = [new[id(n)] for n in self.nodes]
+        g.outputs = {k: new[id(v)] for k, v in self.outputs.items()}
+        return g
+
+    def expand_fused(self) -> int:
+        """Replaces every FUSED node by its decomposition (what it means in plain ops)."""
+        count = 0
+        for n in [n for n in self.nodes if OPS[n.op].kind == Kind.FUSED]:
+            self.replace_all_uses(n, OPS[n.op].decompose(self, n))
+            count += 1
+        if count:
+            self.remove_dead()
+        return count
+
     def replace_all_uses(self, old: Node, new: Node) -> None:
         for n in self.nodes:
             if any(i is old for i in n.inputs):
@@ -269,6 +339,14 @@ def _broadcastable(small: Shape, big: Shape) -> bool:
     return all(s == 1 or s == b for s, b in zip(reversed(small), reversed(big)))
 
 
+def _optional_broadcast(op: str, what: str, y, x) -> None:
+    """An optional F32 operand y that must broadcast to x (a norm weight, a mask)."""
+    if y is not None:
+        _need_f32(op, y)
+        if not _broadcastable(y.shape, x.shape):
+            _fail(op, f"{what} {list(y.shape)} does not broadcast to x {list(x.shape)}")
+
+
 def _batch_divides(a: Shape, b: Shape) -> bool:
     """MUL_MAT broadcasting: each batch dim of a divides the matching one of b (GQA)."""
     if len(a) != len(b):
@@ -288,13 +366,13 @@ def _axis(op: str, x: Node, axis: int) -> int:
 
 
 # --------------------------------------------------------------------------- the op table
-@defop("INPUT", shape=REQUIRED, dtype=REQUIRED)
+@defop("INPUT", kind=Kind.LEAF, shape=REQUIRED, dtype=REQUIRED)
 def _input(shape, dtype):
     """A value fed by the caller on every run (token ids, positions, the attention mask)."""
     return tuple(shape), dtype
 
 
-@defop("WEIGHT", shape=REQUIRED, dtype=REQUIRED)
+@defop("WEIGHT", kind=Kind.LEAF, shape=REQUIRED, dtype=REQUIRED)
 def _weight(shape, dtype):
     """A model tensor; node.data holds its bytes (GGUF block layout for quantized types)."""
     if is_quantized(dtype) and (not shape or shape[-1] % block_size(dtype)):
@@ -303,13 +381,13 @@ def _weight(shape, dtype):
     return tuple(shape), dtype
 
 
-@defop("STATE", shape=REQUIRED, dtype=REQUIRED)
+@defop("STATE", kind=Kind.LEAF, shape=REQUIRED, dtype=REQUIRED)
 def _state(shape, dtype):
     """A buffer that persists across runs (KV cache), zero-initialized, written by SET_ROWS."""
     return tuple(shape), dtype
 
 
-@defop("GET_ROWS", "table ids")
+@defop("GET_ROWS", "table ids", kind=Kind.OPAQUE, rowwise=True)
 def _get_rows(table, ids):
     """out[..., i, :] = dequantize(table[..., ids[..., i], :]): embedding lookup and gathering
     router weights. Batch dims of table and ids must agree; any table dtype; result F32."""
@@ -320,19 +398,16 @@ def _get_rows(table, ids):
     return (*ids.shape, table.shape[-1]), F32
 
 
-@defop("RMS_NORM", "x w?", eps=REQUIRED)
+@defop("RMS_NORM", "x w?", kind=Kind.REDUCE, eps=REQUIRED)
 def _rms_norm(x, w, eps):
     """x / sqrt(mean(x^2 over the last axis) + eps), times w (broadcast) when given: the norm
     weight, folded in by the fuse_norm pass so the normalized x is never stored."""
     _need_f32("RMS_NORM", x)
-    if w is not None:
-        _need_f32("RMS_NORM", w)
-        if not _broadcastable(w.shape, x.shape):
-            _fail("RMS_NORM", f"w {list(w.shape)} does not broadcast to x {list(x.shape)}")
+    _optional_broadcast("RMS_NORM", "w", w, x)
     return x.shape, F32
 
 
-@defop("NORM", "x", eps=REQUIRED)
+@defop("NORM", "x", kind=Kind.REDUCE, eps=REQUIRED)
 def _norm(x, eps):
     """(x - mean) / sqrt(var + eps) over the last axis."""
     _need_f32("NORM", x)
@@ -345,7 +420,8 @@ def _binary(op, doc):
         if not _broadcastable(b.shape, a.shape):
             _fail(op, f"b {list(b.shape)} does not broadcast to a {list(a.shape)}")
         return a.shape, F32
-    OPS[op] = OpDef(op, ("a", "b"), {}, infer, f"{doc}, b broadcast to a's shape (ggml repeat).")
+    OPS[op] = OpDef(op, ("a", "b"), {}, infer, f"{doc}, b broadcast to a's shape (ggml repeat).",
+                    Kind.ELEMENTWISE, rowwise=True)
 
 
 _binary("ADD", "a + b")
@@ -353,7 +429,7 @@ _binary("MUL", "a * b")
 _binary("DIV", "a / b")
 
 
-@defop("SCALE", "x", scale=REQUIRED, bias=0.0)
+@defop("SCALE", "x", kind=Kind.ELEMENTWISE, scale=REQUIRED, bias=0.0)
 def _scale(x, scale, bias):
     """x * scale + bias."""
     _need_f32("SCALE", x)
@@ -364,7 +440,7 @@ def _unary(op, doc):
     def infer(x):
         _need_f32(op, x)
         return x.shape, F32
-    OPS[op] = OpDef(op, ("x",), {}, infer, doc)
+    OPS[op] = OpDef(op, ("x",), {}, infer, doc, Kind.ELEMENTWISE, rowwise=True)
 
 
 _unary("SILU", "x * sigmoid(x).")
@@ -373,14 +449,14 @@ _unary("SIGMOID", "1 / (1 + exp(-x)).")
 _unary("CONT", "x made contiguous: no change of value; marks where a view is materialized.")
 
 
-@defop("CLAMP", "x", min=-math.inf, max=math.inf)
+@defop("CLAMP", "x", kind=Kind.ELEMENTWISE, min=-math.inf, max=math.inf)
 def _clamp(x, min, max):
     """min(max(x, min), max)."""
     _need_f32("CLAMP", x)
     return x.shape, F32
 
 
-@defop("SWIGLU", "gate up?")
+@defop("SWIGLU", "gate up?", kind=Kind.ELEMENTWISE)
 def _swiglu(gate, up):
     """silu(gate) * up. With one input x [..., 2n]: gate = x[..., :n], up = x[..., n:] (the
     merged [gate; up] projection)."""
@@ -396,7 +472,7 @@ def _swiglu(gate, up):
     return gate.shape, F32
 
 
-@defop("MUL_MAT", "a b")
+@defop("MUL_MAT", "a b", kind=Kind.PRODUCT)
 def _mul_mat(a, b):
     """y[..., m, n] = sum_k a[..., n, k] * b[..., m, k]  (y = b @ a.T; a is the weight).
     Batch dims of a broadcast over b's ggml-style: b batch i uses a batch i // (B_b / B_a), which
@@ -412,7 +488,7 @@ def _mul_mat(a, b):
     return (*b.shape[:-1], a.shape[-2]), F32
 
 
-@defop("MUL_MAT_ID", "a b ids")
+@defop("MUL_MAT_ID", "a b ids", kind=Kind.PRODUCT)
 def _mul_mat_id(a, b, ids):
     """Per-token expert matmul: y[t, j, :] = a[ids[t, j]] @ b[t, j or 0, :].
     a [E, N, K] (experts), b [T, S, K] with S = k or 1 (shared by all k), ids [T, k].
@@ -428,7 +504,7 @@ def _mul_mat_id(a, b, ids):
     return (ids.shape[0], ids.shape[1], a.shape[1]), F32
 
 
-@defop("TOP_K", "x", k=REQUIRED)
+@defop("TOP_K", "x", kind=Kind.REDUCE, k=REQUIRED)
 def _top_k(x, k):
     """Indices of the k largest values along the last axis, largest first (I32)."""
     _need_f32("TOP_K", x)
@@ -437,22 +513,19 @@ def _top_k(x, k):
     return (*x.shape[:-1], k), I32
 
 
-@defop("SOFT_MAX", "x mask?", scale=1.0)
+@defop("SOFT_MAX", "x mask?", kind=Kind.REDUCE, scale=1.0)
 def _soft_max(x, mask, scale):
     """softmax(x * scale + mask) over the last axis; mask (additive, -inf = masked) broadcasts
     to x."""
     _need_f32("SOFT_MAX", x)
-    if mask is not None:
-        _need_f32("SOFT_MAX", mask)
-        if not _broadcastable(mask.shape, x.shape):
-            _fail("SOFT_MAX", f"mask {list(mask.shape)} does not broadcast to x {list(x.shape)}")
+    _optional_broadcast("SOFT_MAX", "mask", mask, x)
     return x.shape, F32
 
 
 ROPE_NORM, ROPE_NEOX = 0, 2  # ggml's mode numbers
 
 
-@defop("ROPE", "x pos", n_dims=REQUIRED, mode=ROPE_NORM, freq_base=10000.0, freq_scale=1.0)
+@defop("ROPE", "x pos", kind=Kind.OPAQUE, rowwise=True, n_dims=REQUIRED, mode=ROPE_NORM, freq_base=10000.0, freq_scale=1.0)
 def _rope(x, pos, n_dims, mode, freq_base, freq_scale):
     """Rotary embedding of x [T, H, D] at positions pos [T]: the first n_dims of each head are
     rotated by angle p * freq_scale * freq_base^(-2i/n_dims) for pair i; pairs are (2i, 2i+1) in
@@ -468,7 +541,7 @@ def _rope(x, pos, n_dims, mode, freq_base, freq_scale):
     return x.shape, F32
 
 
-@defop("RESHAPE", "x", shape=REQUIRED)
+@defop("RESHAPE", "x", kind=Kind.VIEW, rowwise=True, shape=REQUIRED)
 def _reshape(x, shape):
     """Same elements in row-major order, new shape (symbols must be carried over; one -1 is
     inferred from the static sizes)."""
@@ -484,7 +557,7 @@ def _reshape(x, shape):
     return shape, x.dtype
 
 
-@defop("PERMUTE", "x", axes=REQUIRED)
+@defop("PERMUTE", "x", kind=Kind.VIEW, axes=REQUIRED)
 def _permute(x, axes):
     """out.shape[i] = x.shape[axes[i]] (numpy.transpose)."""
     if sorted(axes) != list(range(x.rank)):
@@ -492,7 +565,7 @@ def _permute(x, axes):
     return tuple(x.shape[a] for a in axes), x.dtype
 
 
-@defop("SLICE", "x", axis=REQUIRED, start=REQUIRED, stop=REQUIRED)
+@defop("SLICE", "x", kind=Kind.VIEW, axis=REQUIRED, start=REQUIRED, stop=REQUIRED)
 def _slice(x, axis, start, stop):
     """x[..., start:stop, ...] along `axis` (a view). `stop` may be a symbol (with start 0): the
     attention reads the first KV cells of the cache, KV bound when the graph runs."""
@@ -511,7 +584,7 @@ def _slice(x, axis, start, stop):
     return tuple(new if i == ax else d for i, d in enumerate(x.shape)), x.dtype
 
 
-@defop("CONCAT", "*xs", axis=REQUIRED)
+@defop("CONCAT", "*xs", kind=Kind.MOVEMENT, axis=REQUIRED)
 def _concat(*xs, axis):
     """xs joined along `axis`; other dims and dtypes must agree."""
     if not xs:
@@ -531,7 +604,7 @@ def _concat(*xs, axis):
     return tuple(shape), xs[0].dtype
 
 
-@defop("SUM", "x", axis=REQUIRED)
+@defop("SUM", "x", kind=Kind.REDUCE, axis=REQUIRED)
 def _sum(x, axis):
     """Sum over `axis`, which is removed."""
     _need_f32("SUM", x)
@@ -539,7 +612,7 @@ def _sum(x, axis):
     return tuple(d for i, d in enumerate(x.shape) if i != ax), F32
 
 
-@defop("CAST", "x", dtype=REQUIRED)
+@defop("CAST", "x", kind=Kind.ELEMENTWISE, dtype=REQUIRED)
 def _cast(x, dtype):
     """Round x to F16/BF16 or back to F32 (round to nearest even)."""
     if x.dtype not in FLOAT_TYPES or dtype not in FLOAT_TYPES:
@@ -547,7 +620,7 @@ def _cast(x, dtype):
     return x.shape, dtype
 
 
-@defop("SET_ROWS", "dst src idx")
+@defop("SET_ROWS", "dst src idx", kind=Kind.SIDE_EFFECT)
 def _set_rows(dst, src, idx):
     """Writes src rows into the STATE dst at rows idx (converted to dst's dtype) and returns the
     updated dst; dst [R, ...], src [n, ...], idx [n]. Reads of the cache go through the result."""
@@ -561,12 +634,63 @@ def _set_rows(dst, src, idx):
     return dst.shape, dst.dtype
 
 
+# --------------------------------------------------------------------------- fused ops
+# Made by the lowering's fusion rules (backends/lower/fusion.py) for backends that have a kernel
+# for them; their meaning is their decomposition, which is what the reference backend runs.
+def _attention_decompose(g: "Graph", n: "Node") -> "Node":
+    q, k, v, mask = n.inputs
+    kq = g.mul_mat(g.permute(k, axes=(1, 0, 2)), g.permute(q, axes=(1, 0, 2)))     # [H, T, KV]
+    p = g.soft_max(kq, mask, scale=n.attrs["scale"])
+    return g.mul_mat(g.permute(v, axes=(1, 2, 0)), p)                              # [H, T, Dv]
+
+
+@defop("ATTENTION", "q k v mask", kind=Kind.FUSED, decompose=_attention_decompose, scale=REQUIRED)
+def _attention(q, k, v, mask, scale):
+    """out[h, t, :] = softmax(scale * q[t, h] . k[j, h/g] + mask[t, j]) . v[j, h/g] over the KV
+    cells j, with g = H / Hkv query heads per KV head: q [T, H, D], k [KV, Hkv, D],
+    v [KV, Hkv, Dv], mask [T, KV] (additive), out [H, T, Dv]. q and the probabilities are rounded
+    to k's and v's vec_dot type (F16 for an F16 cache) as the two MUL_MATs of its decomposition."""
+    _need_f32("ATTENTION", q, mask)
+    if q.rank != 3 or k.rank != 3 or v.rank != 3:
+        _fail("ATTENTION", f"want q [T,H,D], k [KV,Hkv,D], v [KV,Hkv,Dv]; got {list(q.shape)}, "
+                           f"{list(k.shape)}, {list(v.shape)}")
+    (T, H, D), (KV, Hkv, Dk) = q.shape, k.shape
+    if Dk != D or v.shape[:2] != (KV, Hkv) or not isinstance(H, int) or H % Hkv:
+        _fail("ATTENTION", f"q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)} do not agree")
+    if not _broadcastable(mask.shape, (H, T, KV)):
+        _fail("ATTENTION", f"mask {list(mask.shape)} does not broadcast to [{H}, {T}, {KV}]")
+    return (H, T, v.shape[2]), F32
+
+
+def _moe_swiglu_decompose(g: "Graph", n: "Node") -> "Node":
+    gate, up, b, ids = n.inputs
+    if up is None:
+        return g.swiglu(g.mul_mat_id(gate, b, ids))
+    return g.swiglu(g.mul_mat_id(gate, b, ids), g.mul_mat_id(up, b, ids))
+
+
+@defop("MOE_SWIGLU", "gate up? b ids", kind=Kind.FUSED, decompose=_moe_swiglu_decompose)
+def _moe_swiglu(gate, up, b, ids):
+    """silu(MUL_MAT_ID(gate, b, ids)) * MUL_MAT_ID(up, b, ids), neither product stored. Without
+    up, gate is the merged [E, 2F, K] tensor: rows [0, F) gate, [F, 2F) up. up has gate's type
+    and shape (both products run the same kernel)."""
+    shape, dtype = _mul_mat_id(gate, b, ids)
+    if up is None:
+        if shape[2] % 2:
+            _fail("MOE_SWIGLU", f"merged [gate; up] tensor {list(gate.shape)} has an odd row count")
+        return (*shape[:2], shape[2] // 2), dtype
+    if up.shape != gate.shape or up.dtype != gate.dtype:
+        _fail("MOE_SWIGLU", f"up {list(up.shape)}:{up.dtype.name} differs from gate "
+                            f"{list(gate.shape)}:{gate.dtype.name}")
+    return shape, dtype
+
+
 def op_table_markdown() -> str:
     """The op table as documentation (used by docs and `moegraph dump --ops`)."""
-    rows = ["| op | inputs | attrs | semantics |", "| --- | --- | --- | --- |"]
+    rows = ["| op | kind | inputs | attrs | semantics |", "| --- | --- | --- | --- | --- |"]
     for name, d in OPS.items():
         attrs = ", ".join(k if v is REQUIRED else f"{k}={v}" for k, v in d.attrs.items())
-        rows.append(f"| {name} | {' '.join(d.inputs)} | {attrs} | {' '.join(d.doc.split())} |")
+        rows.append(f"| {name} | {d.kind} | {' '.join(d.inputs)} | {attrs} | {' '.join(d.doc.split())} |")
     return "\n".join(rows)
 
 

@@ -2,7 +2,7 @@
 fusion of the norm weight into RMS_NORM."""
 from __future__ import annotations
 
-from moegraph.ir import F32, Graph, Node
+from moegraph.ir import F32, OPS, Graph, Node
 
 from . import register_pass
 from .pattern import Pat, rewrite
@@ -18,10 +18,10 @@ def dce(graph: Graph) -> Graph:
 def _key(n: Node, canon: dict[int, Node]):
     """Two nodes are the same computation when op, attrs and (canonical) inputs agree; weights are
     the same when they share their bytes; INPUT and STATE leaves are never merged."""
-    if n.op in ("INPUT", "STATE", "SET_ROWS"):
-        return None
     if n.op == "WEIGHT":
         return ("WEIGHT", id(n.data))
+    if not OPS[n.op].pure:     # inputs, states and writes are never merged
+        return None
     attrs = tuple(sorted((k, repr(v)) for k, v in n.attrs.items()))
     return (n.op, tuple(None if i is None else canon[i.id].id for i in n.inputs), attrs)
 

@@ -142,7 +142,8 @@ def test_dump_formats(capsys, tmp_path):
 
 def test_dump_ops(capsys):
     rc, out, _ = cli(capsys, "dump", "--ops")
-    assert rc == 0 and out.startswith("| op | inputs | attrs | semantics |") and "| MUL_MAT_ID |" in out
+    assert rc == 0 and out.startswith("| op | kind | inputs | attrs | semantics |") and "| MUL_MAT_ID | product |" in out
+    assert "| ATTENTION | fused |" in out
 
 
 def test_dump_passes(capsys):
