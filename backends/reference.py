@@ -11,7 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 from moegraph.errors import InputError
-from moegraph.ir import BF16, F16, F32, I32, Graph, Node, static_shape
+from moegraph.ir import BF16, F16, F32, I32, OPS, Graph, Kind, Node, static_shape
+
+from .lower import UnsupportedOpError, bind_symbols
 from moegraph.quants import (GGMLType, quantize_activations, quantize_roundtrip, traits,
                              vec_dot_type)
 
@@ -26,8 +28,21 @@ class NumpyBackend:
         return NumpyExecutable(graph, self.emulate)
 
 
+def register_impl(op: str, fn) -> None:
+    """The reference implementation of a custom op: fn(executable, node, bindings, *input_arrays)
+    -> array (FUSED ops need none: their decomposition runs)."""
+    IMPL[op] = fn
+
+
 class NumpyExecutable:
     def __init__(self, graph: Graph, emulate: bool):
+        if any(OPS[n.op].kind == Kind.FUSED for n in graph.nodes):
+            graph = graph.copy()     # fused ops run as what they mean: their decomposition
+            graph.expand_fused()
+        missing = [f"{n!r}" for n in graph.toposort() if OPS[n.op].kind != Kind.LEAF and n.op not in IMPL]
+        if missing:
+            raise UnsupportedOpError("the numpy backend has no implementation for " + ", ".join(missing)
+                                     + " (register one with moegraph.backends.reference.register_impl)")
         self.graph, self.emulate = graph, emulate
         self.order = graph.toposort()
         self.dequantized: dict[tuple, np.ndarray] = {}  # (what, id(WeightData)) -> array
@@ -85,23 +100,6 @@ class NumpyExecutable:
         a = quantize_activations(as_f32(x), GGMLType.Q8_1)
         delta = a.s.astype(np.float64) - a.d.astype(np.float64) * a.qs.sum(axis=-1, dtype=np.int64)
         return delta @ np.swapaxes(mins, -1, -2)
-
-
-def bind_symbols(graph: Graph, inputs: dict[str, np.ndarray]) -> dict[str, int]:
-    bindings: dict[str, int] = {}
-    for name, n in graph.inputs().items():
-        if name not in inputs:
-            raise InputError(f"missing graph input {name!r}")
-        shape = np.shape(inputs[name])
-        if len(shape) != n.rank:
-            raise InputError(f"input {name!r} has shape {list(shape)}, expected {list(n.shape)}")
-        for d, s in zip(n.shape, shape):
-            if isinstance(d, str):
-                if bindings.setdefault(d, s) != s:
-                    raise InputError(f"input {name!r}: {d}={s} but another input has {d}={bindings[d]}")
-            elif d != s:
-                raise InputError(f"input {name!r} has shape {list(shape)}, expected {list(n.shape)}")
-    return bindings
 
 
 def as_f32(x: np.ndarray) -> np.ndarray:

@@ -43,27 +43,27 @@ def weight_bytes_per_token(graph, n_used: int) -> float:
 
 def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> float:
     """Device-to-device copy of 1 GiB, counting bytes read + written (the practical ceiling)."""
-    from moegraph.backends.cuda.runtime import _check, driver_context
+    from moegraph.backends.cuda.runtime import check_cuda, driver_context
     ctx = driver_context(0)
     drv = ctx.drv
     a, b = ctx.alloc(nbytes), ctx.alloc(nbytes)
-    e0, e1 = (_check(drv.cuEventCreate(0), "ev") for _ in range(2))
+    e0, e1 = (check_cuda(drv.cuEventCreate(0), "ev") for _ in range(2))
     best = 0.0
     for _ in range(5):
         drv.cuEventRecord(e0, ctx.stream)
-        _check(drv.cuMemcpyDtoDAsync(b, a, nbytes, ctx.stream), "cuMemcpyDtoDAsync")
+        check_cuda(drv.cuMemcpyDtoDAsync(b, a, nbytes, ctx.stream), "cuMemcpyDtoDAsync")
         drv.cuEventRecord(e1, ctx.stream)
         drv.cuStreamSynchronize(ctx.stream)
-        ms = _check(drv.cuEventElapsedTime(e0, e1), "elapsed")
+        ms = check_cuda(drv.cuEventElapsedTime(e0, e1), "elapsed")
         best = max(best, 2 * nbytes / (ms * 1e-3) / 1e9)
     drv.cuMemFree(a), drv.cuMemFree(b)
     return best
 
 
 def device_name() -> str:
-    from moegraph.backends.cuda.runtime import _check, driver_context
+    from moegraph.backends.cuda.runtime import check_cuda, driver_context
     ctx = driver_context(0)
-    return _check(ctx.drv.cuDeviceGetName(128, ctx.dev), "name").split(b"\0")[0].decode()
+    return check_cuda(ctx.drv.cuDeviceGetName(128, ctx.dev), "name").split(b"\0")[0].decode()
 
 
 def profile_by_kind(s, T: int) -> dict:

@@ -782,6 +782,8 @@ def cmd_dump(args) -> int:
         raise MoeGraphError("--after-each and --diff need passes to run: --passes A,B,C, "
                             "--n-expert-used or --prune-experts")
     graph = model.graph(args.ctx_size or None, args.kv_type)
+    if args.lowered:
+        return _dump_lowered(graph, passes, args)
     if not passes:
         _emit(_render(graph, args.format), args.output, args.format)
         return 0
@@ -821,6 +823,23 @@ def cmd_dump(args) -> int:
         _emit(_render(graph, args.format), args.output, args.format, warned)
     elif not (args.diff or args.after_each):
         _emit(_render(graph, args.format), None, args.format)
+    return 0
+
+
+def _dump_lowered(graph, passes, args) -> int:
+    """--lowered BACKEND: the program the backend runs (kernels, their graph nodes and token
+    ranges), after the passes; text or JSON."""
+    import json
+
+    from .dump import lowered_program, lowered_to_text
+    if args.format == "dot":
+        raise MoeGraphError("--lowered prints text or JSON (--format text|json)")
+    if passes:
+        from moegraph.passes import run_passes
+        graph = run_passes(graph, passes)
+    report = lowered_program(graph, args.lowered, max_tokens=args.ctx_size or 512)
+    text = json.dumps(report, indent=1) + "\n" if args.format == "json" else lowered_to_text(report)
+    _emit(text, args.output, args.format)
     return 0
 
 
@@ -973,6 +992,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--format", choices=["text", "dot", "json"], default="text")
     sp.add_argument("-o", "--output", metavar="OUT", help="write to OUT instead of stdout")
     sp.add_argument("--ops", action="store_true", help="print the op table (markdown) and exit")
+    sp.add_argument("--lowered", metavar="BACKEND", choices=["numpy", "llvm", "cuda"],
+                    help="print the program BACKEND runs instead: each kernel, the graph nodes it "
+                         "computes and the token range it runs for (no GPU needed for cuda)")
     add_pass_options(sp)
     g = sp.add_argument_group("what the passes change")
     g.add_argument("--after-each", action="store_true",

@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MoeGraphError
-from .ir import Graph, Node
+from .ir import OPS, Graph, Kind, Node
 
-LEAVES = ("INPUT", "WEIGHT", "STATE")
 _LEAF_ATTRS = ("name", "shape", "dtype")   # repeated on the node itself; not printed as attrs
 
 
@@ -54,7 +53,7 @@ def _fmt_value(v: Any) -> str:
 
 
 def _attrs(n: Node) -> dict[str, Any]:
-    return {k: v for k, v in n.attrs.items() if not (n.op in LEAVES and k in _LEAF_ATTRS)}
+    return {k: v for k, v in n.attrs.items() if not (OPS[n.op].kind == Kind.LEAF and k in _LEAF_ATTRS)}
 
 
 def _fmt_attrs(n: Node) -> str:
@@ -80,7 +79,7 @@ def node_line(n: Node) -> str:
         nb = _nbytes(n)
         size = f" ({fmt_bytes(nb)})" if nb is not None else ""
         return f"{lhs} = WEIGHT {n.dtype.name} {fmt_shape(n.shape)}{size}"
-    if n.op in LEAVES:
+    if OPS[n.op].kind == Kind.LEAF:
         return f"{lhs} = {n.op} {fmt_shape(n.shape)} {n.dtype.name}"
     args = ", ".join(_ref(x) for x in n.inputs)
     attrs = _fmt_attrs(n)
@@ -137,7 +136,7 @@ def node_layers(graph: Graph, order: list[Node] | None = None) -> dict[int, int 
     for n in order:
         lay = _name_layer(n.name)
         weights = [x for x in n.inputs if x is not None and x.op == "WEIGHT"]
-        if lay is not None or n.op in LEAVES:
+        if lay is not None or OPS[n.op].kind == Kind.LEAF:
             explicit.add(n.id)
         elif weights:
             found = [layer[w.id] for w in weights if layer.get(w.id) is not None]
@@ -169,8 +168,7 @@ _STYLE = {
     "OUTPUT": 'shape=doubleoctagon, style=filled, fillcolor="#c8f0c8"',
 }
 _OP_STYLE = 'shape=box, style="rounded,filled", fillcolor="#ffffff"'
-_HEAVY_STYLE = 'shape=box, style="rounded,filled", fillcolor="#e6dcff"'   # matmuls
-_HEAVY = ("MUL_MAT", "MUL_MAT_ID")
+_HEAVY_STYLE = 'shape=box, style="rounded,filled", fillcolor="#e6dcff"'   # products, fused ops
 
 
 def _q(s: str) -> str:
@@ -180,7 +178,7 @@ def _q(s: str) -> str:
 def _dot_label(n: Node) -> str:
     if n.op == "WEIGHT":
         return f"{n.name}\n{n.dtype.name} {fmt_shape(n.shape)}"
-    if n.op in LEAVES:
+    if OPS[n.op].kind == Kind.LEAF:
         return f"{n.op.lower()} {n.name}\n{n.dtype.name} {fmt_shape(n.shape)}"
     head = f"%{n.id} {n.op}"
     lines = [head] + ([n.name] if n.name else [])
@@ -202,7 +200,7 @@ def to_dot(graph: Graph) -> str:
            f"  label={_q(graph.name)}; labelloc=t;"]
 
     def decl(n: Node, indent: str) -> str:
-        style = _STYLE.get(n.op) or (_HEAVY_STYLE if n.op in _HEAVY else _OP_STYLE)
+        style = _STYLE.get(n.op) or (_HEAVY_STYLE if OPS[n.op].kind in (Kind.PRODUCT, Kind.FUSED) else _OP_STYLE)
         return f"{indent}n{n.id} [label={_q(_dot_label(n))}, {style}];"
 
     by_layer: dict[int, list[Node]] = {}
@@ -294,3 +292,58 @@ def to_json(graph: Graph) -> dict:
 
 def to_json_text(graph: Graph, indent: int | None = 1) -> str:
     return json.dumps(to_json(graph), indent=indent) + "\n"
+
+
+# --------------------------------------------------------------------------- lowered programs
+def lowered_program(graph: Graph, backend: str, max_tokens: int = 512, cc: int = 90) -> dict:
+    """What `backend` runs for this graph, without running it: `steps` (kernel, op, graph nodes,
+    token range: None = any T) and a summary counted per layer. `cc`: the CUDA device's compute
+    capability (which product kernels exist); code is generated, never compiled or launched."""
+    if backend == "llvm":
+        from .backends.llvm import lowered_program as llvm_program
+        plan, steps = llvm_program(graph, max_tokens)
+        lowered = plan.graph
+    elif backend == "cuda":
+        from .backends.cuda.codegen import generate_for_graph, lowered
+        plan, program = generate_for_graph(graph, max_tokens)
+        steps, lowered = lowered(plan, program, cc), plan.graph
+    elif backend == "numpy":   # the interpreter: one step per node of the decomposed graph
+        lowered = graph.copy()
+        lowered.expand_fused()
+        steps = [{"kernel": n.op, "ops": [n.op], "nodes": [n.id], "names": [n.name] if n.name else [],
+                  "shape": [d if isinstance(d, int) else str(d) for d in n.shape], "tokens": None}
+                 for n in lowered.toposort() if OPS[n.op].kind not in (Kind.LEAF, Kind.VIEW)]
+    else:
+        raise MoeGraphError(f"--lowered: unknown backend {backend!r} (numpy, llvm, cuda)")
+    return {"backend": backend, "steps": steps, "summary": lowered_summary(lowered, steps)}
+
+
+def _runs_for(step: dict, T: int) -> bool:
+    return step["tokens"] is None or step["tokens"][0] <= T <= step["tokens"][1]
+
+
+def lowered_summary(graph: Graph, steps: list[dict]) -> dict:
+    """Steps that run for a decode step (T = 1) and for a 128-token prompt, in all, per layer
+    (the most of any layer) and outside the layers."""
+    layers = node_layers(graph)
+    out = {}
+    for label, T in (("decode", 1), ("prompt128", 128)):
+        per: Counter = Counter(layers.get(s["nodes"][0]) for s in steps if _runs_for(s, T))
+        inside = [v for k, v in per.items() if k is not None]
+        out[label] = {"steps": sum(per.values()), "max_per_layer": max(inside, default=0),
+                      "layers": len(inside), "outside_layers": per.get(None, 0)}
+    return out
+
+
+def lowered_to_text(report: dict) -> str:
+    width = max([len(s["kernel"]) for s in report["steps"]] + [6])
+    lines = [f"# lowered for {report['backend']}: {len(report['steps'])} kernel calls"]
+    for i, s in enumerate(report["steps"]):
+        tok = "any T" if s["tokens"] is None else f"T in [{s['tokens'][0]}, {s['tokens'][1]}]"
+        names = " ".join(s["names"])
+        lines.append(f"{i:5d}  {s['kernel']:<{width}}  {'+'.join(s['ops'])}  %{',%'.join(map(str, s['nodes']))}"
+                     f" {names} {fmt_shape(s['shape'])}  ({tok})")
+    for label, v in report["summary"].items():
+        lines.append(f"# {label}: {v['steps']} steps; at most {v['max_per_layer']} per layer over "
+                     f"{v['layers']} layers, {v['outside_layers']} outside the layers")
+    return "\n".join(lines) + "\n"

@@ -17,6 +17,24 @@ ORACLE = FIXTURES / "oracle"
 TINY_TYPES = ["F32", "F16", "Q8_0", "Q4_0", "Q4_K_M"]
 
 
+WEIGHT_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+                "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+
+
+def random_weight(rng, name: str, shape: tuple[int, ...], dtype: str):
+    """A WeightData of N(0, 0.1) values in a GGML type, quantized as llama.cpp does."""
+    from moegraph.gguf_file import WeightData
+    from moegraph.quants import GGMLType, quantize_weights
+    x = (rng.standard_normal(shape) * 0.1).astype(np.float32)
+    if dtype == "F32":
+        raw = x.view(np.uint8)
+    elif dtype == "F16":
+        raw = x.astype(np.float16).view(np.uint8)
+    else:
+        raw = quantize_weights(x.reshape(-1, shape[-1]), GGMLType[dtype])
+    return WeightData(name, GGMLType[dtype], shape, np.ascontiguousarray(raw).reshape(-1))
+
+
 def need_fixtures(path: Path | None = None) -> None:
     """Skips unless the fixture folder (or the one file `path` in it) is present: a partial copy,
     e.g. the few files carried to a GPU machine, runs what it can."""

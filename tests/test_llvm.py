@@ -7,27 +7,14 @@ import pytest
 
 import moegraph
 from moegraph.backends import get_backend
-from moegraph.gguf_file import WeightData
 from moegraph.ir import F32, I32, Graph
 from moegraph.quants import GGMLType, quantize_weights
 
-from conftest import kl_and_argmax
+from conftest import WEIGHT_TYPES, kl_and_argmax, random_weight
 
 
-WEIGHT_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
-                "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 
 
-def _weight(rng, name: str, shape: tuple[int, ...], dtype: str) -> WeightData:
-    x = (rng.standard_normal(shape) * 0.1).astype(np.float32)
-    t = GGMLType[dtype]
-    if dtype == "F32":
-        raw = x.view(np.uint8)
-    elif dtype == "F16":
-        raw = x.astype(np.float16).view(np.uint8)
-    else:
-        raw = quantize_weights(x.reshape(-1, shape[-1]), t)
-    return WeightData(name, t, shape, np.ascontiguousarray(raw).reshape(-1))
 
 
 def _op_graph(dtype: str, K: int, N: int, E: int = 5):
@@ -36,7 +23,7 @@ def _op_graph(dtype: str, K: int, N: int, E: int = 5):
     g = Graph()
     x = g.input("x", ("T", K), F32)
     ids = g.input("ids", ("T", 3), I32)
-    w, we = g.weight(_weight(rng, "w", (N, K), dtype)), g.weight(_weight(rng, "we", (E, N, K), dtype))
+    w, we = g.weight(random_weight(rng, "w", (N, K), dtype)), g.weight(random_weight(rng, "we", (E, N, K), dtype))
     g.outputs["mm"] = g.mul_mat(w, x)
     g.outputs["mmid"] = g.mul_mat_id(we, g.reshape(x, shape=("T", 1, K)), ids)
     g.outputs["rows"] = g.get_rows(w, g.input("rid", ("T",), I32))

@@ -21,7 +21,7 @@ from moegraph.ir import BF16, F16, F32, I32, Node
 from moegraph.quants import GGMLType as G
 from moegraph.quants import is_quantized, row_bytes, vec_dot_type
 
-from ..llvm.plan import SYMBOLS, Plan, View, elem_size
+from ..lower import SYMBOLS, Plan, Target, View, elem_size, graph_n_ctx, lower
 
 HEADER = (Path(__file__).with_name("header.cu")).read_text()
 CTYPE = {F32: "float", F16: "u16", BF16: "u16", I32: "int"}
@@ -46,6 +46,7 @@ class Launch:
     t_range: tuple = (0, 1 << 62)   # launched only when lo <= T <= hi (tiled vs per-row products)
     min_cc: int = 0         # compute capability it needs (80: integer tensor cores); negative:
                             # the fallback of such a launch, whose t_range holds only where cc >= -min_cc
+    step_index: int = -1    # index in plan.steps
 
 
 @dataclass
@@ -155,46 +156,40 @@ def _views(plan: Plan, n: Node):
     return plan.views[n.id], [None if i is None else plan.views[i.id] for i in n.inputs]
 
 
+# One C expression per elementwise op of the op table, from its loaded inputs. An elementwise op
+# is supported here exactly when it has an entry.
+SCALAR = {
+    "ADD": lambda n, a, b: f"{a} + {b}",
+    "MUL": lambda n, a, b: f"{a} * {b}",
+    "DIV": lambda n, a, b: f"{a} / {b}",
+    "SCALE": lambda n, x: f"{x} * {f32lit(n.attrs['scale'])} + {f32lit(n.attrs['bias'])}",
+    "SILU": lambda n, x: f"silu_f({x})",
+    "SIGMOID": lambda n, x: f"sigmoid_f({x})",
+    "GELU": lambda n, x: f"gelu_f({x})",
+    "CLAMP": lambda n, x: f"fminf(fmaxf({x}, {f32lit(n.attrs['min'])}), {f32lit(n.attrs['max'])})",
+    "CONT": lambda n, x: x,
+    "CAST": lambda n, x: x,     # the store rounds to the output's dtype
+    "SWIGLU": lambda n, g, u: f"silu_f({g}) * {u}",
+}
+
+
 def g_elementwise(plan: Plan, n: Node):
+    """Any elementwise op with a SCALAR expression (inputs broadcast to the output), and the
+    copying RESHAPE: one thread per output element."""
     k = KB(plan)
     out, ins = _views(plan, n)
-    total = k.count(out.shape)
-    k.lines.append(f"  const i64 total = {total};")
-    body_k = KB.__new__(KB)
+    k.lines.append(f"  const i64 total = {k.count(out.shape)};")
     body = []
     k.lines_backup = k.lines
     k.lines = body
     oi = k.unflatten("it", out.shape, "o")
-    if n.op in ("ADD", "MUL", "DIV"):
-        b = k.bview(ins[1], out.shape)
-        sym = {"ADD": "+", "MUL": "*", "DIV": "/"}[n.op]
-        val = f"{k.load(ins[0], oi)} {sym} {k.load(b, oi)}"
-    elif n.op == "SWIGLU":
-        if ins[1] is None:
-            half = out.shape[-1]
-            g, u = k.load(ins[0], oi), k.load(ins[0], oi[:-1] + [f"{oi[-1]} + {half}"])
-        else:
-            g, u = k.load(ins[0], oi), k.load(ins[1], oi)
-        val = f"silu_f({g}) * {u}"
-    elif n.op in ("CONT", "CAST"):
-        val = k.load(ins[0], oi)
-    elif n.op == "RESHAPE":
-        xi = k.unflatten("it", ins[0].shape, "x")
-        val = k.load(ins[0], xi)
+    if n.op == "RESHAPE":
+        val = k.load(ins[0], k.unflatten("it", ins[0].shape, "x"))
+    elif n.op == "SWIGLU" and ins[1] is None:   # merged [gate; up]: the two halves of each row
+        half = out.shape[-1]
+        val = SCALAR[n.op](n, k.load(ins[0], oi), k.load(ins[0], oi[:-1] + [f"{oi[-1]} + {half}"]))
     else:
-        x = k.load(ins[0], oi)
-        if n.op == "SCALE":
-            val = f"{x} * {f32lit(n.attrs['scale'])} + {f32lit(n.attrs['bias'])}"
-        elif n.op == "SILU":
-            val = f"silu_f({x})"
-        elif n.op == "SIGMOID":
-            val = f"sigmoid_f({x})"
-        elif n.op == "GELU":
-            val = f"gelu_f({x})"
-        elif n.op == "CLAMP":
-            val = f"fminf(fmaxf({x}, {f32lit(n.attrs['min'])}), {f32lit(n.attrs['max'])})"
-        else:
-            raise MoeGraphError(f"cuda: no elementwise kernel for {n.op}")
+        val = SCALAR[n.op](n, *(k.load(k.bview(v, out.shape), oi) for v in ins if v is not None))
     if out.dtype == I32 or (ins[0] is not None and ins[0].dtype == I32 and n.op in ("CONT", "RESHAPE")):
         body.append(f"    {k.store(out, oi, val)}")
     else:
@@ -528,7 +523,7 @@ def g_mul_mat(plan: Plan, n: Node):
     rows_dims = b.shape[:-1]
     phases = []
     sc = plan.scratch.get(n.id, 0)
-    if vt != F32:
+    if vt != F32 and n.id not in plan.shared_act:   # (unless another product converted them)
         phases.append(_act_phase(plan, b, rows_dims, vt, Kdim, sc))
     k = KB(plan)
     M = k.count(rows_dims)
@@ -569,15 +564,11 @@ def g_mul_mat(plan: Plan, n: Node):
     return phases
 
 
-def g_moe_swiglu(plan: Plan, n: Node):
-    """silu(gate . x) * (up . x) per selected expert (merged [gate; up] or two tensors), neither
-    product stored: one warp computes both dots of an (expert, row)."""
-    info = plan.moe_swiglu[n.id]
-    return g_mul_mat_id(plan, info["gate"], swiglu=(n, info["up"]))
-
-
-def g_mul_mat_id(plan: Plan, n: Node, swiglu=None):
-    m = plan.moe_operands(n, swiglu)
+def g_mul_mat_id(plan: Plan, n: Node):
+    """MUL_MAT_ID, and MOE_SWIGLU: silu(gate . x) * (up . x) per selected expert (merged
+    [gate; up] or two tensors), neither product stored: one warp computes both dots of an
+    (expert, row)."""
+    m = plan.moe_operands(n)
     out, a, b, ids, a_up, up_row0 = m.out, m.a, m.b, m.ids, m.a_up, m.up_row0
     E, N, Kdim, T, S, kk = m.E, m.N, m.K, m.T, m.S, m.kk
     scratch_node = m.scratch_node
@@ -669,10 +660,9 @@ def g_attention(plan: Plan, n: Node):
     """out[h, t, :] = softmax(scale * q[t, h] . k[j, h/g] + mask[t, j]) . v[j, h/g]; one block per
     (t, h), scores in shared memory; with an F16 cache q and p are rounded to F16 as ggml-cpu's
     F16 matmuls do; masked cells (-inf) are skipped."""
-    info = plan.attention[n.id]
     k = KB(plan)
     out = plan.views[n.id]
-    q, kc, vc, mask = (plan.views[info[x].id] for x in ("q", "k", "v", "mask"))
+    q, kc, vc, mask = (plan.views[x.id] for x in n.inputs)
     T, H, D = q.shape
     KV, Hkv, Dv = vc.shape
     g = H // Hkv
@@ -692,7 +682,7 @@ def g_attention(plan: Plan, n: Node):
     body.append("    for (i64 j = threadIdx.x >> 5; j < nkv; j += nw) {")
     body.append(f"      const float mv = {k.load(mask, ['t', 'j'])}; float s = NEG_INF;")
     body.append(f"      if (mv > NEG_INF) {{ float d = 0.0f; for (int i = lane; i < {D}; i += 32) d += qb[i] * {k.load(kc, ['j', 'hk', 'i'])};")
-    body.append(f"        s = warp_sum(d) * {f32lit(info['scale'])} + mv; }}")
+    body.append(f"        s = warp_sum(d) * {f32lit(n.attrs['scale'])} + mv; }}")
     body.append("      if (lane == 0) sc[j] = s;")
     body.append("    }")
     body.append("    __syncthreads();")
@@ -715,11 +705,10 @@ def g_attention(plan: Plan, n: Node):
 
 
 GENERATORS = {
-    **{op: g_elementwise for op in ("ADD", "MUL", "DIV", "SCALE", "SILU", "SIGMOID", "GELU", "CLAMP",
-                                    "SWIGLU", "CAST", "CONT", "RESHAPE")},
+    **{op: g_elementwise for op in (*SCALAR, "RESHAPE")},
     "RMS_NORM": g_norm, "NORM": g_norm, "SOFT_MAX": g_soft_max, "ROPE": g_rope, "TOP_K": g_top_k,
     "SUM": g_sum, "CONCAT": g_concat, "SET_ROWS": g_set_rows, "GET_ROWS": g_get_rows,
-    "MUL_MAT": g_mul_mat, "MUL_MAT_ID": g_mul_mat_id, "MOE_SWIGLU": g_moe_swiglu, "ATTENTION": g_attention,
+    "MUL_MAT": g_mul_mat, "MUL_MAT_ID": g_mul_mat_id, "MOE_SWIGLU": g_mul_mat_id, "ATTENTION": g_attention,
 }
 
 
@@ -740,11 +729,33 @@ def generate(plan: Plan) -> Program:
                 parts.append(text.replace("void KERNEL(", f"void {seen[text]}(", 1))
             label = f"{step.kind} {step.node.name or ''}".strip()
             launches.append(Launch(seen[text], list(k.operands), tuple(items), mode, block, smem, label,
-                                   t_range, min_cc))
+                                   t_range, min_cc, si))
     return Program("\n".join(parts), launches, len(seen))
 
 
+def lowered(plan: Plan, program: Program, cc: int = 90) -> list[dict]:
+    """The launches a device of compute capability `cc` makes, with the graph nodes each computes
+    and the token range it runs for (dump --lowered)."""
+    from ..lower import lowered_steps
+    rows = []
+    for L in program.launches:
+        lo, hi = L.t_range
+        if L.min_cc > cc:
+            continue
+        if L.min_cc < 0 and cc < -L.min_cc:    # a fallback: it runs for every T on such a device
+            lo, hi = 0, 1 << 62
+        full = lo <= 1 and hi >= plan.maxes["T"]
+        rows.append(([L.step_index], L.name, None if full else (max(lo, 1), min(hi, plan.maxes["T"]))))
+    return lowered_steps(plan, rows)
+
+
+TARGET = Target("cuda", GENERATORS, weight_types=frozenset((*FLOAT_W, *DOT_TYPES)),
+                notes={})
+
+
 def generate_for_graph(graph, max_tokens: int = 512) -> tuple[Plan, Program]:
-    n_ctx = graph.meta.get("n_ctx") or max([n.shape[0] for n in graph.states().values()] or [1])
-    plan = Plan(graph, min(max_tokens, n_ctx), n_ctx)
+    """Lowers the graph for CUDA (a copy; fusion rules applied) and generates its program."""
+    graph = lower(graph, TARGET)
+    n_ctx = graph_n_ctx(graph)
+    plan = Plan(graph, TARGET, min(max_tokens, n_ctx), n_ctx)
     return plan, generate(plan)

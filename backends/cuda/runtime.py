@@ -18,7 +18,7 @@ import numpy as np
 from moegraph.errors import InputError, MoeGraphError
 from moegraph.ir import F16, F32, I32, Graph
 
-from ..llvm.plan import SYMBOLS
+from ..lower import SYMBOLS, bind_symbols, check_limits
 from .codegen import WARPS_PER_BLOCK, generate_for_graph
 from .nvrtc import compile_cubin
 
@@ -40,7 +40,7 @@ def _driver():
     return driver
 
 
-def _check(res, what: str):
+def check_cuda(res, what: str):
     err = res[0] if isinstance(res, tuple) else res
     if int(err) != 0:
         raise MoeGraphError(f"CUDA {what} failed: {err!r}")
@@ -59,35 +59,35 @@ class DriverContext:
         if int(err[0] if isinstance(err, tuple) else err) != 0:
             raise MoeGraphError(f"no CUDA driver found: cuInit returned {err!r} "
                                 "(no NVIDIA GPU, or the driver is not loaded)")
-        n = _check(drv.cuDeviceGetCount(), "cuDeviceGetCount")
+        n = check_cuda(drv.cuDeviceGetCount(), "cuDeviceGetCount")
         if device >= n:
             raise MoeGraphError(f"CUDA device {device} requested, {n} present")
-        self.dev = _check(drv.cuDeviceGet(device), "cuDeviceGet")
+        self.dev = check_cuda(drv.cuDeviceGet(device), "cuDeviceGet")
         A = drv.CUdevice_attribute
-        self.cc = (_check(drv.cuDeviceGetAttribute(A.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, self.dev), "attr"),
-                   _check(drv.cuDeviceGetAttribute(A.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, self.dev), "attr"))
-        self.n_sm = _check(drv.cuDeviceGetAttribute(A.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, self.dev), "attr")
-        self.ctx = _check(drv.cuDevicePrimaryCtxRetain(self.dev), "cuDevicePrimaryCtxRetain")
+        self.cc = (check_cuda(drv.cuDeviceGetAttribute(A.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, self.dev), "attr"),
+                   check_cuda(drv.cuDeviceGetAttribute(A.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, self.dev), "attr"))
+        self.n_sm = check_cuda(drv.cuDeviceGetAttribute(A.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, self.dev), "attr")
+        self.ctx = check_cuda(drv.cuDevicePrimaryCtxRetain(self.dev), "cuDevicePrimaryCtxRetain")
         self.make_current()
-        self.stream = _check(drv.cuStreamCreate(0), "cuStreamCreate")
+        self.stream = check_cuda(drv.cuStreamCreate(0), "cuStreamCreate")
         self.weights: dict[int, tuple[int, object]] = {}   # id(WeightData) -> (devptr, owner)
 
     def make_current(self):
-        _check(self.drv.cuCtxSetCurrent(self.ctx), "cuCtxSetCurrent")
+        check_cuda(self.drv.cuCtxSetCurrent(self.ctx), "cuCtxSetCurrent")
 
     def alloc(self, nbytes: int) -> int:
-        p = _check(self.drv.cuMemAlloc(max(int(nbytes), 64)), "cuMemAlloc")
-        _check(self.drv.cuMemsetD8(p, 0, max(int(nbytes), 64)), "cuMemsetD8")
+        p = check_cuda(self.drv.cuMemAlloc(max(int(nbytes), 64)), "cuMemAlloc")
+        check_cuda(self.drv.cuMemsetD8(p, 0, max(int(nbytes), 64)), "cuMemsetD8")
         return int(p)
 
     def upload(self, dptr: int, arr: np.ndarray) -> None:
         arr = np.ascontiguousarray(arr)
         if arr.nbytes:
-            _check(self.drv.cuMemcpyHtoD(dptr, arr.ctypes.data, arr.nbytes), "cuMemcpyHtoD")
+            check_cuda(self.drv.cuMemcpyHtoD(dptr, arr.ctypes.data, arr.nbytes), "cuMemcpyHtoD")
 
     def download(self, dptr: int, arr: np.ndarray) -> None:
         if arr.nbytes:
-            _check(self.drv.cuMemcpyDtoH(arr.ctypes.data, dptr, arr.nbytes), "cuMemcpyDtoH")
+            check_cuda(self.drv.cuMemcpyDtoH(arr.ctypes.data, dptr, arr.nbytes), "cuMemcpyDtoH")
 
     def weight(self, node) -> int:
         """Device copy of a weight, uploaded once per WeightData (shared by executables)."""
@@ -113,12 +113,13 @@ class CUDAExecutable:
         self.graph, self.ctx = graph, ctx
         ctx.make_current()
         self.plan, self.program = generate_for_graph(graph, max_tokens)
+        self.graph = self.plan.graph            # the lowered copy (fused ops)
         self.max_tokens = self.plan.maxes["T"]
         arch = arch or f"sm_{ctx.cc[0]}{ctx.cc[1]}"
         cubin, self.compile_info = compile_cubin(self.program.source, arch, use_cache=use_cache)
         drv = ctx.drv
         self._cubin = cubin
-        self.module = _check(drv.cuModuleLoadData(cubin), "cuModuleLoadData")
+        self.module = check_cuda(drv.cuModuleLoadData(cubin), "cuModuleLoadData")
         cc = 10 * ctx.cc[0] + ctx.cc[1]
         launches = []
         for L in self.program.launches:     # tensor-core launches, or their fallbacks for all T
@@ -131,9 +132,9 @@ class CUDAExecutable:
         self.functions = {}
         for L in self.program.launches:
             if L.name not in self.functions:
-                f = _check(drv.cuModuleGetFunction(self.module, L.name.encode()), "cuModuleGetFunction")
+                f = check_cuda(drv.cuModuleGetFunction(self.module, L.name.encode()), "cuModuleGetFunction")
                 if L.smem > 48 * 1024:
-                    _check(drv.cuFuncSetAttribute(
+                    check_cuda(drv.cuFuncSetAttribute(
                         f, drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, L.smem),
                         "cuFuncSetAttribute (attention scores in shared memory: n_ctx too large?)")
                 self.functions[L.name] = f
@@ -177,7 +178,7 @@ class CUDAExecutable:
 
     def reset_state(self) -> None:
         for d, nbytes in self.states.values():
-            _check(self.ctx.drv.cuMemsetD8(d, 0, nbytes), "cuMemsetD8")
+            check_cuda(self.ctx.drv.cuMemsetD8(d, 0, nbytes), "cuMemsetD8")
 
     @staticmethod
     def _extent(d, bind: dict) -> int:
@@ -213,24 +214,24 @@ class CUDAExecutable:
             if grid == 0 or not L.t_range[0] <= T <= L.t_range[1]:
                 continue
             if events is not None:
-                _check(drv.cuEventRecord(events[i][0], stream), "cuEventRecord")
-            _check(drv.cuLaunchKernel(self.functions[L.name], grid, 1, 1, block, 1, 1, L.smem, stream,
+                check_cuda(drv.cuEventRecord(events[i][0], stream), "cuEventRecord")
+            check_cuda(drv.cuLaunchKernel(self.functions[L.name], grid, 1, 1, block, 1, 1, L.smem, stream,
                                       ctypes.addressof(params), 0), f"cuLaunchKernel {L.name} ({L.step})")
             if events is not None:
-                _check(drv.cuEventRecord(events[i][1], stream), "cuEventRecord")
+                check_cuda(drv.cuEventRecord(events[i][1], stream), "cuEventRecord")
 
     def _graph_for(self, T: int):
         """The instantiated CUDA graph of all launches for T tokens (grids sized at KV's maximum)."""
         g = self._graphs.get(T)
         if g is None:
             drv, stream = self.ctx.drv, self.ctx.stream
-            _check(drv.cuStreamBeginCapture(stream, drv.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED),
+            check_cuda(drv.cuStreamBeginCapture(stream, drv.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED),
                    "cuStreamBeginCapture")
             try:
                 self._launch_all({**self.plan.maxes, "T": T, "O": T})
             finally:
-                graph = _check(drv.cuStreamEndCapture(stream), "cuStreamEndCapture")
-            g = self._graphs[T] = (graph, _check(drv.cuGraphInstantiate(graph, 0), "cuGraphInstantiate"))
+                graph = check_cuda(drv.cuStreamEndCapture(stream), "cuStreamEndCapture")
+            g = self._graphs[T] = (graph, check_cuda(drv.cuGraphInstantiate(graph, 0), "cuGraphInstantiate"))
         return g[1]
 
     def _upload_inputs(self, inputs: dict[str, np.ndarray], bindings: dict) -> None:
@@ -248,11 +249,8 @@ class CUDAExecutable:
         ctx.upload(self.syms_dev, self.syms)
 
     def _bind(self, inputs: dict[str, np.ndarray]) -> dict:
-        from moegraph.backends.reference import bind_symbols
         bindings = bind_symbols(self.graph, inputs)
-        for sym, limit in self.plan.maxes.items():
-            if bindings.get(sym, 0) > limit:
-                raise InputError(f"{sym}={bindings[sym]} exceeds what this compiled graph holds ({limit})")
+        check_limits(bindings, self.plan.maxes)
         return bindings
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -262,10 +260,10 @@ class CUDAExecutable:
         self._upload_inputs(inputs, bindings)
         T = bindings.get("T", 0)
         if self.cuda_graphs and 0 < T <= GRAPH_MAX_T:
-            _check(drv.cuGraphLaunch(self._graph_for(T), ctx.stream), "cuGraphLaunch")
+            check_cuda(drv.cuGraphLaunch(self._graph_for(T), ctx.stream), "cuGraphLaunch")
         else:
             self._launch_all(bindings)
-        _check(drv.cuStreamSynchronize(ctx.stream), "kernel execution (cuStreamSynchronize)")
+        check_cuda(drv.cuStreamSynchronize(ctx.stream), "kernel execution (cuStreamSynchronize)")
         return self._download_outputs(bindings)
 
     def _download_outputs(self, bindings: dict) -> dict[str, np.ndarray]:
@@ -290,17 +288,17 @@ class CUDAExecutable:
         ctx.make_current()
         bindings = self._bind(inputs)
         n = len(self.program.launches)
-        events = [tuple(_check(drv.cuEventCreate(0), "cuEventCreate") for _ in range(2)) for _ in range(n)]
+        events = [tuple(check_cuda(drv.cuEventCreate(0), "cuEventCreate") for _ in range(2)) for _ in range(n)]
         times = np.zeros((repeats, n))
         for r in range(repeats):
             self._upload_inputs(inputs, bindings)
             self._launch_all(bindings, events)
-            _check(drv.cuStreamSynchronize(ctx.stream), "cuStreamSynchronize")
+            check_cuda(drv.cuStreamSynchronize(ctx.stream), "cuStreamSynchronize")
             T = bindings.get("T", 0)
             for i, (a, b) in enumerate(events):
                 L = self.program.launches[i]
                 if self._grid(L, bindings)[0] and L.t_range[0] <= T <= L.t_range[1]:
-                    times[r, i] = _check(drv.cuEventElapsedTime(a, b), "cuEventElapsedTime")
+                    times[r, i] = check_cuda(drv.cuEventElapsedTime(a, b), "cuEventElapsedTime")
         for a, b in events:
             drv.cuEventDestroy(a), drv.cuEventDestroy(b)
         med = np.median(times, axis=0)

@@ -11,24 +11,26 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import threading
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from moegraph import cache as moegraph_cache
-from moegraph.errors import InputError, MoeGraphError
+from moegraph.errors import MoeGraphError
 from moegraph.ir import F16, F32, I32, Graph
 from moegraph.quants import is_quantized
 
-from .kernels import emit, vexp_fn
-from .plan import SYMBOLS, Plan
-from .gemm import repack_x8, tiles_text
-from .quantk import module_text
+from ..lower import SYMBOLS, Plan, Target, bind_symbols, check_limits, graph_n_ctx, lower, lowered_steps
+from .gemm import FLOAT, KQUANT, LEGACY, X8, repack_x8, tiles_text
+from .kernels import GENERATORS, emit, vexp_fn
+from .quantk import act_row_bytes, module_text
 
 ENTRY = "moegraph_graph"
 _REPACKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # WeightData -> its x8 copy
@@ -149,8 +151,151 @@ exit:
 """
 
 
+def _repacked(graph: Graph) -> set[int]:
+    """Weights of a type with an x8 layout (gemm.py) whose only readers are products (as the
+    weight) and whose rows come in eights get it; embeddings (GET_ROWS) keep the GGUF one, and so
+    does a merged [gate; up] expert tensor whose halves are not whole groups of 8 rows (the fused
+    SwiGLU reads the up half from row F)."""
+    out = set()
+    for w, readers in graph.users().items():
+        if (w.op == "WEIGHT" and w.dtype in X8 and readers and w.rank >= 2
+                and w.shape[-2] % 8 == 0 and w.shape[-1] % X8[w.dtype][0] == 0
+                and all(_reads_as_weight(r, w) for r in readers)
+                and not any(r.op == "MOE_SWIGLU" and r.inputs[1] is None and (w.shape[-2] // 2) % 8
+                            for r in readers)):
+            out.add(w.id)
+    return out
+
+
+def _reads_as_weight(r, w) -> bool:
+    k = 2 if r.op == "MOE_SWIGLU" else 1     # the weight inputs come first
+    return r.op in ("MUL_MAT", "MUL_MAT_ID", "MOE_SWIGLU") and w in r.inputs[:k] and w not in r.inputs[k:]
+
+
+TARGET = Target("llvm", GENERATORS, weight_types=frozenset((*FLOAT, *LEGACY, *KQUANT)), repacked=_repacked,
+                act_row_bytes=act_row_bytes)
+
+
+@dataclass
+class Module:
+    """The LLVM IR of a plan: every kernel, and the entry that calls them in order."""
+    ir: str
+    tls_bytes: int                                   # per-thread scratch
+    kernel_steps: list[tuple[list[int], str, tuple | None]]   # (plan steps, kernel, token range) per call
+    n_kernels: int
+    n_unique: int
+
+
+def build_module(plan: Plan) -> "Module":
+    """Kernels of all steps; identical kernels (same code up to their name: the same op on the
+    same shapes in another layer) are emitted once. The entry computes each call's operand
+    pointers (base of a slot + byte offset) and puts a barrier after every kernel."""
+    quant_types = {n.dtype for n in plan.graph.toposort() if n.op == "WEIGHT" and is_quantized(n.dtype)}
+    parts = [module_text(quant_types), vexp_fn(), BARRIER, WORKER]
+    body, tls, seen = [], 64, {}
+    kernel_steps: list[tuple[list[int], str, tuple | None]] = []
+    bases, calls = {}, []
+
+    def define(text: str, name: str) -> str:
+        """Emits a function once per distinct code; returns the name it is called by."""
+        key = text.replace(f"@{name}(", "@KERNEL(", 1)
+        if key not in seen:
+            seen[key] = name
+            parts.append(text)
+        return seen[key]
+
+    def call(fname: str, operands: list, work, si) -> None:
+        args = []
+        for slot, off in operands:
+            if slot not in bases:
+                bases[slot] = f"%base{slot}"
+                body.insert(0, f"  %base{slot} = load ptr, ptr {_slot_ptr(slot)}, align 8")
+                body.insert(0, f"  {_slot_ptr(slot)} = getelementptr inbounds ptr, ptr %ptrs, i64 {slot}")
+            p = f"%a{len(body)}"
+            body.append(f"  {p} = getelementptr i8, ptr %base{slot}, i64 {off}")
+            args.append(f"ptr {p}")
+        calls.append((fname, "".join(", " + a for a in args), work))
+        kernel_steps.append(([si], fname, None))   # every kernel runs for any T
+
+    emitted: dict[int, list] = {}
+
+    def kernels_of(i: int, part: str) -> list:
+        """A step's kernels (emitted once): all of them, its prelude (the first) or the rest."""
+        nonlocal tls
+        if i not in emitted:
+            emitted[i], scratch = emit(plan, plan.steps[i], i)
+            tls = max(tls, scratch)
+        ks = emitted[i]
+        return {"all": ks, "prelude": ks[:1], "rest": ks[1:]}[part]
+
+    for group, kind in zip(plan.groups, plan.group_kind):
+        if len(group) == 1:
+            for k in kernels_of(*group[0]):
+                call(define(k.text(), k.f.name), _operands(k), k.work, group[0])
+            continue
+        members = []
+        for i, part in group:
+            ks = kernels_of(i, part)
+            assert len(ks) == 1, f"a grouped step has one kernel, {plan.steps[i].node!r} has {len(ks)}"
+            members.append((define(ks[0].text(), ks[0].f.name), ks[0]))
+        name = f"g{group[0][0]}"
+        fname = define(group_text(name, [(f, len(k.operands)) for f, k in members], kind == "rows"), name)
+        work = max((k.work for _, k in members), key=lambda w: math.prod(plan.max_shape(w)))
+        call(fname, [o for _, k in members for o in _operands(k)], work, group[0][0])
+        kernel_steps[-1] = (group, fname, None)
+    # Small kernels run on thread 0 alone (decided at run time from T and KV): a barrier is
+    # needed only around kernels that all threads share.
+    c = len(calls)
+    body.append("  %is0 = icmp eq i64 %ith, 0")
+    for j, (_, _, work) in enumerate(calls):
+        prod = "1"
+        for d in work:
+            v = str(d) if isinstance(d, int) else f"%sym{SYMBOLS.index(d)}"
+            body.append(f"  %w{j}_{len(body)} = mul i64 {prod}, {v}")
+            prod = f"%w{j}_{len(body) - 1}"
+        body.append(f"  %par{j} = icmp ugt i64 {prod}, {PARALLEL_WORK}")
+    for j, (fname, args, _) in enumerate(calls):
+        body.append(f"  %run{j} = or i1 %par{j}, %is0")
+        body.append(f"  %n{j} = select i1 %par{j}, i64 %nth, i64 1")
+        body.append(f"  br i1 %run{j}, label %do{j}, label %skip{j}")
+        body.append(f"do{j}:")
+        body.append(f"  call void @{fname}(ptr %ptrs, ptr %syms, i64 %ith, i64 %n{j}, ptr %tls{args})")
+        body.append(f"  br label %skip{j}")
+        body.append(f"skip{j}:")
+        nxt = f"%par{j + 1}" if j + 1 < c else "true"
+        body.append(f"  %sync{j} = or i1 %par{j}, {nxt}")
+        body.append(f"  br i1 %sync{j}, label %bar{j}, label %next{j}")
+        body.append(f"bar{j}:")
+        body.append("  call void @barrier(ptr %bar, i64 %nth)")
+        body.append(f"  br label %next{j}")
+        body.append(f"next{j}:")
+    parts.append(tiles_text(plan.codegen.get("tiles", set()), host_features()["avx2"]))
+    syms = "\n".join(f"  %symp{i} = getelementptr inbounds i64, ptr %syms, i64 {i}\n"
+                      f"  %sym{i} = load i64, ptr %symp{i}, align 8" for i in range(len(SYMBOLS)))
+    body.insert(0, syms)
+    tls = (tls + 63) // 64 * 64
+    parts.append(f"""
+define void @{ENTRY}(ptr %ptrs, ptr %syms, i64 %ith, i64 %nth, ptr %tls0, i64 %tls_stride, ptr %bar) {{
+entry:
+  %off = mul i64 %ith, %tls_stride
+  %tls = getelementptr i8, ptr %tls0, i64 %off
+{chr(10).join(body)}
+  ret void
+}}""")
+    return Module("\n".join(parts), tls, kernel_steps, len(calls), len(seen))
+
+
+def lowered_program(graph: Graph, max_tokens: int = 512) -> tuple[Plan, list[dict]]:
+    """The lowered program without compiling it (dump --lowered)."""
+    graph = lower(graph, TARGET)
+    n_ctx = graph_n_ctx(graph)
+    plan = Plan(graph, TARGET, min(max_tokens, n_ctx), n_ctx)
+    return plan, lowered_steps(plan, build_module(plan).kernel_steps)
+
+
 class LLVMBackend:
     name = "llvm"
+    target = TARGET
 
     def __init__(self, n_threads: int | None = None, max_tokens: int = 512, use_cache: bool = True,
                  repack: bool = True, **_ignored):
@@ -168,12 +313,12 @@ class LLVMBackend:
 class LLVMExecutable:
     def __init__(self, graph: Graph, n_threads: int, max_tokens: int, use_cache: bool = True,
                  repack: bool = True):
-        self.graph = graph
-        self.n_threads = n_threads
-        n_ctx = graph.meta.get("n_ctx") or max([n.shape[0] for n in graph.states().values()] or [1])
-        self.max_tokens = min(max_tokens, n_ctx)
         t0 = time.perf_counter()
-        self.plan = plan = Plan(graph, self.max_tokens, n_ctx, repack=repack)
+        self.graph = graph = lower(graph, TARGET)
+        self.n_threads = n_threads
+        n_ctx = graph_n_ctx(graph)
+        self.max_tokens = min(max_tokens, n_ctx)
+        self.plan = plan = Plan(graph, TARGET, self.max_tokens, n_ctx, repack=repack)
         ir, self.tls_bytes = self._module(plan)
         self.ir_text = ir
         self.compile_info = self._jit(ir, use_cache)
@@ -183,73 +328,9 @@ class LLVMExecutable:
 
     # -- code
     def _module(self, plan: Plan) -> tuple[str, int]:
-        """Kernels of all steps; identical kernels (same code up to their name: the same op on the
-        same shapes in another layer) are emitted once. The entry computes each call's operand
-        pointers (base of a slot + byte offset) and puts a barrier after every kernel."""
-        quant_types = {n.dtype for n in self.graph.toposort() if n.op == "WEIGHT" and is_quantized(n.dtype)}
-        parts = [module_text(quant_types), vexp_fn(), BARRIER, WORKER]
-        body, tls, seen = [], 64, {}
-        bases, calls = {}, []
-        for i, step in enumerate(plan.steps):
-            kernels, scratch = emit(plan, step, i)
-            tls = max(tls, scratch)
-            for k in kernels:
-                text = k.text()
-                key = text.replace(f"@{k.f.name}(", "@KERNEL(", 1)
-                if key not in seen:
-                    seen[key] = k.f.name
-                    parts.append(text)
-                args = []
-                for (slot, off), _ in sorted(k.operands.items(), key=lambda kv: int(kv[1][3:])):
-                    if slot not in bases:
-                        bases[slot] = f"%base{slot}"
-                        body.insert(0, f"  %base{slot} = load ptr, ptr {_slot_ptr(slot)}, align 8")
-                        body.insert(0, f"  {_slot_ptr(slot)} = getelementptr inbounds ptr, ptr %ptrs, i64 {slot}")
-                    p = f"%a{len(body)}"
-                    body.append(f"  {p} = getelementptr i8, ptr %base{slot}, i64 {off}")
-                    args.append(f"ptr {p}")
-                calls.append((seen[key], "".join(", " + a for a in args), k.work))
-        # Small kernels run on thread 0 alone (decided at run time from T and KV): a barrier is
-        # needed only around kernels that all threads share.
-        c = len(calls)
-        body.append("  %is0 = icmp eq i64 %ith, 0")
-        for j, (_, _, work) in enumerate(calls):
-            prod = "1"
-            for d in work:
-                v = str(d) if isinstance(d, int) else f"%sym{SYMBOLS.index(d)}"
-                body.append(f"  %w{j}_{len(body)} = mul i64 {prod}, {v}")
-                prod = f"%w{j}_{len(body) - 1}"
-            body.append(f"  %par{j} = icmp ugt i64 {prod}, {PARALLEL_WORK}")
-        for j, (fname, args, _) in enumerate(calls):
-            body.append(f"  %run{j} = or i1 %par{j}, %is0")
-            body.append(f"  %n{j} = select i1 %par{j}, i64 %nth, i64 1")
-            body.append(f"  br i1 %run{j}, label %do{j}, label %skip{j}")
-            body.append(f"do{j}:")
-            body.append(f"  call void @{fname}(ptr %ptrs, ptr %syms, i64 %ith, i64 %n{j}, ptr %tls{args})")
-            body.append(f"  br label %skip{j}")
-            body.append(f"skip{j}:")
-            nxt = f"%par{j + 1}" if j + 1 < c else "true"
-            body.append(f"  %sync{j} = or i1 %par{j}, {nxt}")
-            body.append(f"  br i1 %sync{j}, label %bar{j}, label %next{j}")
-            body.append(f"bar{j}:")
-            body.append("  call void @barrier(ptr %bar, i64 %nth)")
-            body.append(f"  br label %next{j}")
-            body.append(f"next{j}:")
-        parts.append(tiles_text(plan.tiles, host_features()["avx2"]))
-        syms = "\n".join(f"  %symp{i} = getelementptr inbounds i64, ptr %syms, i64 {i}\n"
-                          f"  %sym{i} = load i64, ptr %symp{i}, align 8" for i in range(len(SYMBOLS)))
-        body.insert(0, syms)
-        self.n_kernels, self.n_unique_kernels = len(calls), len(seen)
-        tls = (tls + 63) // 64 * 64
-        parts.append(f"""
-define void @{ENTRY}(ptr %ptrs, ptr %syms, i64 %ith, i64 %nth, ptr %tls0, i64 %tls_stride, ptr %bar) {{
-entry:
-  %off = mul i64 %ith, %tls_stride
-  %tls = getelementptr i8, ptr %tls0, i64 %off
-{chr(10).join(body)}
-  ret void
-}}""")
-        return "\n".join(parts), tls
+        m = build_module(plan)
+        self.kernel_steps, self.n_kernels, self.n_unique_kernels = m.kernel_steps, m.n_kernels, m.n_unique
+        return m.ir, m.tls_bytes
 
     def _jit(self, ir: str, use_cache: bool) -> dict:
         llvm = _llvm()
@@ -352,6 +433,10 @@ entry:
             self._threads.append(t)
         weakref.finalize(self, _stop_workers, self.ctl, self._threads, None)
 
+    def lowered(self) -> list[dict]:
+        """The program: each kernel call with the graph nodes it computes (dump --lowered)."""
+        return lowered_steps(self.plan, self.kernel_steps)
+
     def close(self) -> None:
         _stop_workers(self.ctl, self._threads, None)
 
@@ -361,12 +446,9 @@ entry:
 
     # -- running
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from moegraph.backends.reference import bind_symbols
         from moegraph.ir import static_shape
         bindings = bind_symbols(self.graph, inputs)
-        for sym, limit in self.plan.maxes.items():
-            if bindings.get(sym, 0) > limit:
-                raise InputError(f"{sym}={bindings[sym]} exceeds what this compiled graph holds ({limit})")
+        check_limits(bindings, self.plan.maxes)
         for name, arr in inputs.items():
             buf = self.buffers.get(name)
             if buf is not None:
@@ -395,6 +477,48 @@ def _write_perf_map(ee, ir: str) -> None:
     with open(f"/tmp/perf-{os.getpid()}.map", "a") as fh:
         for (a, n), (b, _) in zip(addrs, addrs[1:] + [(addrs[-1][0] + 4096, "")]):
             fh.write(f"{a:x} {b - a:x} {n}\n")
+
+
+def _operands(k) -> list[tuple[int, int]]:
+    """A kernel's (slot, byte offset) operands in the order of its pointer parameters."""
+    return [key for key, _ in sorted(k.operands.items(), key=lambda kv: int(kv[1][3:]))]
+
+
+def group_text(name: str, members: list[tuple[str, int]], per_token: bool) -> str:
+    """A kernel group (plan.groups). Row-wise (per_token): this thread's share of the tokens,
+    and for each of its tokens t every member in turn, called as thread t of T (a row-wise
+    kernel's share is then exactly token t's rows). Otherwise (independent products) every
+    member in turn with this thread's ith/nth. members: (function, number of pointer operands)."""
+    params, calls = "", []
+    who = "i64 %t, i64 %T" if per_token else "i64 %ith, i64 %nth"
+    for j, (fname, n_ops) in enumerate(members):
+        ps = "".join(f", ptr %m{j}_{q}" for q in range(n_ops))
+        params += ps
+        calls.append(f"  call void @{fname}(ptr %ptrs, ptr %syms, {who}, ptr %tls{ps})")
+    head = f"define internal void @{name}(ptr %ptrs, ptr %syms, i64 %ith, i64 %nth, ptr %tls{params}) noinline {{"
+    if not per_token:
+        return "\n" + "\n".join([head, "entry:", *calls, "  ret void", "}"])
+    assert SYMBOLS[0] == "T"
+    lines = [head,
+             "entry:",
+             "  %T = load i64, ptr %syms, align 8",
+             "  %a = mul i64 %T, %ith",
+             "  %lo = udiv i64 %a, %nth",
+             "  %i1 = add i64 %ith, 1",
+             "  %b = mul i64 %T, %i1",
+             "  %hi = udiv i64 %b, %nth",
+             "  %none = icmp uge i64 %lo, %hi",
+             "  br i1 %none, label %done, label %loop",
+             "loop:",
+             "  %t = phi i64 [%lo, %entry], [%t1, %loop]",
+             *calls,
+             "  %t1 = add i64 %t, 1",
+             "  %more = icmp ult i64 %t1, %hi",
+             "  br i1 %more, label %loop, label %done",
+             "done:",
+             "  ret void",
+             "}"]
+    return "\n" + "\n".join(lines)
 
 
 def _slot_ptr(slot: int) -> str:

@@ -14,7 +14,7 @@ from moegraph.ir import BF16, F16, F32, I32, Node
 from moegraph.quants import GGMLType, is_quantized, vec_dot_type
 
 from .irgen import I32 as TI32, Fn, f32, f64, splat
-from .plan import SYMBOLS, Plan, View, elem_size
+from ..lower import SYMBOLS, Plan, View, elem_size
 from .gemm import X8_TILE, reduce_many, tile_name, tile_shape, x8_row_bytes
 from .quantk import act_row_bytes, unpacked_bytes
 
@@ -230,54 +230,55 @@ def _views(plan: Plan, n: Node):
     return plan.views[n.id], [None if i is None else plan.views[i.id] for i in n.inputs]
 
 
+def _scale(f: Fn, n: Node, x: str) -> str:
+    sc, bias = f32(n.attrs["scale"]), f32(n.attrs["bias"])
+    return f.op(f"fadd float {f.op(f'fmul float {x}, {sc}')}, {bias}")
+
+
+def _clamp(f: Fn, n: Node, x: str) -> str:
+    v = f.call("float", "@llvm.maxnum.f32", f"float {x}", f"float {f32(n.attrs['min'])}")
+    return f.call("float", "@llvm.minnum.f32", f"float {v}", f"float {f32(n.attrs['max'])}")
+
+
+# One scalar expression per elementwise op of the op table: (f, node, *float inputs) -> value.
+# An elementwise op is supported here exactly when it has an entry.
+SCALAR = {
+    "ADD": lambda f, n, a, b: f.op(f"fadd float {a}, {b}"),
+    "MUL": lambda f, n, a, b: f.op(f"fmul float {a}, {b}"),
+    "DIV": lambda f, n, a, b: f.op(f"fdiv float {a}, {b}"),
+    "SCALE": lambda f, n, x: _scale(f, n, x),
+    "SILU": lambda f, n, x: _unary("SILU", f, x),
+    "SIGMOID": lambda f, n, x: _unary("SIGMOID", f, x),
+    "GELU": lambda f, n, x: _unary("GELU", f, x),
+    "CLAMP": _clamp,
+    "CONT": lambda f, n, x: x,
+    "CAST": lambda f, n, x: x,      # the store rounds to the output's dtype
+    "SWIGLU": lambda f, n, g, u: f.op(f"fmul float {_unary('SILU', f, g)}, {u}"),
+}
+
+
 def k_elementwise(plan: Plan, n: Node, name: str):
-    """ADD, MUL, DIV, SCALE, unary ops, SWIGLU, CAST, CONT and copying RESHAPE."""
+    """Any elementwise op with a SCALAR expression (inputs broadcast to the output as ggml
+    repeats them), and the copying RESHAPE."""
+    if n.op == "RESHAPE":
+        return [_copy_reshape(plan, n, name)], 0
     k = K(plan, name)
     f = k.f
     out, ins = _views(plan, n)
     L = out.shape[-1]
+    if n.op == "SWIGLU" and ins[1] is None:   # merged [gate; up]: the two halves of each row
+        operands = [(ins[0], 0), (ins[0], L)]
+    else:
+        operands = [(k.bview(v, out.shape), 0) for v in ins if v is not None]
     loop, outer = k.rows_loop(out.shape)
-    if n.op == "RESHAPE":
-        return [_copy_reshape(plan, n, name)], 0
     with loop as r:
         idx = k.unflatten(r, outer) if outer else []
-        po = k.ptr(out, idx + ["0"])
-        if n.op in ("ADD", "MUL", "DIV"):
-            a, b = ins[0], k.bview(ins[1], out.shape)
-            pa, pb = k.ptr(a, idx + ["0"]), k.ptr(b, idx + ["0"])
-            bscalar = b.strides[-1] == 0
-            fop = {"ADD": "fadd", "MUL": "fmul", "DIV": "fdiv"}[n.op]
-            bv = k.load_f32(b, pb) if bscalar else None
-            with f.loop(0, k.dim(L)) as i:
-                x = k.load_f32(a, k.ptr(a, idx + [i]))
-                y = bv if bscalar else k.load_f32(b, k.ptr(b, idx + [i]))
-                f.store("float", f.op(f"{fop} float {x}, {y}"), f.gep("float", po, i), 4)
-        elif n.op == "SWIGLU":
-            g = ins[0]
-            half = None
-            if ins[1] is None:
-                half = out.shape[-1]
-                up = g
-            else:
-                up = ins[1]
-            with f.loop(0, k.dim(L)) as i:
-                gi = k.load_f32(g, k.ptr(g, idx + [i]))
-                u = k.load_f32(up, k.ptr(up, idx + [f.op(f"add i64 {i}, {half}") if half else i]))
-                s = _unary("SILU", f, gi)
-                f.store("float", f.op(f"fmul float {s}, {u}"), f.gep("float", po, i), 4)
-        else:
-            x = ins[0]
-            with f.loop(0, k.dim(L)) as i:
-                v = k.load_f32(x, k.ptr(x, idx + [i]))
-                if n.op == "SCALE":
-                    sc, bi = f32(n.attrs["scale"]), f32(n.attrs["bias"])
-                    v = f.op(f"fadd float {f.op(f'fmul float {v}, {sc}')}, {bi}")
-                elif n.op in ("SILU", "SIGMOID", "GELU"):
-                    v = _unary(n.op, f, v)
-                elif n.op == "CLAMP":
-                    v = f.call("float", "@llvm.maxnum.f32", f"float {v}", f"float {f32(n.attrs['min'])}")
-                    v = f.call("float", "@llvm.minnum.f32", f"float {v}", f"float {f32(n.attrs['max'])}")
-                k.store_f32(out, v, k.ptr(out, idx + [i]))
+        # an input broadcast along the row is loaded once per row
+        fixed = [k.load_f32(v, k.ptr(v, idx + ["0"])) if v.strides[-1] == 0 else None for v, _ in operands]
+        with f.loop(0, k.dim(L)) as i:
+            vals = [x if x is not None else k.load_f32(v, k.ptr(v, idx + [f.add(i, off) if off else i]))
+                    for (v, off), x in zip(operands, fixed)]
+            k.store_f32(out, SCALAR[n.op](f, n, *vals), k.ptr(out, idx + [i]))
     return [k], 0
 
 
@@ -575,7 +576,7 @@ def _products(k: K, wt, rows: list, wstride: int, n_rows: int, Kdim: int, M: str
     ulo, uhi = ("0", str(units)) if all_rows else k.split(str(units))
 
     def tile(rw, ra, j, m):
-        k.plan.tiles.add((wt, rw, ra))
+        k.plan.codegen.setdefault("tiles", set()).add((wt, rw, ra))
         n = rw * ra
         where = [locate(m if c == 0 else f.add(m, c)) for c in range(ra)]
         acts = [f"ptr {act_ptr(x)}" for x in where]
@@ -656,7 +657,7 @@ def k_mul_mat(plan: Plan, n: Node, name: str):
     scratch_off = plan.scratch.get(n.id)
     phases = []
     converted = vt != F32            # activations rounded to vec_dot_type in phase 1
-    if converted:
+    if converted and n.id not in plan.shared_act:   # (unless another product did it already)
         k1 = K(plan, name + "a")
         _act_quant_phase(k1, b, rows_dims, vt, Kdim, k1.operand(0, scratch_off))
         k1.work = (*rows_dims, Kdim)
@@ -682,15 +683,11 @@ def k_mul_mat(plan: Plan, n: Node, name: str):
     return phases, 0
 
 
-def k_moe_swiglu(plan: Plan, n: Node, name: str):
-    """silu(gate . x) * (up . x) per selected expert, from a merged [gate; up] tensor or two
-    tensors, without storing either product (ik_llama.cpp's fused MoE up/gate)."""
-    info = plan.moe_swiglu[n.id]
-    return k_mul_mat_id(plan, info["gate"], name, swiglu=(n, info["up"]))
-
-
-def k_mul_mat_id(plan: Plan, n: Node, name: str, swiglu=None):
-    m = plan.moe_operands(n, swiglu)
+def k_mul_mat_id(plan: Plan, n: Node, name: str):
+    """MUL_MAT_ID, and MOE_SWIGLU: silu(gate . x) * (up . x) per selected expert, from a merged
+    [gate; up] tensor or two tensors, without storing either product (ik_llama.cpp's fused MoE
+    up/gate)."""
+    m = plan.moe_operands(n)
     out, a, b, ids, a_up, up_row0 = m.out, m.a, m.b, m.ids, m.a_up, m.up_row0
     E, N, Kdim, T, S, kk = m.E, m.N, m.K, m.T, m.S, m.kk
     scratch_node = m.scratch_node
@@ -698,55 +695,54 @@ def k_mul_mat_id(plan: Plan, n: Node, name: str, swiglu=None):
     vt = vec_dot_type(wt)
     act_rb = act_row_bytes(vt, Kdim)
     base_off = plan.scratch[scratch_node.id]
-    rows_max = math.prod(plan.max_shape(b.shape[:-1]))
     converted = vt != F32
-    lists_off = base_off + (rows_max * act_rb if converted else 0)
-    lists_off = (lists_off + 63) // 64 * 64
     per_t = math.prod(plan.max_shape((T,))) * kk
     phases = []
-    k1 = K(plan, name + "a")
-    k1.work = (T, S, Kdim)
-    f = k1.f
-    if converted:
+    if converted:    # phase 1, row-wise (the lowering may run it with the steps before)
+        k1 = K(plan, name + "a")
+        k1.work = (T, S, Kdim)
         _act_quant_phase(k1, b, b.shape[:-1], vt, Kdim, k1.operand(0, base_off))
-    # thread 0 buckets (token, slot) pairs by expert: counts[E], lists[E][T*k], then
-    # meta = [n_active, claim counter], active[E]  (plan.py sizes the scratch)
-    meta_off = lists_off + 4 * E + 4 * E * per_t
-    with f.if_(f.op("icmp eq i64 %ith, 0")):
-        cnt = k1.operand(0, lists_off)
-        lst = f.gep("i8", cnt, 4 * E)
-        meta = k1.operand(0, meta_off)
-        active = f.gep("i8", meta, 8)
-        with f.loop(0, E) as e:
-            f.store("i32", "0", f.gep("i32", cnt, e), 4)
-        with f.loop(0, k1.dim(T)) as t:
-            with f.loop(0, kk) as j:
-                ev = f.op(f"sext i32 {f.load('i32', k1.ptr(ids, [t, j]))} to i64")
-                with f.if_(f.op(f"icmp ult i64 {ev}, {E}")):
-                    pc = f.gep("i32", cnt, ev)
-                    c = f.load("i32", pc, 4)
-                    slot = f.add(f.mul(ev, per_t), f.op(f"sext i32 {c} to i64"))
-                    f.store("i32", f.op(f"trunc i64 {f.add(f.mul(t, kk), j)} to i32"), f.gep("i32", lst, slot), 4)
-                    f.store("i32", f.op(f"add i32 {c}, 1"), pc, 4)
-        # the active experts, their number, and the claim counter of whole-expert scheduling
-        n_act = f.var("i32", "0")
-        with f.loop(0, E) as e:
-            with f.if_(f.op(f"icmp sgt i32 {f.load('i32', f.gep('i32', cnt, e), 4)}, 0")):
-                f.store("i32", f.op(f"trunc i64 {e} to i32"), f.gep("i32", active, f.op(f"sext i32 {n_act.get()} to i64")), 4)
-                n_act.set(f.op(f"add i32 {n_act.get()}, 1"))
-        f.store("i32", n_act.get(), meta, 4)
-        f.store("i32", "0", f.gep("i32", meta, 1), 4)
-    phases.append(k1)
-
+        phases.append(k1)
     k2 = K(plan, name + "b")
     k2.work = (T, kk, N, Kdim) if a_up is None else (T, kk, 2 * N, Kdim)
     f = k2.f
-    cnt = k2.operand(0, lists_off)
-    lst = f.gep("i8", cnt, 4 * E)
+    # every thread buckets the (token, slot) pairs by expert for itself, in its scratch (a
+    # counting sort: no barrier, no shared counters): cnt[E], off[E], active[E], lst[T * k]
+    cnt = "%tls"
+    off = f.gep("i32", cnt, E)
+    active = f.gep("i32", cnt, 2 * E)
+    lst = f.gep("i32", cnt, 3 * E)
+    with f.loop(0, E) as e:
+        f.store("i32", "0", f.gep("i32", cnt, e), 4)
+
+    def each_choice(body):
+        with f.loop(0, k2.dim(T)) as t:
+            with f.loop(0, kk) as j:
+                ev = f.op(f"sext i32 {f.load('i32', k2.ptr(ids, [t, j]))} to i64")
+                with f.if_(f.op(f"icmp ult i64 {ev}, {E}")):   # out-of-range ids choose nothing
+                    body(t, j, f.gep("i32", cnt, ev), ev)
+    each_choice(lambda t, j, pc, ev: f.store("i32", f.op(f"add i32 {f.load('i32', pc, 4)}, 1"), pc, 4))
+    # offsets, the active experts (those with tokens) and their number; counts restart for the fill
+    n_act, total = f.var("i32", "0"), f.var("i32", "0")
+    with f.loop(0, E) as e:
+        pc = f.gep("i32", cnt, e)
+        c = f.load("i32", pc, 4)
+        f.store("i32", total.get(), f.gep("i32", off, e), 4)
+        with f.if_(f.op(f"icmp sgt i32 {c}, 0")):
+            f.store("i32", f.op(f"trunc i64 {e} to i32"), f.gep("i32", active, f.op(f"sext i32 {n_act.get()} to i64")), 4)
+            n_act.set(f.op(f"add i32 {n_act.get()}, 1"))
+        total.set(f.op(f"add i32 {total.get()}, {c}"))
+        f.store("i32", "0", pc, 4)
+
+    def fill(t, j, pc, ev):
+        c = f.load("i32", pc, 4)
+        slot = f.op(f"add i32 {f.load('i32', f.gep('i32', off, ev), 4)}, {c}")
+        f.store("i32", f.op(f"trunc i64 {f.add(f.mul(t, kk), j)} to i32"), f.gep("i32", lst, f.op(f"sext i32 {slot} to i64")), 4)
+        f.store("i32", f.op(f"add i32 {c}, 1"), pc, 4)
+    each_choice(fill)
+    n_act, total = n_act.get(), total.get()
     acts = k2.operand(0, base_off)
     es = _esize(wt)
-    meta = k2.operand(0, meta_off)
-    n_act = f.load("i32", meta, 4)
 
     def expert(e, all_rows):
         c = f.op(f"sext i32 {f.load('i32', f.gep('i32', cnt, e), 4)} to i64")
@@ -755,12 +751,13 @@ def k_mul_mat_id(plan: Plan, n: Node, name: str, swiglu=None):
                 wrow, wexp, _ = _weight_layout(plan, wnode, w)
                 base = f.gep("i8", k2.operand(w.slot, w.offset * es), f.mul(e, wexp))
                 return lambda j: f.gep("i8", base, f.mul(f.add(j, row0) if row0 else j, wrow))
-            rows = [row_fn(a, n.inputs[0], 0)]
+            rows = [row_fn(a, m.weight, 0)]
             if a_up is not None:
                 rows.append(row_fn(a_up, m.up_weight, up_row0))
 
             def entry(q):   # (token, slot) of the q-th selection of expert e
-                tj = f.op(f"sext i32 {f.load('i32', f.gep('i32', lst, f.add(f.mul(e, per_t), q)), 4)} to i64")
+                first = f.op(f"sext i32 {f.load('i32', f.gep('i32', off, e), 4)} to i64")
+                tj = f.op(f"sext i32 {f.load('i32', f.gep('i32', lst, f.add(first, q)), 4)} to i64")
                 return f.udiv(tj, kk), f.urem(tj, kk)
 
             def act_ptr(where):
@@ -772,26 +769,31 @@ def k_mul_mat_id(plan: Plan, n: Node, name: str, swiglu=None):
 
             def store(where, j, v):
                 f.store("float", v, k2.ptr(out, [where[0], where[1], j]), 4)
-            wrow, _, shape = _weight_layout(plan, n.inputs[0], a)
+            wrow, _, shape = _weight_layout(plan, m.weight, a)
             if a_up is not None:    # gate and up tiles are called alike: same type, same layout
                 assert _weight_layout(plan, m.up_weight, a_up)[::2] == (wrow, shape)
             _products(k2, wt, rows, wrow, N, Kdim, c, entry, act_ptr, store, act_rb,
                       None if a_up is None else (lambda g, u, n: _swiglu(f, g, u, n)), shape=shape,
                       all_rows=all_rows)
-    # Many active experts (>= 2 per thread): whole experts, claimed one at a time from a shared
-    # counter (uneven token counts balance themselves); few: every expert's rows split.
+    # Many active experts (>= 2 per thread): whole experts, thread i taking those whose first
+    # selection falls in the i-th share of all selections (every thread computes the same
+    # split); few: every expert's rows split among the threads.
     whole = f.op(f"icmp uge i64 {f.op(f'zext i32 {n_act} to i64')}, {f.op('mul i64 %nth, 2')}")
     with f.if_(whole):
-        with f.loop(0, n_act, ty="i32") as _:
-            q = f.op(f"atomicrmw add ptr {f.gep('i32', meta, 1)}, i32 1 monotonic")
-            with f.if_(f.op(f"icmp slt i32 {q}, {n_act}")):
-                e = f.op(f"sext i32 {f.load('i32', f.gep('i32', f.gep('i8', meta, 8), f.op(f'sext i32 {q} to i64')), 4)} to i64")
+        before = f.var("i64", "0")
+        tot = f.op(f"zext i32 {total} to i64")
+        with f.loop(0, n_act, ty="i32") as q:
+            e = f.op(f"sext i32 {f.load('i32', f.gep('i32', active, f.op(f'sext i32 {q} to i64')), 4)} to i64")
+            owner = f.udiv(f.mul(before.get(), "%nth"), tot)
+            with f.if_(f.op(f"icmp eq i64 {owner}, %ith")):
                 expert(e, True)
+            c = f.op(f"sext i32 {f.load('i32', f.gep('i32', cnt, e), 4)} to i64")
+            before.set(f.add(before.get(), c))
     with f.if_(f.op(f"xor i1 {whole}, true")):
         with f.loop(0, E) as e:
             expert(e, False)
     phases.append(k2)
-    return phases, 0
+    return phases, 4 * (3 * E + per_t) + 64
 
 
 V8F = "<8 x float>"
@@ -826,19 +828,18 @@ def k_attention(plan: Plan, n: Node, name: str):
     unmasked one are visited (for a causal mask: up to the token's own position); scores go four
     keys at a time (one transpose-and-add for their sums), exp eight at a time. With an F16 cache,
     q and the probabilities are rounded to F16 first (as ggml-cpu's F16 matmuls do)."""
-    info = plan.attention[n.id]
     k = K(plan, name)
-    k.work = (info["q"].shape[0], info["q"].shape[1], "KV", info["q"].shape[2])
     f = k.f
     out = plan.views[n.id]
-    q, kc, vc, mask = (plan.views[info[x].id] for x in ("q", "k", "v", "mask"))
+    q, kc, vc, mask = (plan.views[x.id] for x in n.inputs)
+    k.work = (q.shape[0], q.shape[1], "KV", q.shape[2])
     T, H, D = q.shape
     KV, Hkv, Dv = vc.shape
     if D % 8 or Dv % 8:
         raise MoeGraphError(f"llvm attention needs head dims divisible by 8, got {D} and {Dv}")
     g = H // Hkv
     row = plan.maxes["KV"] + 16                       # a head's scores, with room past the end
-    scale = f32(info["scale"])
+    scale = f32(n.attrs["scale"])
     Tv, KVv = k.dim(T), k.dim(KV)
     lo, hi = k.split(f.op(f"mul i64 {Tv}, {Hkv}"))
     scores = "%tls"                                   # [g, row] floats
@@ -910,10 +911,9 @@ def k_attention(plan: Plan, n: Node, name: str):
 
 
 GENERATORS = {
-    **{op: k_elementwise for op in ("ADD", "MUL", "DIV", "SCALE", "SILU", "SIGMOID", "GELU", "CLAMP",
-                                    "SWIGLU", "CAST", "CONT", "RESHAPE")},
+    **{op: k_elementwise for op in (*SCALAR, "RESHAPE")},
     "RMS_NORM": k_norm, "NORM": k_norm, "SOFT_MAX": k_soft_max, "ROPE": k_rope, "TOP_K": k_top_k,
     "SUM": k_sum, "CONCAT": k_concat, "SET_ROWS": k_set_rows, "GET_ROWS": k_get_rows,
     "MUL_MAT": k_mul_mat, "MUL_MAT_ID": k_mul_mat_id, "ATTENTION": k_attention,
-    "MOE_SWIGLU": k_moe_swiglu,
+    "MOE_SWIGLU": k_mul_mat_id,
 }
