@@ -793,9 +793,9 @@ def quantize(src, dst=None, type: str = "Q4_K_M", *, threads: int | None = None,
         raise MoeGraphError(f"quantize: the output {dst} is the input file")
     if not dst.parent.exists():
         raise MoeGraphError(f"quantize: {dst.parent}: no such directory")
-    from .quants import _jit_functions
+    from .quants import jit_functions
     if any(t.quantize and is_quantized(t.dst_type) for t in tensors):
-        result.jit = _jit_functions() is not None   # compile (or load) before the clock starts
+        result.jit = jit_functions() is not None   # compile (or load) before the clock starts
 
     from .gguf_file import WeightData, write_gguf
     from .quants import GGMLType

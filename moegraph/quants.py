@@ -151,7 +151,7 @@ def _deq_q2_k(b):
     return (_per_sub(dl, 16) * q - _per_sub(ml, 16)).reshape(nb, QK_K)
 
 
-def _q3_k_scales(s: np.ndarray) -> np.ndarray:
+def q3_k_scales(s: np.ndarray) -> np.ndarray:
     # 16 6-bit signed scales (offset 32) in 12 bytes: low 4 bits from bytes 0..7 (low then high
     # nibbles), high 2 bits of scale i from bits 2*(i//4) of byte 8 + i%4
     low = np.concatenate([s[:, :8] & 0x0F, s[:, :8] >> 4], axis=1)
@@ -161,13 +161,13 @@ def _q3_k_scales(s: np.ndarray) -> np.ndarray:
 
 def _deq_q3_k(b):
     nb = len(b)
-    dl = _f(b["d"]) * _q3_k_scales(b["scales"]).astype(_F32)
+    dl = _f(b["d"]) * q3_k_scales(b["scales"]).astype(_F32)
     # q = low 2 bits - 4 unless the hmask bit is set
     q = _crumbs(b["qs"]).astype(np.int8) - ((1 - _bits_by_plane(b["hmask"])) << 2).astype(np.int8)
     return (_per_sub(dl, 16) * q.astype(_F32).reshape(nb, 16, 16)).reshape(nb, QK_K)
 
 
-def _k4_scale_min(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def k4_scale_min(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # ggml's get_scale_min_k4 for all 8 sub-blocks: 6-bit scales and mins packed in 12 bytes
     a, b, c = s[:, 0:4], s[:, 4:8], s[:, 8:12]
     sc = np.concatenate([a & 63, (c & 0x0F) | ((a >> 6) << 4)], axis=1)
@@ -184,7 +184,7 @@ def _k4_low(qs: np.ndarray) -> np.ndarray:
 
 def _deq_k4(b, q: np.ndarray):
     nb = len(b)
-    sc, mn = _k4_scale_min(b["scales"])
+    sc, mn = k4_scale_min(b["scales"])
     d1 = _f(b["d"]) * sc.astype(_F32)
     m1 = _f(b["dmin"]) * mn.astype(_F32)
     return (_per_sub(d1, 8) * q.astype(_F32).reshape(nb, 8, 32) - _per_sub(m1, 8)).reshape(nb, QK_K)
@@ -1178,7 +1178,7 @@ def quantize_weights(x, t, out: np.ndarray | None = None) -> np.ndarray:
         flat_out.view(np.uint16)[:] = _round_bf16(np.ascontiguousarray(xf)).view(np.uint32) >> 16
         return out
     blocks = xf.reshape(-1, tr.block_size)
-    fns = _jit_functions() if _USE_JIT else None
+    fns = jit_functions() if _USE_JIT else None
     kernel = fns and fns.get(f"{tr.type.name.lower()}_blocks")
     if kernel is not None:      # the whole block in native code, straight into `out`
         xc = np.ascontiguousarray(xf, dtype=_F32)
@@ -1842,7 +1842,7 @@ def _jit_cache_dir():
     return cache_dir("quant-jit")
 
 
-def _jit_functions() -> dict | None:
+def jit_functions() -> dict | None:
     """The compiled kernels as ctypes functions, or None without llvmlite (or with
     MOEGRAPH_QUANT_JIT=0; =search: only the K-quant searches, as on a CPU without F16C).
     Compiled once per process; the object code is cached on disk."""
@@ -1907,7 +1907,7 @@ def _jit_kblocks(kind: str, xs: np.ndarray):
     """A K-quant's whole blocks in native code (see _ir_kquant) on position-major sub-blocks
     xs [n, M]: (final levels uint8 [n, M], scale fields uint8 [M], mins uint8 [M],
     d float32 [M], dmin float32 [M]) per sub-block, or None without the JIT."""
-    fns = _jit_functions() if _USE_JIT else None
+    fns = jit_functions() if _USE_JIT else None
     fn = fns and fns.get(f"{kind}_blocks")
     if fn is None:
         return None
@@ -1929,7 +1929,7 @@ def _jit_kblocks(kind: str, xs: np.ndarray):
 def _jit_search(name: str, *arrays: np.ndarray, n_out_vecs: int) -> tuple[np.ndarray, ...] | None:
     """Run a JIT search kernel on position-major inputs [n, M]; returns (per-sub-block outputs...,
     L float32 [n, M]) or None when the JIT is not available."""
-    fns = _jit_functions()
+    fns = jit_functions()
     if fns is None:
         return None
     n, M = arrays[0].shape

@@ -128,7 +128,7 @@ def search_only_jit():
     os.environ["MOEGRAPH_QUANT_JIT"] = "search"
     q._jit_state.clear()
     try:
-        yield q._jit_functions()
+        yield q.jit_functions()
     finally:
         del os.environ["MOEGRAPH_QUANT_JIT"]
         q._jit_state.clear()

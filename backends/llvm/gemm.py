@@ -352,9 +352,9 @@ def repack_x8(t, raw: np.ndarray, n_rows: int, K: int) -> np.ndarray:
     b = b.transpose(0, 1, 3, 2, 4)                                  # [.., group, block, row, bytes]
     out = np.empty((*lead, nb, size), np.uint8)
     if t == G.Q3_K:
-        from moegraph.quants import _q3_k_scales
+        from moegraph.quants import q3_k_scales
         out[..., 0:16] = b[..., 108:110].reshape(*lead, nb, 16)
-        sc = _q3_k_scales(b[..., 96:108].reshape(-1, 12)).view(np.uint8)
+        sc = q3_k_scales(b[..., 96:108].reshape(-1, 12)).view(np.uint8)
         out[..., 16:144] = sc.reshape(*lead, nb, 8, 16).swapaxes(-1, -2).reshape(*lead, nb, 128)
         out[..., 144:400] = b[..., 0:32].reshape(*lead, nb, 8, 8, 4).swapaxes(-3, -2).reshape(*lead, nb, 256)
         out[..., 400:] = b[..., 32:96].reshape(*lead, nb, 8, 16, 4).swapaxes(-3, -2).reshape(*lead, nb, 512)
@@ -374,9 +374,9 @@ def repack_x8(t, raw: np.ndarray, n_rows: int, K: int) -> np.ndarray:
     elif t == G.Q8_0:
         out[..., 16:] = b[..., 2:34].reshape(*lead, nb, 8, 8, 4).swapaxes(-3, -2).reshape(*lead, nb, 256)
     else:                                                           # Q4_K, Q5_K
-        from moegraph.quants import _k4_scale_min
+        from moegraph.quants import k4_scale_min
         out[..., 16:32] = b[..., 2:4].reshape(*lead, nb, 16)
-        sc, mn = _k4_scale_min(b[..., 4:16].reshape(-1, 12))
+        sc, mn = k4_scale_min(b[..., 4:16].reshape(-1, 12))
         out[..., 32:96] = sc.reshape(*lead, nb, 8, 8).swapaxes(-1, -2).reshape(*lead, nb, 64)
         out[..., 96:160] = mn.reshape(*lead, nb, 8, 8).swapaxes(-1, -2).reshape(*lead, nb, 64)
         qs = 16
