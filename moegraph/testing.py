@@ -29,13 +29,11 @@ for a dense or shared-expert gate/up pair)
       ``output.weight``: such files are for moegraph, which must load what other engines merged.
 
 Tensor types
-    ``F32``, ``F16``, ``BF16``, ``Q4_0``, ``Q4_1``, ``Q5_0``, ``Q5_1``, ``Q8_0`` (the same
-    quantization as ``gguf.quants.quantize``) and ``Q4_K``, ``Q5_K``, ``Q6_K`` plus the mixes
-    ``Q4_K_M`` / ``Q5_K_M`` (Q6_K for ``output``, and for ``attn_v`` / ``ffn_down[_exps]`` in the
-    layers llama-quantize's ``use_more_bits`` picks). gguf-py has no
-    K-quant quantizer, so the K-quants here take plain min/max scales (no search): valid blocks of
-    the exact ggml layout (gguf-py and llama.cpp decode them), but not byte-identical with
-    llama-quantize and somewhat less accurate. As in llama-quantize, 1-D tensors and the router ``ffn_gate_inp`` stay F32,
+    ``F32``, ``F16``, ``BF16``, ``Q4_0``, ``Q4_1``, ``Q5_0``, ``Q5_1``, ``Q8_0``, ``Q4_K``,
+    ``Q5_K``, ``Q6_K`` plus the mixes ``Q4_K_M`` / ``Q5_K_M`` (Q6_K for ``output``, and for
+    ``attn_v`` / ``ffn_down[_exps]`` in the layers llama-quantize's ``use_more_bits`` picks),
+    quantized by the package's quantizer (``moegraph.quants.quantize_weights``): the bytes
+    llama-quantize writes for the same values. As in llama-quantize, 1-D tensors and the router ``ffn_gate_inp`` stay F32,
     and a tensor whose rows are not a multiple of the type's block falls back (Q4_K -> Q5_0,
     Q5_K -> Q5_1, Q6_K -> Q8_0; then F16).
 
@@ -56,6 +54,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .quants import GGMLType, block_size, quantize_weights, type_size
 
 __all__ = [
     "ARCHS",
@@ -84,9 +84,9 @@ _FILE_TYPES: dict[str, tuple[int, str, str | None]] = {
 DTYPES = tuple(_FILE_TYPES)
 
 # GGML type -> (block size, bytes per block)
-_BLOCK = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q4_0": (32, 18), "Q4_1": (32, 20),
-          "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34), "Q4_K": (256, 144),
-          "Q5_K": (256, 176), "Q6_K": (256, 210)}
+# the tensor types random models are written in (block layouts: moegraph.quants, their one home)
+_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+_BLOCK = {t: (block_size(GGMLType[t]), type_size(GGMLType[t])) for t in _TYPES}
 # llama-quantize's fallback when a row is not a multiple of the K-quant super-block (256)
 _FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
@@ -207,107 +207,10 @@ def gpt2_byte_vocab(n_vocab: int) -> tuple[list[str], list[int], list[str]]:
 # quantization of float32 rows to GGML block bytes
 
 
-def _f16_bytes(v: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(v.astype(np.float16)).view(np.uint8).reshape(*v.shape, 2)
-
-
-def _safe_inv(d: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore"):
-        return np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
-
-
-def _q8_0(x: np.ndarray) -> np.ndarray:
-    # as ggml's quantize_row_q8_0_ref / gguf.quants: d = amax/127, q = round(x/d)
-    b = x.reshape(-1, 32)
-    d = np.abs(b).max(axis=1, keepdims=True) / np.float32(127)
-    q = np.rint(b * _safe_inv(d)).astype(np.int8)
-    return np.concatenate([_f16_bytes(d[:, 0]), q.view(np.uint8)], axis=1)
-
-
-def _gguf_quant(name: str) -> Callable[[np.ndarray], np.ndarray]:
-    def f(x: np.ndarray) -> np.ndarray:
-        import gguf
-        return gguf.quants.quantize(x, gguf.GGMLQuantizationType[name])
-    return f
-
-
-def _scale_min_k(sub: np.ndarray, nmax: int):
-    """Per sub-block (scale, min) of an asymmetric K-quant (x ~ d*sc*q - dmin*m, q in 0..nmax),
-    with the 6-bit sub-scales and the f16 super-block factors. sub: [nb, n_sub, len]."""
-    mn = np.minimum(sub.min(axis=-1), 0).astype(np.float32)
-    mx = sub.max(axis=-1).astype(np.float32)
-    scale = (mx - mn) / np.float32(nmax)
-    m = -mn
-    d = (scale.max(axis=-1) / np.float32(63)).astype(np.float16)
-    dmin = (m.max(axis=-1) / np.float32(63)).astype(np.float16)
-    d32, dmin32 = d.astype(np.float32), dmin.astype(np.float32)
-    sc = np.clip(np.rint(scale * _safe_inv(d32)[:, None]), 0, 63).astype(np.uint8)
-    mq = np.clip(np.rint(m * _safe_inv(dmin32)[:, None]), 0, 63).astype(np.uint8)
-    eff = d32[:, None] * sc.astype(np.float32)
-    off = dmin32[:, None] * mq.astype(np.float32)
-    q = np.rint((sub + off[..., None]) * _safe_inv(eff)[..., None])
-    q = np.clip(q, 0, nmax).astype(np.uint8)
-    return d, dmin, sc, mq, q
-
-
-def _pack_scales_k4(sc: np.ndarray, mq: np.ndarray) -> np.ndarray:
-    """The 12 scale bytes of Q4_K/Q5_K (inverse of ggml's get_scale_min_k4)."""
-    out = np.empty((sc.shape[0], 12), np.uint8)
-    out[:, 0:4] = sc[:, 0:4] | ((sc[:, 4:8] >> 4) << 6)
-    out[:, 4:8] = mq[:, 0:4] | ((mq[:, 4:8] >> 4) << 6)
-    out[:, 8:12] = (sc[:, 4:8] & 0x0F) | ((mq[:, 4:8] & 0x0F) << 4)
-    return out
-
-
-def _q4_k(x: np.ndarray) -> np.ndarray:
-    sub = x.reshape(-1, 8, 32)
-    nb = sub.shape[0]
-    d, dmin, sc, mq, q = _scale_min_k(sub, 15)
-    q = q.reshape(nb, 4, 2, 32)
-    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(nb, 128)
-    return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), _pack_scales_k4(sc, mq), qs], axis=1)
-
-
-def _q5_k(x: np.ndarray) -> np.ndarray:
-    sub = x.reshape(-1, 8, 32)
-    nb = sub.shape[0]
-    d, dmin, sc, mq, q = _scale_min_k(sub, 31)
-    lo = (q & 0x0F).reshape(nb, 4, 2, 32)
-    qs = (lo[:, :, 0] | (lo[:, :, 1] << 4)).reshape(nb, 128)
-    hi = (q >> 4).astype(np.uint8)                      # [nb, 8, 32]: bit k of qh[j] = hi[k, j]
-    qh = np.zeros((nb, 32), np.uint8)
-    for k in range(8):
-        qh |= hi[:, k] << k
-    return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), _pack_scales_k4(sc, mq), qh, qs], axis=1)
-
-
-def _q6_k(x: np.ndarray) -> np.ndarray:
-    sub = x.reshape(-1, 16, 16)
-    nb = sub.shape[0]
-    s = np.abs(sub).max(axis=-1) / np.float32(31)        # [nb, 16]
-    d = (s.max(axis=-1) / np.float32(127)).astype(np.float16)
-    d32 = d.astype(np.float32)
-    sc = np.clip(np.rint(s * _safe_inv(d32)[:, None]), 0, 127).astype(np.int8)
-    eff = d32[:, None] * sc.astype(np.float32)
-    q = np.clip(np.rint(sub * _safe_inv(eff)[..., None]), -32, 31).astype(np.int16) + 32
-    u = q.astype(np.uint8).reshape(nb, 256)
-    lo = (u & 0x0F).reshape(nb, 2, 2, 64)
-    ql = (lo[:, :, 0] | (lo[:, :, 1] << 4)).reshape(nb, 128)
-    hi = (u >> 4).reshape(nb, 2, 4, 32)
-    qh = (hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)).reshape(nb, 64)
-    return np.concatenate([ql, qh, sc.view(np.uint8), _f16_bytes(d)], axis=1)
-
-
-_QUANTIZERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "Q8_0": _q8_0, "Q4_0": _gguf_quant("Q4_0"), "Q4_1": _gguf_quant("Q4_1"),
-    "Q5_0": _gguf_quant("Q5_0"), "Q5_1": _gguf_quant("Q5_1"), "BF16": _gguf_quant("BF16"),
-    "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k,
-}
-
-
 def quantize_rows(x: np.ndarray, qtype: str) -> np.ndarray:
     """float32 [..., cols] -> the GGML bytes of ``qtype`` as uint8 [..., row_bytes]
-    (F32/F16 as their little-endian bytes)."""
+    (F32/F16 as their little-endian bytes), quantized as llama.cpp does (the package's
+    byte-identical quantizer)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     cols = x.shape[-1]
     blk, size = _BLOCK[qtype]
@@ -318,7 +221,7 @@ def quantize_rows(x: np.ndarray, qtype: str) -> np.ndarray:
         return x.view(np.uint8).reshape(*lead, cols * 4)
     if qtype == "F16":
         return x.astype(np.float16).view(np.uint8).reshape(*lead, cols * 2)
-    out = _QUANTIZERS[qtype](x.reshape(-1, cols))
+    out = quantize_weights(x.reshape(-1, cols), GGMLType[qtype])
     return np.ascontiguousarray(out).reshape(*lead, cols // blk * size)
 
 
