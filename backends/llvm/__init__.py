@@ -409,6 +409,10 @@ class LLVMExecutable:
                 buf = np.zeros(node.shape, np.float16 if node.dtype == F16 else np.float32)
                 self.states[node.name] = buf
                 addrs.append(buf.ctypes.data)
+            elif kind == "counters":      # MoE claim counters (kernels.claim_counter), zeroed
+                buf = np.zeros(128 * p.codegen["counters"] // 4 + 16, np.int32)
+                keep.append(buf)
+                addrs.append(buf.ctypes.data)
         self._keep = keep
         self.ptrs = np.array(addrs, np.uint64)
         self.outputs = {}

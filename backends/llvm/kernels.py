@@ -683,6 +683,17 @@ def k_mul_mat(plan: Plan, n: Node, name: str):
     return phases, 0
 
 
+def claim_counter(plan: Plan) -> tuple[int, int]:
+    """(slot, byte offset) of a new pair of zeroed counters that persist across runs (the
+    executable allocates the "counters" slot: 128 bytes per pair, two cache lines)."""
+    cg = plan.codegen
+    if "counter_slot" not in cg:
+        cg["counter_slot"] = plan.slot("counters", None)
+        cg["counters"] = 0
+    cg["counters"] += 1
+    return cg["counter_slot"], 128 * (cg["counters"] - 1)
+
+
 def k_mul_mat_id(plan: Plan, n: Node, name: str):
     """MUL_MAT_ID, and MOE_SWIGLU: silu(gate . x) * (up . x) per selected expert, from a merged
     [gate; up] tensor or two tensors, without storing either product (ik_llama.cpp's fused MoE
@@ -775,20 +786,22 @@ def k_mul_mat_id(plan: Plan, n: Node, name: str):
             _products(k2, wt, rows, wrow, N, Kdim, c, entry, act_ptr, store, act_rb,
                       None if a_up is None else (lambda g, u, n: _swiglu(f, g, u, n)), shape=shape,
                       all_rows=all_rows)
-    # Many active experts (>= 2 per thread): whole experts, thread i taking those whose first
-    # selection falls in the i-th share of all selections (every thread computes the same
-    # split); few: every expert's rows split among the threads.
+    # Many active experts (>= 2 per thread): whole experts, claimed one at a time from a counter
+    # shared by the threads (uneven token counts and a descheduled thread balance themselves);
+    # the last thread to stop claiming resets it for the next run. Few: every expert's rows
+    # split among the threads.
     whole = f.op(f"icmp uge i64 {f.op(f'zext i32 {n_act} to i64')}, {f.op('mul i64 %nth, 2')}")
     with f.if_(whole):
-        before = f.var("i64", "0")
-        tot = f.op(f"zext i32 {total} to i64")
-        with f.loop(0, n_act, ty="i32") as q:
-            e = f.op(f"sext i32 {f.load('i32', f.gep('i32', active, f.op(f'sext i32 {q} to i64')), 4)} to i64")
-            owner = f.udiv(f.mul(before.get(), "%nth"), tot)
-            with f.if_(f.op(f"icmp eq i64 {owner}, %ith")):
-                expert(e, True)
-            c = f.op(f"sext i32 {f.load('i32', f.gep('i32', cnt, e), 4)} to i64")
-            before.set(f.add(before.get(), c))
+        claim = k2.operand(*claim_counter(plan))
+        done = f.gep("i8", claim, 64)
+        with f.loop(0, n_act, ty="i32") as _:
+            q = f.op(f"atomicrmw add ptr {claim}, i32 1 seq_cst")
+            with f.if_(f.op(f"icmp slt i32 {q}, {n_act}")):
+                expert(f.op(f"sext i32 {f.load('i32', f.gep('i32', active, f.op(f'sext i32 {q} to i64')), 4)} to i64"), True)
+        d = f.op(f"atomicrmw add ptr {done}, i32 1 seq_cst")
+        with f.if_(f.op(f"icmp eq i64 {f.op(f'zext i32 {d} to i64')}, {f.op('sub i64 %nth, 1')}")):
+            f(f"store atomic i32 0, ptr {claim} seq_cst, align 4")
+            f(f"store atomic i32 0, ptr {done} seq_cst, align 4")
     with f.if_(f.op(f"xor i1 {whole}, true")):
         with f.loop(0, E) as e:
             expert(e, False)
