@@ -13,6 +13,7 @@ Work-item modes: "thread" (one thread per item), "warp" (one warp per item, 4 wa
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +48,7 @@ class Launch:
     min_cc: int = 0         # compute capability it needs (80: integer tensor cores); negative:
                             # the fallback of such a launch, whose t_range holds only where cc >= -min_cc
     step_index: int = -1    # index in plan.steps
+    group: tuple = ()       # the (step index, part) entries of plan.groups it computes
 
 
 @dataclass
@@ -713,24 +715,80 @@ GENERATORS = {
 
 
 def generate(plan: Plan) -> Program:
-    """The CUDA C module and the launch list for every step of the plan, in order."""
+    """The CUDA C module and the launch list for the plan's groups, in order: a row-wise group
+    is one launch (group_kernel); any other group launches each of its steps' phases."""
     parts = [HEADER]
     seen: dict[str, str] = {}
     launches = []
-    for si, step in enumerate(plan.steps):
-        gen = GENERATORS.get(step.kind)
-        if gen is None:
-            raise MoeGraphError(f"the cuda backend has no kernel for {step.kind} ({step.node!r})")
-        for k, body, mode, items, block, smem, *when in gen(plan, step.node):
-            t_range, min_cc = when if when else ((0, 1 << 62), 0)
-            text = k.finish("KERNEL", body, mode)
-            if text not in seen:
-                seen[text] = f"mg_k{len(seen)}"
-                parts.append(text.replace("void KERNEL(", f"void {seen[text]}(", 1))
-            label = f"{step.kind} {step.node.name or ''}".strip()
-            launches.append(Launch(seen[text], list(k.operands), tuple(items), mode, block, smem, label,
-                                   t_range, min_cc, si))
+    phases: dict[int, list] = {}
+
+    def phases_of(i: int, part: str) -> list:
+        """A step's phases (generated once): all of them, its prelude (the first) or the rest."""
+        if i not in phases:
+            step = plan.steps[i]
+            gen = GENERATORS.get(step.kind)
+            if gen is None:
+                raise MoeGraphError(f"the cuda backend has no kernel for {step.kind} ({step.node!r})")
+            phases[i] = gen(plan, step.node)
+        return {"all": phases[i], "prelude": phases[i][:1], "rest": phases[i][1:]}[part]
+
+    def name_of(text: str) -> str:
+        if text not in seen:
+            seen[text] = f"mg_k{len(seen)}"
+            parts.append(text.replace("void KERNEL(", f"void {seen[text]}(", 1))
+        return seen[text]
+
+    for group, kind in zip(plan.groups, plan.group_kind):
+        members = [phases_of(i, part) for i, part in group]
+        if kind == "rows" and len(group) > 1 and all(len(m) == 1 and _token_major(m[0]) for m in members):
+            text, operands = group_kernel([m[0] for m in members])
+            label = "GROUP " + "+".join(plan.steps[i].kind for i, _ in group)
+            launches.append(Launch(name_of(text), operands, ("T",), "block", 256, 0, label,
+                                   step_index=group[0][0], group=tuple(group)))
+            continue
+        for (i, part), member in zip(group, members):
+            step = plan.steps[i]
+            for k, body, mode, items, block, smem, *when in member:
+                t_range, min_cc = when if when else ((0, 1 << 62), 0)
+                label = f"{step.kind} {step.node.name or ''}".strip()
+                launches.append(Launch(name_of(k.finish("KERNEL", body, mode)), list(k.operands), tuple(items),
+                                       mode, block, smem, label, t_range, min_cc, i, ((i, part),)))
     return Program("\n".join(parts), launches, len(seen))
+
+
+def _token_major(phase) -> bool:
+    """A phase whose work items are the tokens' rows, tokens first (so a block can do one token's)."""
+    k, body, mode, items, block, smem, *when = phase
+    return (mode in ("thread", "warp", "block") and items[:1] == ("T",) and not when and smem == 0
+            and all(isinstance(d, int) for d in items[1:]))
+
+
+def group_kernel(members: list) -> tuple[str, list]:
+    """One kernel for a row-wise group: a block per token (grid-stride over the tokens) runs every
+    member's work items of that token in turn, with a block barrier between members (a token's
+    rows are written and read by the same block). Members keep their own code: each in a scope
+    of its own, its operands renumbered."""
+    operands, scopes = [], []
+    for k, body, mode, items, block, smem in members:
+        base = len(operands)
+        operands += k.operands
+        renumber = lambda line: re.sub(r"\bp(\d+)\b", lambda m: f"p{base + int(m.group(1))}", line)
+        per_token = math.prod(items[1:])
+        loop = {
+            "thread": "for (i64 it = it_lo + threadIdx.x; it < it_hi; it += blockDim.x) {",
+            "warp": "const int lane = threadIdx.x & 31; (void)lane;\n"
+                    "    for (i64 it = it_lo + (threadIdx.x >> 5); it < it_hi; it += blockDim.x >> 5) {",
+            "block": "for (i64 it = it_lo; it < it_hi; it++) {",
+        }[mode]
+        scopes.append("\n".join(["  {", *map(renumber, k.lines),
+                                  f"    const i64 it_lo = tok * {per_token}LL, it_hi = it_lo + {per_token}LL;",
+                                  f"    {loop}", *map(renumber, body), "    }", "  }", "  __syncthreads();"]))
+    params = ", ".join(["const i64* __restrict__ syms"] + [f"u8* p{i}" for i in range(len(operands))])
+    syms = " ".join(f"const i64 sym_{s} = syms[{i}];" for i, s in enumerate(SYMBOLS))
+    text = (f'extern "C" __global__ void KERNEL({params}) {{\n  {syms} (void)sym_T; (void)sym_KV; (void)sym_O;\n'
+            "  for (i64 tok = blockIdx.x; tok < sym_T; tok += gridDim.x) {\n"
+            + "\n".join(scopes) + "\n  }\n}\n")
+    return text, operands
 
 
 def lowered(plan: Plan, program: Program, cc: int = 90) -> list[dict]:
@@ -745,7 +803,7 @@ def lowered(plan: Plan, program: Program, cc: int = 90) -> list[dict]:
         if L.min_cc < 0 and cc < -L.min_cc:    # a fallback: it runs for every T on such a device
             lo, hi = 0, 1 << 62
         full = lo <= 1 and hi >= plan.maxes["T"]
-        rows.append(([L.step_index], L.name, None if full else (max(lo, 1), min(hi, plan.maxes["T"]))))
+        rows.append((list(L.group) or [L.step_index], L.name, None if full else (max(lo, 1), min(hi, plan.maxes["T"]))))
     return lowered_steps(plan, rows)
 
 
