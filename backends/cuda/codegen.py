@@ -20,7 +20,7 @@ from pathlib import Path
 from moegraph.errors import MoeGraphError
 from moegraph.ir import BF16, F16, F32, I32, Node
 from moegraph.quants import GGMLType as G
-from moegraph.quants import is_quantized, row_bytes, vec_dot_type
+from moegraph.quants import block_size, is_quantized, row_bytes, type_size, vec_dot_type
 
 from ..lower import SYMBOLS, Plan, Target, View, elem_size, graph_n_ctx, lower
 
@@ -28,7 +28,7 @@ HEADER = (Path(__file__).with_name("header.cu")).read_text()
 CTYPE = {F32: "float", F16: "u16", BF16: "u16", I32: "int"}
 DOT_TYPES = (G.Q8_0, G.Q4_0, G.Q4_1, G.Q5_0, G.Q5_1, G.Q4_K, G.Q5_K, G.Q6_K)
 FLOAT_W = (F32, F16, BF16)
-ACT_BYTES = {G.Q8_0: (32, 34), G.Q8_1: (32, 36), G.Q8_K: (256, 292)}
+ACT_BYTES = {t: (block_size(t), type_size(t)) for t in (G.Q8_0, G.Q8_1, G.Q8_K)}   # activation blocks
 WARPS_PER_BLOCK = 4
 MMQ_MIN_T = 16          # from this many tokens on, quantized products run as tiled tensor-core GEMMs
 MMQ_TILE = 64           # weight rows x tokens per block (4 warps of 16 rows x 64 tokens)

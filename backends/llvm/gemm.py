@@ -23,12 +23,12 @@ from typing import Callable
 import numpy as np
 
 from moegraph.ir import BF16, F16, F32
-from moegraph.quants import GGMLType as G
+from moegraph.quants import GGMLType as G, type_size
 
 from .irgen import I32, Fn, f32
 
-LEGACY = {G.Q8_0: 34, G.Q4_0: 18, G.Q5_0: 22, G.Q4_1: 20, G.Q5_1: 24}     # block bytes
-KQUANT = {G.Q2_K: 84, G.Q3_K: 110, G.Q4_K: 144, G.Q5_K: 176, G.Q6_K: 210}
+LEGACY = {t: type_size(t) for t in (G.Q8_0, G.Q4_0, G.Q5_0, G.Q4_1, G.Q5_1)}     # block bytes
+KQUANT = {t: type_size(t) for t in (G.Q2_K, G.Q3_K, G.Q4_K, G.Q5_K, G.Q6_K)}
 FLOAT = {F32: ("float", 4), F16: ("half", 2), BF16: ("i16", 2)}
 
 # (RW, RA, U): RW x RA tiles for prompts, U x 1 for single activations (decoding, leftovers);
@@ -332,7 +332,6 @@ def _fma8(f: Fn, a: str, b: str, acc: str) -> str:
 #   Q4_1, 160 bytes (= 8 x 20):  0 d[8] | 16 m[8] fp16 | 32 nibbles as Q4_0; + m * s (Q8_1's s).
 X8 = {G.Q3_K: (256, 912), G.Q4_K: (256, 1184), G.Q5_K: (256, 1440), G.Q6_K: (256, 1680),
       G.Q8_0: (32, 272), G.Q4_0: (32, 144), G.Q4_1: (32, 160)}   # (values per block, bytes per 8 rows)
-_RAW_BLOCK = {G.Q3_K: 110, G.Q4_K: 144, G.Q5_K: 176, G.Q6_K: 210, G.Q8_0: 34, G.Q4_0: 18, G.Q4_1: 20}
 X8_TILE = (8, 4, 8)
 
 
@@ -346,7 +345,7 @@ def repack_x8(t, raw: np.ndarray, n_rows: int, K: int) -> np.ndarray:
     """Raw rows [..., n_rows, row_bytes] (uint8; n_rows % 8 == 0) -> the x8 layout of type t,
     as [..., n_rows/8, blocks, bytes per 8 rows] uint8."""
     B, size = X8[t]
-    nb, raw_size = K // B, _RAW_BLOCK[t]
+    nb, raw_size = K // B, type_size(t)
     b = np.ascontiguousarray(raw).reshape(-1, n_rows // 8, 8, nb, raw_size)
     lead = b.shape[:2]
     b = b.transpose(0, 1, 3, 2, 4)                                  # [.., group, block, row, bytes]

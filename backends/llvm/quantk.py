@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moegraph.quants import GGMLType as G, row_bytes
+from moegraph.quants import GGMLType as G, row_bytes, traits
 
 from .irgen import I32, Fn, f32
 
@@ -26,18 +26,16 @@ class Layout:
     act: G            # vec_dot_type
 
 
-LAYOUTS = {
-    G.Q4_0: Layout(32, 18, 32, 32, G.Q8_0),
-    G.Q4_1: Layout(32, 20, 32, 32, G.Q8_1),
-    G.Q5_0: Layout(32, 22, 32, 32, G.Q8_0),
-    G.Q5_1: Layout(32, 24, 32, 32, G.Q8_1),
-    G.Q8_0: Layout(32, 34, 32, 32, G.Q8_0),
-    G.Q2_K: Layout(256, 84, 16, 256, G.Q8_K),
-    G.Q3_K: Layout(256, 110, 16, 256, G.Q8_K),
-    G.Q4_K: Layout(256, 144, 32, 256, G.Q8_K),
-    G.Q5_K: Layout(256, 176, 32, 256, G.Q8_K),
-    G.Q6_K: Layout(256, 210, 16, 256, G.Q8_K),
-}
+def _layout(t: G, sub: int) -> Layout:
+    """Block size, bytes and vec_dot type from the type table (moegraph.quants, their one home);
+    the sub-block size is how this backend's unpacking walks the block."""
+    tr = traits(t)
+    return Layout(tr.block_size, tr.type_size, sub, tr.block_size, tr.vec_dot_type)
+
+
+LAYOUTS = {t: _layout(t, sub) for t, sub in [
+    (G.Q4_0, 32), (G.Q4_1, 32), (G.Q5_0, 32), (G.Q5_1, 32), (G.Q8_0, 32),
+    (G.Q2_K, 16), (G.Q3_K, 16), (G.Q4_K, 32), (G.Q5_K, 32), (G.Q6_K, 16)]}
 # Activation blocks in this backend's scratch: ggml's values, but the fp16 scales d (and Q8_1's s)
 # stored widened to float32, so products load them without conversion: Q8_0 = d, qs[32];
 # Q8_1 = d, s, qs[32]; Q8_K as ggml (float d, qs[256], int16 bsums[16]).
