@@ -140,6 +140,28 @@ def test_dump_formats(capsys, tmp_path):
     assert (tmp_path / "g.svg").exists() or "Graphviz `dot` is not on PATH" in err
 
 
+@pytest.mark.parametrize("backend,most", [("llvm", 12), ("cuda", 14), ("numpy", None)])
+def test_dump_lowered(capsys, backend, most):
+    """The lowered program as JSON: every kernel call with its graph nodes and token range; the
+    bundled model's decode step fits the fusion budget (LLVM: 12 calls per layer; CUDA: 14 until
+    the MoE bucketing and product groups are single launches there)."""
+    if backend == "cuda":
+        pytest.importorskip("moegraph.backends.cuda.codegen")
+    rc, out, err = cli(capsys, "dump", "--lowered", backend, "--format", "json", "--passes", "fuse_qkv,fuse_up_gate")
+    assert rc == 0, err
+    report = json.loads(out)
+    assert report["backend"] == backend and report["steps"]
+    for s in report["steps"]:
+        assert isinstance(s["kernel"], str) and s["nodes"] and all(isinstance(i, int) for i in s["nodes"])
+        assert s["tokens"] is None or (len(s["tokens"]) == 2 and s["tokens"][0] <= s["tokens"][1])
+    decode = report["summary"]["decode"]
+    assert decode["layers"] == 4 and decode["outside_layers"] <= 6
+    if most is not None:
+        assert decode["max_per_layer"] <= most, report["summary"]
+    rc, out, _ = cli(capsys, "dump", "--lowered", backend, "-c", "64")
+    assert rc == 0 and out.startswith(f"# lowered for {backend}:") and "# decode:" in out
+
+
 def test_dump_ops(capsys):
     rc, out, _ = cli(capsys, "dump", "--ops")
     assert rc == 0 and out.startswith("| op | kind | inputs | attrs | semantics |") and "| MUL_MAT_ID | product |" in out
