@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from moegraph.errors import InputError
-from moegraph.ir import BF16, F16, F32, I32, OPS, Graph, Kind, Node, static_shape
+from moegraph.ir import BF16, F16, I32, OPS, Graph, Kind, Node, static_shape
 
 from .lower import UnsupportedOpError, bind_symbols
 from moegraph.quants import (GGMLType, quantize_activations, quantize_roundtrip, traits,

@@ -360,7 +360,7 @@ def g_set_rows(plan: Plan, n: Node):
 def g_get_rows(plan: Plan, n: Node):
     k = KB(plan)
     out, (table, ids) = _views(plan, n)
-    R, C = table.shape[-2], table.shape[-1]
+    R = table.shape[-2]
     k.lines.append(f"  const i64 total = {k.count(out.shape)};")
     body = []
     k.lines, saved = body, k.lines

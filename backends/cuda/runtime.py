@@ -15,11 +15,11 @@ import time
 
 import numpy as np
 
-from moegraph.errors import InputError, MoeGraphError
+from moegraph.errors import MoeGraphError
 from moegraph.ir import F16, F32, I32, Graph
 
 from ..lower import SYMBOLS, bind_symbols, check_limits
-from .codegen import WARPS_PER_BLOCK, generate_for_graph
+from .codegen import generate_for_graph
 from .nvrtc import compile_cubin
 
 MAX_GRID = 1 << 20

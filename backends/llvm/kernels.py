@@ -493,7 +493,6 @@ def k_set_rows(plan: Plan, n: Node, name: str):
     R = dst.shape[0]
     rows = k.count(src.shape[:-1])
     lo, hi = k.split(rows)
-    inner = src.shape[1:-1]
     with f.loop(lo, hi) as r:
         si = k.unflatten(r, src.shape[:-1])
         row = f.op(f"sext i32 {f.load('i32', k.ptr(idx, [si[0]]))} to i64")
