@@ -1871,7 +1871,9 @@ def jit_functions() -> dict | None:
             ir = _jit_module_text(names)
             key = hashlib.sha256("\n".join([ir, cpu, feats, str(llvm.llvm_version_info)]).encode()).hexdigest()[:24]
             path = _jit_cache_dir() / f"{key}.o"
-            cached = path.exists()
+            from .cache import read_entry, write_entry
+            obj = read_entry(path)          # verified, or None (a bad entry is recompiled)
+            cached = obj is not None
             mod = llvm.parse_assembly(ir)
             mod.verify()
             tm = llvm.Target.from_triple(llvm.get_process_triple()).create_target_machine(
@@ -1882,10 +1884,9 @@ def jit_functions() -> dict | None:
             ee = llvm.create_mcjit_compiler(mod, tm)
 
             def notify(module, buffer):
-                from .cache import write_atomic
-                write_atomic(path, buffer)
+                write_entry(path, buffer)
 
-            ee.set_object_cache(notify, lambda module: path.read_bytes() if cached else None)
+            ee.set_object_cache(notify, lambda module: obj)
             ee.finalize_object()
             P, I = ctypes.c_void_p, ctypes.c_int64
             sig = {"q2k_search": (P, P, I, P, P, P), "q4k_search": (P, P, I, P, P, P),

@@ -157,13 +157,14 @@ def compile_cubin(source: str, arch: str | int | tuple | None = None, *, name: s
                          .encode()).hexdigest()[:32]
     info = {"arch": arch, "nvrtc": f"{lib.version[0]}.{lib.version[1]}", "key": key}
     path = cache_dir() / f"{key}.cubin"
-    if use_cache and path.exists():
+    from moegraph.cache import read_entry, write_entry
+    cached = read_entry(path) if use_cache else None     # verified, or None
+    if cached is not None:
         info.update(cache="hit", seconds=0.0)
-        return path.read_bytes(), info
+        return cached, info
     t0 = time.perf_counter()
     cubin = lib.compile(source, arch, options, name)
     info.update(cache="miss" if use_cache else "off", seconds=time.perf_counter() - t0)
     if use_cache:
-        from moegraph.cache import write_atomic
-        write_atomic(path, cubin)
+        write_entry(path, cubin)
     return cubin, info
