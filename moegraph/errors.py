@@ -20,3 +20,7 @@ class IRError(MoeGraphError):
 
 class InputError(MoeGraphError):
     """A request the model cannot serve: token id out of range, sequence longer than the context."""
+
+
+class SessionBusyError(MoeGraphError):
+    """A session (one sequence, one KV cache) was used by a second thread while a call was running."""

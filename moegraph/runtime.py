@@ -2,7 +2,9 @@
 compiled graph, its KV cache and the position of the next token."""
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +12,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import InputError, ModelError, MoeGraphError
+from .errors import InputError, ModelError, MoeGraphError, SessionBusyError
 from .gguf_file import GGUFFile
 from .ir import F16, F32, Graph
 from .models import build_graph, config_from_gguf
@@ -112,14 +114,27 @@ class Session:
         self.n_past = 0
         self.compile_s = compile_s
         self.stats = GenerationStats()
+        self._busy = threading.Lock()     # one call at a time: the KV cache and n_past are shared
+
+    @contextlib.contextmanager
+    def _exclusive(self, what: str):
+        if not self._busy.acquire(blocking=False):
+            raise SessionBusyError(f"Session.{what}() was called while another call is running on this "
+                                   "session (from another thread): a session holds one sequence; use one "
+                                   "session per thread, or serialize the calls")
+        try:
+            yield
+        finally:
+            self._busy.release()
 
     @property
     def tokenizer(self):
         return self.model.tokenizer
 
     def reset(self) -> None:
-        self.n_past = 0
-        self.executable.reset_state()
+        with self._exclusive("reset"):
+            self.n_past = 0
+            self.executable.reset_state()
 
     def forward(self, tokens: Sequence[int] | np.ndarray, last_only: bool = False) -> np.ndarray:
         """Appends tokens to the sequence; returns the logits [n_tokens, n_vocab] (float32), or
@@ -139,11 +154,12 @@ class Session:
         if bad.size:
             raise InputError(f"token id {int(bad[0])} is out of range: the vocabulary has "
                              f"{n_vocab} tokens (0..{n_vocab - 1})")
-        if self.n_past + n > self.n_ctx:
-            raise InputError(f"{self.n_past} tokens in the context + {n} new ones exceed the "
-                             f"context size n_ctx={self.n_ctx} (reset() the session or use a larger n_ctx)")
         step = getattr(self.executable, "max_tokens", None) or n
-        parts = [self._run_batch(ids[i:i + step], last_only) for i in range(0, n, step)]
+        with self._exclusive("forward"):
+            if self.n_past + n > self.n_ctx:
+                raise InputError(f"{self.n_past} tokens in the context + {n} new ones exceed the "
+                                 f"context size n_ctx={self.n_ctx} (reset() the session or use a larger n_ctx)")
+            parts = [self._run_batch(ids[i:i + step], last_only) for i in range(0, n, step)]
         if len(parts) == 1:
             return parts[0]
         out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from moegraph import cache as moegraph_cache
-from moegraph.errors import MoeGraphError
+from moegraph.errors import MoeGraphError, SessionBusyError
 from moegraph.ir import F16, F32, I32, Graph
 from moegraph.quants import is_quantized
 
@@ -324,6 +324,7 @@ class LLVMExecutable:
         self.compile_info = self._jit(ir, use_cache)
         self.compile_info["seconds"] = time.perf_counter() - t0
         self._allocate()
+        self._running = threading.Lock()
         self._start_workers()
 
     # -- code
@@ -338,7 +339,8 @@ class LLVMExecutable:
         key = hashlib.sha256("\n".join([ir, feats["cpu"], feats["features"],
                                         str(llvm.llvm_version_info), "v1"]).encode()).hexdigest()[:32]
         path = cache_dir() / f"{key}.o"
-        cached = use_cache and path.exists()
+        obj = moegraph_cache.read_entry(path) if use_cache else None   # verified, or None
+        cached = obj is not None
         if os.environ.get("MOEGRAPH_PERF_MAP"):
             ir = ir.replace("define internal ", "define ")
         mod = llvm.parse_assembly(ir)
@@ -355,10 +357,10 @@ class LLVMExecutable:
 
         def notify(module, buffer):
             if use_cache:
-                moegraph_cache.write_atomic(path, buffer)
+                moegraph_cache.write_entry(path, buffer)
 
         def getbuffer(module):
-            return path.read_bytes() if cached else None
+            return obj
         ee.set_object_cache(notify, getbuffer)
         ee.finalize_object()
         self._ee, self._mod, self._tm = ee, mod, tm
@@ -450,6 +452,17 @@ class LLVMExecutable:
 
     # -- running
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One forward step. The native threads, the arena and the states are this executable's:
+        a second caller while one runs is refused (it would corrupt both)."""
+        if not self._running.acquire(blocking=False):
+            raise SessionBusyError("this llvm executable is already running a step (called from another "
+                                   "thread): use one session per thread, or serialize the calls")
+        try:
+            return self._run(inputs)
+        finally:
+            self._running.release()
+
+    def _run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from moegraph.ir import static_shape
         bindings = bind_symbols(self.graph, inputs)
         check_limits(bindings, self.plan.maxes)
