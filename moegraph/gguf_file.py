@@ -4,6 +4,7 @@ order (ne0 = innermost first) is turned into NumPy order (last axis contiguous).
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -94,8 +95,15 @@ class GGUFFile:
             raise GGUFError(f"{self.path}: cannot parse the GGUF header or tensor table "
                             f"(truncated or corrupt file?): {type(e).__name__}: {e}") from None
         self.version = int(reader.fields["GGUF.version"].contents()) if "GGUF.version" in reader.fields else None
-        self.metadata: dict[str, Any] = {k: f.contents() for k, f in reader.fields.items()
-                                         if not k.startswith("GGUF.")}
+        self.metadata: dict[str, Any] = {}
+        for k, f in reader.fields.items():
+            if k.startswith("GGUF."):
+                continue
+            try:
+                self.metadata[k] = f.contents()
+            except UnicodeDecodeError as e:
+                raise GGUFError(f"{self.path}: metadata key {k!r} holds a string that is not valid "
+                                f"UTF-8 ({e.reason} at byte {e.start})") from None
         # value types, so that a rewritten file keeps them (e.g. uint32 vs int32)
         self.metadata_types = {k: (f.types[0], f.types[-1] if len(f.types) > 1 else None)
                                for k, f in reader.fields.items() if not k.startswith("GGUF.")}
@@ -143,6 +151,8 @@ def _check_file(path: Path) -> None:
         raise GGUFError(f"{path}: no such file")
     if path.is_dir():
         raise GGUFError(f"{path}: is a directory, not a GGUF file")
+    if not stat.S_ISREG(path.stat().st_mode):    # opening a FIFO without a writer blocks forever
+        raise GGUFError(f"{path}: not a regular file (a FIFO, socket or device?)")
     with open(path, "rb") as f:
         head = f.read(24)
     if len(head) < 4 or head[:4] != GGUF_MAGIC:
