@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable
 import networkx as nx
 
 from .errors import IRError
-from .quants import GGMLType, block_size, is_quantized
+from .quants import GGMLType, block_size, is_quantized, row_bytes
 
 DType = GGMLType
 F32, F16, BF16, I32 = GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.I32
@@ -218,6 +218,11 @@ class Graph:
             shape, dtype = opdef.infer(*n.inputs, **n.attrs)
             if tuple(shape) != n.shape or dtype != n.dtype:
                 raise IRError(f"{n!r}: op table infers {list(shape)}:{dtype.name}")
+            if n.op == "WEIGHT" and n.data is not None:     # kernels read exactly this many bytes
+                need = math.prod(n.shape[:-1]) * row_bytes(n.dtype, n.shape[-1])
+                have = int(getattr(n.data, "nbytes", need))
+                if have != need:
+                    raise IRError(f"{n!r}: weight {n.name} holds {have} bytes, its shape and type need {need}")
         for name, out in self.outputs.items():
             if id(out) not in ids:
                 raise IRError(f"output {name!r} is not a node of the graph")
