@@ -17,8 +17,10 @@ import pytest
 from moegraph.cli import DEFAULT_PROMPT, main
 from moegraph.data import DEFAULT_MODEL
 
+from conftest import MODELS
+
 ROOT = Path(__file__).resolve().parents[1]
-HELDOUT = ROOT.parent / "shared" / "fixtures" / "models" / "heldout.txt"
+HELDOUT = MODELS / "heldout.txt"     # (conftest: ../shared/fixtures or MOEGRAPH_FIXTURES)
 MODEL = str(DEFAULT_MODEL)
 
 

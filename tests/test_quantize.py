@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ORACLE, kl_and_argmax, tiny_path
+from conftest import ORACLE, kl_and_argmax, need_fixtures, tiny_path
 
 import moegraph.quants as q
 from moegraph.errors import MoeGraphError
@@ -87,6 +87,7 @@ def test_byte_identical_to_llama_cpp_fixture(tmp_path, ftype):
 
 @pytest.mark.oracle
 def test_plan_matches_fixture_types():
+    need_fixtures(ORACLE / "tensor_types.json")
     types = json.loads((ORACLE / "tensor_types.json").read_text())
     for ftype in ORACLE_TYPES:
         want = GGUFFile(tiny_path(ftype)).tensor_types
