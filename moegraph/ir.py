@@ -214,7 +214,9 @@ class Graph:
             for i in n.inputs:
                 if i is not None and id(i) not in ids:
                     raise IRError(f"{n!r} uses {i!r}, which is not in the graph (dangling input)")
-            opdef = OPS[n.op]
+            opdef = OPS.get(n.op)
+            if opdef is None:
+                raise IRError(f"{n!r}: unknown op {n.op!r} (not in the op table)")
             shape, dtype = opdef.infer(*n.inputs, **n.attrs)
             if tuple(shape) != n.shape or dtype != n.dtype:
                 raise IRError(f"{n!r}: op table infers {list(shape)}:{dtype.name}")

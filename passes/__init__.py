@@ -68,9 +68,21 @@ class PassManager:
     def run(self, graph: Graph) -> Graph:
         for name, fn, options in self.passes:
             before = len(graph.toposort())
+            outputs = set(graph.outputs)
             t0 = time.perf_counter()
-            out = fn(graph, **options)
+            try:
+                out = fn(graph, **options)
+            except MoeGraphError as e:
+                raise type(e)(f"pass {name!r}: {e}") from e
+            except Exception as e:       # a bug in the pass, or options it does not take
+                raise MoeGraphError(f"pass {name!r} failed: {type(e).__name__}: {e}") from e
+            if out is not None and not isinstance(out, Graph):
+                raise MoeGraphError(f"pass {name!r} returned {type(out).__name__}, not a Graph (or None "
+                                    "after editing the graph in place)")
             graph = out if out is not None else graph
+            lost = sorted(outputs - set(graph.outputs))
+            if lost:
+                raise MoeGraphError(f"pass {name!r} removed the graph output(s) {lost}")
             if self.verify:
                 try:
                     graph.verify()

@@ -167,3 +167,33 @@ def test_verify_checks_weight_bytes():
     w.data = WeightData("w", GGMLType.F32, (4, 8), np.zeros(3 * 8 * 4, np.uint8))
     with pytest.raises(IRError, match=r"weight w holds 96 bytes, its shape and type need 128"):
         g.verify()
+
+
+def test_pass_failures_name_the_pass():
+    """Failures inside passes were bare KeyError/AttributeError/TypeError, or accepted and then
+    failing at forward(); each is now a MoeGraphError naming the pass."""
+    import moegraph
+    from moegraph.data import DEFAULT_MODEL
+    from moegraph.passes import run_passes
+    g = moegraph.load(str(DEFAULT_MODEL)).graph(n_ctx=16)
+
+    def bad_op(graph):
+        graph.toposort()[-1].op = "NO_SUCH_OP"
+
+    def returns_junk(graph):
+        return 42
+
+    def drops_outputs(graph):
+        graph.outputs.clear()
+
+    def crashes(graph):
+        raise ValueError("boom")
+
+    cases = [(bad_op, r"pass 'bad_op' left an invalid graph: .*unknown op 'NO_SUCH_OP'"),
+             (returns_junk, r"pass 'returns_junk' returned int, not a Graph"),
+             (drops_outputs, r"pass 'drops_outputs' removed the graph output\(s\) \['logits'\]"),
+             (crashes, r"pass 'crashes' failed: ValueError: boom"),
+             (("cse", {"threshold": 1}), r"pass 'cse' failed: TypeError: .*threshold")]
+    for spec, msg in cases:
+        with pytest.raises(moegraph.MoeGraphError, match=msg):
+            run_passes(g.copy(), [spec])
