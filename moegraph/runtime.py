@@ -62,6 +62,7 @@ class Model:
         compiles it. `n_expert_used` (an int, or one per layer) with `slice_mode` "soft" or "hard"
         appends the slice_experts pass."""
         from moegraph.backends import default_backend, get_backend
+        _check_compile_options(n_ctx, n_expert_used, slice_mode, backend_options)
         graph = self.graph(n_ctx, kv_type)
         passes = list(passes)
         if n_expert_used is not None:
@@ -73,6 +74,36 @@ class Model:
         t0 = time.perf_counter()
         executable = get_backend(name, **backend_options).compile(graph)
         return Session(self, graph, executable, name, compile_s=time.perf_counter() - t0)
+
+
+# options any backend takes (a backend ignores those of the others: one call serves every backend)
+BACKEND_OPTIONS = {"n_threads": "llvm", "max_tokens": "llvm, cuda", "use_cache": "llvm, cuda",
+                   "repack": "llvm", "emulate_ggml_rounding": "numpy", "device": "cuda",
+                   "cuda_graphs": "cuda", "arch": "cuda"}
+
+
+def _positive_int(name: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise InputError(f"{name} must be a positive integer, got {v!r}")
+
+
+def _check_compile_options(n_ctx, n_expert_used, slice_mode, options: dict) -> None:
+    """Refuses what compile() would otherwise ignore or fail on late: unknown options (a typo
+    such as n_thread=2 did nothing), non-positive sizes and thread counts, a bogus slice mode."""
+    unknown = sorted(set(options) - set(BACKEND_OPTIONS))
+    if unknown:
+        raise InputError(f"compile() got unknown option(s) {unknown}; options: "
+                         + ", ".join(f"{k} ({v})" for k, v in BACKEND_OPTIONS.items()))
+    if n_ctx is not None:
+        _positive_int("n_ctx", n_ctx)
+    for k in ("n_threads", "max_tokens"):
+        if options.get(k) is not None:
+            _positive_int(k, options[k])
+    if slice_mode not in ("soft", "hard"):
+        raise InputError(f"slice_mode must be 'soft' or 'hard', got {slice_mode!r}")
+    if n_expert_used is not None:
+        for k in (n_expert_used if isinstance(n_expert_used, (list, tuple)) else [n_expert_used]):
+            _positive_int("n_expert_used", k)
 
 
 def load(path: str | Path) -> Model:

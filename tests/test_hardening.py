@@ -197,3 +197,21 @@ def test_pass_failures_name_the_pass():
     for spec, msg in cases:
         with pytest.raises(moegraph.MoeGraphError, match=msg):
             run_passes(g.copy(), [spec])
+
+
+def test_compile_refuses_bad_options():
+    """compile() ignored unknown options (n_thread=2 did nothing) and accepted n_ctx 0,
+    n_threads 0, n_expert_used 2.5 and a bogus slice mode."""
+    import moegraph
+    from moegraph.data import DEFAULT_MODEL
+    m = moegraph.load(str(DEFAULT_MODEL))
+    bad = [({"n_thread": 2}, r"unknown option\(s\) \['n_thread'\]"),
+           ({"n_gpu_layers": 10}, r"unknown option\(s\) \['n_gpu_layers'\]"),
+           ({"n_ctx": 0}, r"n_ctx must be a positive integer, got 0"),
+           ({"n_threads": 0}, r"n_threads must be a positive integer"),
+           ({"n_threads": "2"}, r"n_threads must be a positive integer, got '2'"),
+           ({"n_expert_used": 2.5}, r"n_expert_used must be a positive integer, got 2.5"),
+           ({"n_expert_used": 2, "slice_mode": "bogus"}, r"slice_mode must be 'soft' or 'hard'")]
+    for kw, msg in bad:
+        with pytest.raises(moegraph.InputError, match=msg):
+            m.compile(backend="numpy", **kw)
