@@ -86,13 +86,14 @@ def bench_llama_cpp(path: str, n_threads: int, n_ctx: int, n_prompt: int, n_gen:
 
 
 def add_parser(sub, parents) -> None:
+    from .cli import non_negative_int_arg, positive_int_arg   # the CLI's argument checks
     sp = sub.add_parser("bench", parents=parents, help="prompt and generation tokens/s (llama-bench style)",
                         description=__doc__)
     sp.add_argument("-m", "--model", default=None, help="GGUF file (default: the bundled model)")
-    sp.add_argument("-p", "--n-prompt", type=int, default=128, help="prompt tokens (0 = skip)")
-    sp.add_argument("-n", "--n-gen", type=int, default=64, help="generated tokens (0 = skip)")
-    sp.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
-    sp.add_argument("-r", "--repetitions", type=int, default=3, help="repeats; the median is reported")
+    sp.add_argument("-p", "--n-prompt", type=non_negative_int_arg, default=128, help="prompt tokens (0 = skip)")
+    sp.add_argument("-n", "--n-gen", type=non_negative_int_arg, default=64, help="generated tokens (0 = skip)")
+    sp.add_argument("-t", "--threads", type=positive_int_arg, default=None, help="threads (default: all cores)")
+    sp.add_argument("-r", "--repetitions", type=positive_int_arg, default=3, help="repeats; the median is reported")
     sp.add_argument("-b", "--backend", default=None, help="backend (default: llvm where available)")
     sp.add_argument("-c", "--ctx-size", type=int, default=0, help="context size (default: p + n, at least 512)")
     sp.add_argument("--passes", default="", help="comma-separated passes to run before compiling")

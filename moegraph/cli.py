@@ -70,10 +70,31 @@ def _write_text(path: str | Path, text: str) -> None:
         raise MoeGraphError(f"{path}: cannot write: {e.strerror or e}") from None
 
 
-def _positive_int(s: str) -> int:
+def positive_int_arg(s: str) -> int:
     v = int(s)
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return v
+
+
+def _n_predict(s: str) -> int:
+    v = int(s)
+    if v < -1:
+        raise argparse.ArgumentTypeError(f"must be >= 0, or -1 for until the end of text or a full context; got {s}")
+    return v
+
+
+def non_negative_int_arg(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return v
+
+
+def _temperature(s: str) -> float:
+    v = float(s)
+    if v != v or v in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number (0 or less = greedy), got {s}")
     return v
 
 
@@ -157,10 +178,10 @@ def add_pass_options(sp, sweep: bool = False, calib_default: str | None = None) 
                        help="soft (default): top-k of all router probabilities, as llama.cpp's "
                             "expert_used_count override; hard: the first k of the model's own "
                             "top-k with their original weights")
-        g.add_argument("--prune-experts", type=_positive_int, metavar="N",
+        g.add_argument("--prune-experts", type=positive_int_arg, metavar="N",
                        help="keep only the N experts per layer most used on --calib")
         g.add_argument("--calib", metavar="FILE", help="calibration text for --prune-experts")
-    g.add_argument("--calib-chunks", type=_positive_int, default=None, metavar="N",
+    g.add_argument("--calib-chunks", type=positive_int_arg, default=None, metavar="N",
                    help="use at most N chunks of -c tokens of the calibration text (default: all)")
 
 
@@ -923,7 +944,7 @@ def build_parser() -> argparse.ArgumentParser:
     def backend_opts(sp):
         sp.add_argument("-b", "--backend", default=None,
                         help=f"backend: numpy, llvm, cuda (default: {_default_backend()})")
-        sp.add_argument("-t", "--threads", type=_positive_int, default=None, metavar="N",
+        sp.add_argument("-t", "--threads", type=positive_int_arg, default=None, metavar="N",
                         help="threads (backends that use them)")
 
     sp = sub.add_parser("inspect", parents=[debug], help="GGUF metadata, hyper-parameters and tensors",
@@ -943,10 +964,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("-f", "--file", metavar="FILE", help="read the prompt from a file")
         sp.add_argument("--prompt-tokens", type=_token_list, default=None, metavar="IDS",
                         help="the prompt as token ids (comma-separated) instead of text")
-        sp.add_argument("-n", "--n-predict", type=int, default=128, metavar="N",
+        sp.add_argument("-n", "--n-predict", type=_n_predict, default=128, metavar="N",
                         help="tokens to generate (-1 = until end of text or a full context)")
-        sp.add_argument("--temp", type=float, default=0.8, help="temperature (0 = greedy)")
-        sp.add_argument("--top-k", type=int, default=40, help="top-k sampling (0 = off)")
+        sp.add_argument("--temp", type=_temperature, default=0.8, help="temperature (0 = greedy)")
+        sp.add_argument("--top-k", type=non_negative_int_arg, default=40, help="top-k sampling (0 = off)")
         sp.add_argument("--top-p", type=_top_p, default=0.95, help="top-p sampling (1 = off)")
         sp.add_argument("-s", "--seed", type=int, default=None,
                         help="random seed (default / -1: a random one, printed)")
@@ -962,7 +983,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_opts(sp, ctx_default=128, ctx_help="chunk size in tokens (default: 128)",
                ctx_type=_chunk_size)
     sp.add_argument("-f", "--file", required=True, metavar="FILE", help="text file")
-    sp.add_argument("--chunks", type=_positive_int, default=None, metavar="N",
+    sp.add_argument("--chunks", type=positive_int_arg, default=None, metavar="N",
                     help="evaluate at most N chunks")
     sp.add_argument("-o", "--output", metavar="FILE", help="write the result (all rows) as JSON")
     sp.add_argument("--plot", metavar="PNG",
@@ -978,7 +999,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_opts(sp, ctx_default=128, ctx_help="chunk size in tokens (default: 128)",
                ctx_type=_chunk_size)
     sp.add_argument("-f", "--file", required=True, metavar="FILE", help="text file")
-    sp.add_argument("--chunks", type=_positive_int, default=None, metavar="N",
+    sp.add_argument("--chunks", type=positive_int_arg, default=None, metavar="N",
                     help="use at most N chunks (default: all)")
     sp.add_argument("-o", "--output", metavar="FILE", help="write the usage as JSON")
     sp.add_argument("-b", "--backend", default=None,

@@ -215,3 +215,19 @@ def test_compile_refuses_bad_options():
     for kw, msg in bad:
         with pytest.raises(moegraph.InputError, match=msg):
             m.compile(backend="numpy", **kw)
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["run", "-n", "-5"], "-n/--n-predict: must be >= 0, or -1"),
+    (["run", "--temp", "nan"], "--temp: must be a finite number"),
+    (["run", "--top-k", "-3"], "--top-k: must be >= 0"),
+    (["bench", "-r", "0"], "-r/--repetitions: must be a positive integer"),
+    (["bench", "-p", "-1"], "-p/--n-prompt: must be >= 0"),
+    (["bench", "-t", "0"], "-t/--threads: must be a positive integer")])
+def test_cli_refuses_bad_numbers(capsys, argv, msg):
+    """-n -5 ran unlimited, --temp nan / --top-k -3 were accepted, bench -r 0 died with a
+    StatisticsError traceback: now argparse errors naming the flag (exit 2)."""
+    from moegraph.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and msg in capsys.readouterr().err
