@@ -88,6 +88,7 @@ class GGUFFile:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         _check_file(self.path)
+        check_header(self.path)
         import gguf  # imported here so that `moegraph --help` stays fast
         try:
             reader = gguf.GGUFReader(self.path, "r")
@@ -159,6 +160,79 @@ def _check_file(path: Path) -> None:
         raise GGUFError(f"{path}: not a GGUF file (starts with {head[:4]!r}, expected {GGUF_MAGIC!r})")
     if len(head) < 24:
         raise GGUFError(f"{path}: truncated GGUF (only {len(head)} bytes)")
+
+
+# GGUF value types: fixed sizes (struct format), 8 = string, 9 = array
+_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def check_header(path: Path) -> None:
+    """Walks the header (metadata and tensor table) checking every count, length and offset
+    against the file's size before gguf-py reads it: a declared length past the end of the file
+    made the reader allocate without bound, or hang. Raises GGUFError naming the field."""
+    import mmap
+    import struct
+    size = path.stat().st_size
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        pos = 4
+
+        def take(fmt: str, what: str):
+            nonlocal pos
+            n = struct.calcsize("<" + fmt)
+            if pos + n > size:
+                raise GGUFError(f"{path}: {what} at byte {pos} runs past the end of the file "
+                                f"({size} bytes): truncated or corrupt GGUF")
+            v = struct.unpack_from("<" + fmt, m, pos)[0]
+            pos += n
+            return v
+
+        def skip(n: int, what: str) -> None:
+            nonlocal pos
+            if n < 0 or pos + n > size:
+                raise GGUFError(f"{path}: {what} declares {n} bytes at byte {pos}, past the end of the "
+                                f"file ({size} bytes): truncated or corrupt GGUF")
+            pos += n
+
+        def string(what: str) -> bytes:
+            n = take("Q", what)
+            start = pos
+            skip(n, what)
+            return bytes(m[start:start + n])
+
+        def value(vtype: int, what: str) -> None:
+            if vtype in _SCALAR:
+                take(_SCALAR[vtype], what)
+            elif vtype == 8:
+                string(what)
+            elif vtype == 9:
+                etype, count = take("I", what), take("Q", what)
+                if etype in _SCALAR:
+                    skip(count * struct.calcsize(_SCALAR[etype]), f"{what} (array of {count})")
+                elif etype == 8:
+                    if count * 8 > size - pos:
+                        raise GGUFError(f"{path}: {what}: an array of {count} strings cannot fit in the "
+                                        f"{size - pos} bytes left of the file")
+                    for _ in range(count):
+                        string(what)
+                else:
+                    raise GGUFError(f"{path}: {what}: arrays of value type {etype} are not allowed")
+            else:
+                raise GGUFError(f"{path}: {what}: unknown value type {vtype}")
+
+        take("I", "the version")
+        n_tensors, n_kv = take("Q", "the tensor count"), take("Q", "the metadata count")
+        if n_kv * 12 > size or n_tensors * 24 > size:
+            raise GGUFError(f"{path}: the header declares {n_kv} metadata entries and {n_tensors} tensors, "
+                            f"more than a {size}-byte file can hold")
+        for i in range(n_kv):
+            key = string(f"metadata entry {i}'s key").decode("utf-8", errors="replace")
+            value(take("I", f"metadata key {key!r}'s type"), f"metadata key {key!r}")
+        for i in range(n_tensors):
+            name = string(f"tensor {i}'s name").decode("utf-8", errors="replace")
+            n_dims = take("I", f"tensor {name!r}'s rank")
+            if n_dims > 8:
+                raise GGUFError(f"{path}: tensor {name!r} declares {n_dims} dimensions (at most 8)")
+            skip(8 * n_dims + 12, f"tensor {name!r}'s shape, type and offset")
 
 
 def _infer_value_type(value: Any):

@@ -231,3 +231,26 @@ def test_cli_refuses_bad_numbers(capsys, argv, msg):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("count", [2**31 - 1, 2**64 - 2])
+def test_array_length_past_the_file_fails_fast(tmp_path, count):
+    """A metadata array declaring more elements than the file holds made load() and inspect hang
+    while memory grew without bound; the header is now checked against the file size first."""
+    import struct
+    import time
+
+    import moegraph
+    from moegraph.gguf_file import write_gguf
+    p = tmp_path / "bad.gguf"
+    write_gguf(p, {"general.architecture": "llama", "tokenizer.ggml.token_type": [1, 2, 3]}, [])
+    blob = bytearray(p.read_bytes())
+    key = b"tokenizer.ggml.token_type"
+    at = blob.index(key) + len(key)
+    assert struct.unpack_from("<IIQ", blob, at) == (9, 4, 3)      # array of 3 uint32
+    struct.pack_into("<Q", blob, at + 8, count)
+    p.write_bytes(bytes(blob))
+    t0 = time.perf_counter()
+    with pytest.raises(moegraph.GGUFError, match=r"metadata key 'tokenizer.ggml.token_type'.*past the end of the file"):
+        moegraph.load(str(p))
+    assert time.perf_counter() - t0 < 10
