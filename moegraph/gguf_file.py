@@ -211,7 +211,7 @@ def check_header(path: Path) -> None:
                 elif etype == 8:
                     if count * 8 > size - pos:
                         raise GGUFError(f"{path}: {what}: an array of {count} strings cannot fit in the "
-                                        f"{size - pos} bytes left of the file")
+                                        f"{size - pos} bytes left of the file: truncated or corrupt GGUF")
                     for _ in range(count):
                         string(what)
                 else:
@@ -223,7 +223,7 @@ def check_header(path: Path) -> None:
         n_tensors, n_kv = take("Q", "the tensor count"), take("Q", "the metadata count")
         if n_kv * 12 > size or n_tensors * 24 > size:
             raise GGUFError(f"{path}: the header declares {n_kv} metadata entries and {n_tensors} tensors, "
-                            f"more than a {size}-byte file can hold")
+                            f"more than a {size}-byte file can hold: truncated or corrupt GGUF")
         for i in range(n_kv):
             key = string(f"metadata entry {i}'s key").decode("utf-8", errors="replace")
             value(take("I", f"metadata key {key!r}'s type"), f"metadata key {key!r}")
@@ -231,7 +231,7 @@ def check_header(path: Path) -> None:
             name = string(f"tensor {i}'s name").decode("utf-8", errors="replace")
             n_dims = take("I", f"tensor {name!r}'s rank")
             if n_dims > 8:
-                raise GGUFError(f"{path}: tensor {name!r} declares {n_dims} dimensions (at most 8)")
+                raise GGUFError(f"{path}: tensor {name!r} declares {n_dims} dimensions (at most 8): corrupt GGUF")
             skip(8 * n_dims + 12, f"tensor {name!r}'s shape, type and offset")
 
 
