@@ -3,6 +3,7 @@ memory-mapped views (nothing is copied on load). This is the one place where ggm
 order (ne0 = innermost first) is turned into NumPy order (last axis contiguous)."""
 from __future__ import annotations
 
+import math
 import os
 import stat
 from dataclasses import dataclass
@@ -224,15 +225,35 @@ def check_header(path: Path) -> None:
         if n_kv * 12 > size or n_tensors * 24 > size:
             raise GGUFError(f"{path}: the header declares {n_kv} metadata entries and {n_tensors} tensors, "
                             f"more than a {size}-byte file can hold: truncated or corrupt GGUF")
+        alignment = 32
         for i in range(n_kv):
             key = string(f"metadata entry {i}'s key").decode("utf-8", errors="replace")
-            value(take("I", f"metadata key {key!r}'s type"), f"metadata key {key!r}")
+            vtype = take("I", f"metadata key {key!r}'s type")
+            if key == "general.alignment" and vtype == 4:
+                alignment = max(1, take("I", "general.alignment"))
+            else:
+                value(vtype, f"metadata key {key!r}")
+        infos = []
         for i in range(n_tensors):
             name = string(f"tensor {i}'s name").decode("utf-8", errors="replace")
             n_dims = take("I", f"tensor {name!r}'s rank")
             if n_dims > 8:
                 raise GGUFError(f"{path}: tensor {name!r} declares {n_dims} dimensions (at most 8): corrupt GGUF")
-            skip(8 * n_dims + 12, f"tensor {name!r}'s shape, type and offset")
+            dims = [take("Q", f"tensor {name!r}'s shape") for _ in range(n_dims)]
+            infos.append((name, dims, take("I", f"tensor {name!r}'s type"), take("Q", f"tensor {name!r}'s offset")))
+        # the tensor data: each known-type tensor must end inside the file (the reader would fail
+        # with its own internals, or map past the end)
+        data_start = -(-pos // alignment) * alignment
+        for name, dims, t, offset in infos:
+            try:
+                ne = [int(d) for d in dims] or [1]
+                nbytes = math.prod(ne[1:]) * row_bytes(GGMLType(t), ne[0])
+            except Exception:     # an unknown type, or a row that is not whole blocks: the builder says so
+                continue
+            end = data_start + offset + nbytes
+            if end > size:
+                raise GGUFError(f"{path}: tensor {name} ends at byte {end} but the file has {size} bytes "
+                                "(truncated file)")
 
 
 def _infer_value_type(value: Any):

@@ -254,3 +254,15 @@ def test_array_length_past_the_file_fails_fast(tmp_path, count):
     with pytest.raises(moegraph.GGUFError, match=r"metadata key 'tokenizer.ggml.token_type'.*past the end of the file"):
         moegraph.load(str(p))
     assert time.perf_counter() - t0 < 10
+
+
+def test_truncated_tensor_data_names_the_tensor(tmp_path):
+    """A file cut inside the tensor data reported gguf-py's internals ("cannot reshape array of
+    size ... into shape ..."); the header walk now names the tensor that runs past the end."""
+    import moegraph
+    from moegraph.data import DEFAULT_MODEL
+    data = DEFAULT_MODEL.read_bytes()
+    p = tmp_path / "cut.gguf"
+    p.write_bytes(data[:int(len(data) * 0.7)])
+    with pytest.raises(moegraph.GGUFError, match=r"tensor blk\.\d+\.\S+ ends at byte \d+ but the file has \d+ bytes \(truncated file\)"):
+        moegraph.load(str(p))
