@@ -70,45 +70,27 @@ def _write_text(path: str | Path, text: str) -> None:
         raise MoeGraphError(f"{path}: cannot write: {e.strerror or e}") from None
 
 
-def positive_int_arg(s: str) -> int:
-    v = int(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
-    return v
+def int_at_least(lo: int, rule: str):
+    """An argparse type: an integer >= lo, else an error that states `rule`."""
+    def parse(s: str) -> int:
+        v = int(s)
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{rule}, got {s}")
+        return v
+    return parse
 
 
-def _n_predict(s: str) -> int:
-    v = int(s)
-    if v < -1:
-        raise argparse.ArgumentTypeError(f"must be >= 0, or -1 for until the end of text or a full context; got {s}")
-    return v
-
-
-def non_negative_int_arg(s: str) -> int:
-    v = int(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
-    return v
+positive_int_arg = int_at_least(1, "must be a positive integer")
+non_negative_int_arg = int_at_least(0, "must be >= 0")
+_n_predict = int_at_least(-1, "must be >= 0, or -1 for until the end of text or a full context")
+_ctx_size = int_at_least(0, "must be >= 0 (0 = the model's)")
+_chunk_size = int_at_least(2, "a chunk needs at least 2 tokens")
 
 
 def _temperature(s: str) -> float:
     v = float(s)
     if v != v or v in (float("inf"), float("-inf")):
         raise argparse.ArgumentTypeError(f"must be a finite number (0 or less = greedy), got {s}")
-    return v
-
-
-def _ctx_size(s: str) -> int:
-    v = int(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = the model's), got {s}")
-    return v
-
-
-def _chunk_size(s: str) -> int:
-    v = int(s)
-    if v < 2:
-        raise argparse.ArgumentTypeError(f"a chunk needs at least 2 tokens, got {s}")
     return v
 
 
