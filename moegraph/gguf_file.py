@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import stat
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -164,6 +165,7 @@ def _check_file(path: Path) -> None:
 
 
 # GGUF value types: fixed sizes (struct format), 8 = string, 9 = array
+_U64 = struct.Struct("<Q")
 _SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 
 
@@ -172,7 +174,6 @@ def check_header(path: Path) -> None:
     against the file's size before gguf-py reads it: a declared length past the end of the file
     made the reader allocate without bound, or hang. Raises GGUFError naming the field."""
     import mmap
-    import struct
     size = path.stat().st_size
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
         pos = 4
@@ -194,6 +195,16 @@ def check_header(path: Path) -> None:
                                 f"file ({size} bytes): truncated or corrupt GGUF")
             pos += n
 
+        def skip_strings(count: int, what: str) -> None:
+            """count strings, lengths only (a vocabulary: a tight loop, nothing copied)."""
+            nonlocal pos
+            unpack, p = _U64.unpack_from, pos
+            for _ in range(count):
+                if p + 8 > size or (p := p + 8 + unpack(m, p)[0]) > size:
+                    raise GGUFError(f"{path}: {what}: a string runs past the end of the file ({size} bytes): "
+                                    "truncated or corrupt GGUF")
+            pos = p
+
         def string(what: str) -> bytes:
             n = take("Q", what)
             start = pos
@@ -213,8 +224,7 @@ def check_header(path: Path) -> None:
                     if count * 8 > size - pos:
                         raise GGUFError(f"{path}: {what}: an array of {count} strings cannot fit in the "
                                         f"{size - pos} bytes left of the file: truncated or corrupt GGUF")
-                    for _ in range(count):
-                        string(what)
+                    skip_strings(count, what)
                 else:
                     raise GGUFError(f"{path}: {what}: arrays of value type {etype} are not allowed")
             else:
