@@ -64,6 +64,12 @@ class NumpyExecutable:
         return self.dequantized[key]
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # NaN/Inf propagate silently, as in the native backends; the session rejects non-finite
+        # logits with one clear error instead of a screen of NumPy warnings
+        with np.errstate(all="ignore"):
+            return self._run(inputs)
+
+    def _run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         bindings = bind_symbols(self.graph, inputs)
         env: dict[int, np.ndarray] = {}
         for n in self.order:

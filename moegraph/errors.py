@@ -24,3 +24,7 @@ class InputError(MoeGraphError):
 
 class SessionBusyError(MoeGraphError):
     """A session (one sequence, one KV cache) was used by a second thread while a call was running."""
+
+
+class NumericalError(MoeGraphError):
+    """A computation produced NaN or Inf where a model never should (e.g. the logits)."""

@@ -378,6 +378,39 @@ ACTIVATION_TYPES: tuple[GGMLType, ...] = _PLAIN_FLOATS + tuple(
 _CHUNK_ELEMS = 1 << 16
 
 
+def first_nonfinite(raw: np.ndarray, t) -> int | None:
+    """The index of the first element (plain float types) or block (quantized types: its float
+    fields, the scales d/dmin/m) that is NaN or Inf, or None. Reads the data in chunks."""
+    tr = traits(t)
+    raw = np.asarray(raw).view(np.uint8).reshape(-1)
+    if tr.is_quantized:
+        fields = [k for k, (dt, _) in tr.block_dtype.fields.items() if dt.kind == "f"]
+        blocks = raw[:len(raw) // tr.type_size * tr.type_size].view(tr.block_dtype)
+        step = _CHUNK_ELEMS * 4
+        for i in range(0, len(blocks), step):
+            chunk = blocks[i:i + step]
+            bad = np.zeros(len(chunk), bool)
+            for k in fields:
+                bad |= ~np.isfinite(chunk[k])
+            if bad.any():
+                return i + int(np.argmax(bad))
+        return None
+    if tr.type == GGMLType.BF16:        # exponent all ones: Inf or NaN
+        vals = raw[:len(raw) // 2 * 2].view("<u2")
+        test = lambda c: (c & 0x7F80) == 0x7F80     # noqa: E731
+    elif tr.type in (GGMLType.F16, GGMLType.F32, GGMLType.F64):
+        vals = raw[:len(raw) // tr.type_size * tr.type_size].view({2: "<f2", 4: "<f4", 8: "<f8"}[tr.type_size])
+        test = lambda c: ~np.isfinite(c)            # noqa: E731
+    else:
+        return None                     # integers
+    step = _CHUNK_ELEMS * 16
+    for i in range(0, len(vals), step):
+        bad = test(vals[i:i + step])
+        if bad.any():
+            return i + int(np.argmax(bad))
+    return None
+
+
 def dequantize(raw: np.ndarray, t, shape: tuple[int, ...]) -> np.ndarray:
     """Decode ggml data of type ``t`` into a float32 array of ``shape``.
 

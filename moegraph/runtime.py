@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import InputError, ModelError, MoeGraphError, SessionBusyError
+from .errors import InputError, ModelError, MoeGraphError, NumericalError, SessionBusyError
 from .gguf_file import GGUFFile
 from .ir import F16, F32, Graph
 from .models import build_graph, config_from_gguf
@@ -21,13 +22,39 @@ from .sampling import Sampler
 KV_TYPES = {"f16": F16, "f32": F32}
 
 
-class Model:
-    """A GGUF model: its metadata, hyper-parameters, tensors (memory-mapped) and tokenizer."""
+# Tensors up to this many elements (norms, biases, routers, small projections) are scanned for
+# NaN/Inf at every load; check_tensors=True scans all of them (llama.cpp's --check-tensors).
+ALWAYS_CHECKED_ELEMENTS = 1 << 20
 
-    def __init__(self, path: str | Path):
+
+class Model:
+    """A GGUF model: its metadata, hyper-parameters, tensors (memory-mapped) and tokenizer.
+
+    Non-finite numbers: the small tensors are always scanned, and with `check_tensors` every
+    tensor (all values of float tensors, every block's scales of quantized ones) before anything
+    runs; a NaN or Inf is a ModelError naming the tensor. What slips through (a NaN scale in a
+    big unchecked tensor, an overflow) is caught at the output: non-finite logits raise
+    NumericalError on every backend, never garbage."""
+
+    def __init__(self, path: str | Path, check_tensors: bool = False):
         self.file = GGUFFile(path)
         self.config = config_from_gguf(self.file)
         self._tokenizer = None
+        self.check_finite(everything=check_tensors)
+
+    def check_finite(self, everything: bool = True) -> None:
+        """Raises ModelError naming the first tensor holding NaN or Inf (see the class doc)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .quants import first_nonfinite, is_quantized
+        todo = [w for w in self.file.tensors.values()
+                if everything or w.n_elements <= ALWAYS_CHECKED_ELEMENTS]
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:   # NumPy releases the GIL
+            for w, i in zip(todo, pool.map(lambda w: first_nonfinite(w.raw, w.dtype), todo)):
+                if i is not None:
+                    where = f"block {i} (a scale)" if is_quantized(w.dtype) else f"element {i}"
+                    raise ModelError(f"{self.path}: tensor {w.name} ({w.dtype.name}) holds NaN or Inf "
+                                     f"at {where}: the file is corrupt")
 
     @property
     def path(self) -> Path:
@@ -64,6 +91,10 @@ class Model:
         from moegraph.backends import default_backend, get_backend
         _check_compile_options(n_ctx, n_expert_used, slice_mode, backend_options)
         graph = self.graph(n_ctx, kv_type)
+        from moegraph.backends.lower import require_memory
+        kv_bytes = sum(int(np.prod(n.shape)) * (2 if n.dtype == F16 else 4) for n in graph.states().values())
+        require_memory(kv_bytes, f"the KV cache for n_ctx={graph.meta['n_ctx']} ({kv_type})",
+                       "use a smaller n_ctx (-c)")
         passes = list(passes)
         if n_expert_used is not None:
             passes.append(("slice_experts", {"n_expert_used": n_expert_used, "mode": slice_mode}))
@@ -106,8 +137,48 @@ def _check_compile_options(n_ctx, n_expert_used, slice_mode, options: dict) -> N
             _positive_int("n_expert_used", k)
 
 
-def load(path: str | Path) -> Model:
-    return Model(path)
+def token_ids(tokens, n_vocab: int) -> np.ndarray:
+    """The tokens as a 1-D int64 array, or an InputError naming what is wrong: not integers
+    (a float was silently truncated, 'abc' or 2**64 raised numpy's errors), not one sequence
+    (a 2-D array was silently flattened), empty, or out of the vocabulary's range."""
+    if isinstance(tokens, (str, bytes)):
+        raise InputError(f"tokens must be a sequence of integer ids, got a string {tokens[:40]!r} "
+                         "(encode text with session.tokenizer.encode first)")
+    if isinstance(tokens, np.ndarray):
+        arr = tokens
+    else:
+        items = list(tokens) if not isinstance(tokens, (int, np.integer)) else [tokens]
+        for t in items:
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+                raise InputError(f"token ids must be integers, got {t!r} ({type(t).__name__})")
+            if not -2**63 <= int(t) < 2**63:
+                raise InputError(f"token id {int(t)} is out of range: the vocabulary has {n_vocab} "
+                                 f"tokens (0..{n_vocab - 1})")
+        arr = np.asarray(items, dtype=np.int64)
+    if arr.ndim != 1:
+        raise InputError(f"tokens must be one sequence (a 1-D array), got shape {arr.shape}")
+    if arr.size and arr.dtype.kind not in "iu":
+        raise InputError(f"token ids must be integers, got an array of {arr.dtype}")
+    if arr.dtype == np.uint64 and arr.size and arr.max() >= 2**63:
+        raise InputError(f"token id {int(arr.max())} is out of range: the vocabulary has {n_vocab} "
+                         f"tokens (0..{n_vocab - 1})")
+    ids = arr.astype(np.int64)
+    if ids.size == 0:
+        raise InputError("no tokens given: forward() needs at least one")
+    bad = ids[(ids < 0) | (ids >= n_vocab)]
+    if bad.size:
+        raise InputError(f"token id {int(bad[0])} is out of range: the vocabulary has "
+                         f"{n_vocab} tokens (0..{n_vocab - 1})")
+    return ids
+
+
+def _prompt_ids(tokens, n_vocab: int) -> list[int]:
+    return [] if not isinstance(tokens, np.ndarray) and len(tokens) == 0 else token_ids(tokens, n_vocab).tolist()
+
+
+def load(path: str | Path, check_tensors: bool = False) -> Model:
+    """Opens a GGUF (memory-mapped). check_tensors: scan every tensor for NaN/Inf first."""
+    return Model(path, check_tensors=check_tensors)
 
 
 @dataclass
@@ -116,6 +187,7 @@ class GenerationStats:
     n_generated: int = 0
     prompt_s: float = 0.0
     generate_s: float = 0.0
+    stop_reason: str = ""     # "eos" (an end-of-generation token), "length" (max_tokens), "context" (n_ctx full)
 
     @property
     def prompt_tps(self) -> float:
@@ -177,14 +249,8 @@ class Session:
         """Like forward, but returns every output of the graph (passes and analyses may add some,
         e.g. the chosen experts). Longer inputs than the backend takes at once are split into
         batches (like llama.cpp's ubatches)."""
-        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
-        n, n_vocab = len(ids), self.model.config.n_vocab
-        if n == 0:
-            raise InputError("forward() needs at least one token")
-        bad = ids[(ids < 0) | (ids >= n_vocab)]
-        if bad.size:
-            raise InputError(f"token id {int(bad[0])} is out of range: the vocabulary has "
-                             f"{n_vocab} tokens (0..{n_vocab - 1})")
+        ids = token_ids(tokens, self.model.config.n_vocab)
+        n = len(ids)
         step = getattr(self.executable, "max_tokens", None) or n
         with self._exclusive("forward"):
             if self.n_past + n > self.n_ctx:
@@ -207,6 +273,13 @@ class Session:
         out = self.executable.run({"tokens": ids.astype(np.int32), "pos": pos, "kq_mask": mask,
                                    "out_rows": rows})
         self.n_past += n
+        logits = out.get("logits")
+        if logits is not None and not np.isfinite(logits).all():
+            row = int(np.argmax(~np.isfinite(logits).all(axis=-1)))
+            raise NumericalError(f"the logits at position {int(pos[rows[row]])} are NaN or Inf: the model "
+                                 "holds non-finite weights (load it with check_tensors=True, or "
+                                 "--check-tensors, to find them) or the computation overflowed; "
+                                 "reset() the session before using it again")
         return out
 
     # -- text in, text out
@@ -215,7 +288,7 @@ class Session:
                  stop_at_eos: bool = True) -> Iterator[str]:
         """Streams text pieces. Starts from an empty context; `self.stats` has the timings."""
         tok = self.tokenizer
-        ids = tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = tok.encode(prompt) if isinstance(prompt, str) else _prompt_ids(prompt, self.model.config.n_vocab)
         if not ids:
             raise InputError("the prompt is empty (and the model adds no BOS token)")
         if len(ids) > self.n_ctx:
@@ -229,15 +302,19 @@ class Session:
         logits = self.forward(ids, last_only=True)[-1]
         st.prompt_s = time.perf_counter() - t0
         t0 = time.perf_counter()
+        st.stop_reason = "length"
         for _ in range(max_tokens):
             nxt = sampler(logits)
             st.n_generated += 1
             if stop_at_eos and nxt in tok.eos_ids:
+                st.stop_reason = "eos"
                 break
             piece = decoder.push(nxt)
             if piece:
                 yield piece
             if self.n_past >= self.n_ctx:
+                if st.n_generated < max_tokens:
+                    st.stop_reason = "context"
                 break
             logits = self.forward([nxt])[-1]
             st.generate_s = time.perf_counter() - t0
@@ -253,7 +330,7 @@ class Session:
         each evaluated from an empty cache; tokens score_from+1 .. ctx-1 of each chunk are scored
         from the logits before them (score_from defaults to ctx/2). NLL in float64.
         `progress(done, total, chunk_nll)` is called after each chunk."""
-        ids = self.tokenizer.encode(text) if isinstance(text, str) else list(text)
+        ids = self.tokenizer.encode(text) if isinstance(text, str) else _prompt_ids(text, self.model.config.n_vocab)
         score_from = ctx // 2 if score_from is None else score_from
         if ctx < 2 or not (0 <= score_from < ctx - 1):
             raise InputError(f"perplexity needs ctx >= 2 and 0 <= score_from < ctx - 1, got "

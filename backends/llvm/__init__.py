@@ -27,7 +27,7 @@ from moegraph.errors import MoeGraphError, SessionBusyError
 from moegraph.ir import F16, F32, I32, Graph
 from moegraph.quants import is_quantized
 
-from ..lower import SYMBOLS, Plan, Target, bind_symbols, check_limits, graph_n_ctx, lower, lowered_steps
+from ..lower import SYMBOLS, Plan, Target, bind_symbols, check_limits, graph_n_ctx, require_memory, lower, lowered_steps
 from .gemm import FLOAT, KQUANT, LEGACY, X8, repack_x8, tiles_text
 from .kernels import GENERATORS, emit, vexp_fn
 from .quantk import act_row_bytes, module_text
@@ -355,14 +355,22 @@ class LLVMExecutable:
             pb.getModulePassManager().run(mod, pb)
         ee = llvm.create_mcjit_compiler(mod, tm)
 
+        pending: list[BaseException] = []   # raised inside llvmlite's ctypes callbacks, where
+                                            # Python only prints "Exception ignored" (Ctrl-C too)
+
         def notify(module, buffer):
-            if use_cache:
-                moegraph_cache.write_entry(path, buffer)
+            try:
+                if use_cache:
+                    moegraph_cache.write_entry(path, buffer)
+            except BaseException as e:
+                pending.append(e)
 
         def getbuffer(module):
             return obj
         ee.set_object_cache(notify, getbuffer)
         ee.finalize_object()
+        if pending:
+            raise pending[0]
         self._ee, self._mod, self._tm = ee, mod, tm
         addr = ee.get_function_address(ENTRY)
         self._worker = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
@@ -377,6 +385,10 @@ class LLVMExecutable:
     # -- memory
     def _allocate(self) -> None:
         p = self.plan
+        inputs = sum(int(np.prod(p.max_shape(n.shape))) * 4 for kind, n in p.slots[1:] if kind == "input")
+        require_memory(p.arena_size + self.tls_bytes * self.n_threads + inputs,
+                       f"the llvm backend's activation buffers (max_tokens={p.maxes['T']}, n_ctx={p.maxes['KV']})",
+                       "use a smaller n_ctx (-c) or max_tokens")
         self.arena = np.zeros(p.arena_size + 64, np.uint8)
         self.tls = np.zeros(self.tls_bytes * self.n_threads + 64, np.uint8)
         self.barrier = np.zeros(32, np.int32)
@@ -435,7 +447,16 @@ class LLVMExecutable:
             args = (self.ptrs.ctypes.data, self.syms.ctypes.data, i, self.n_threads, self.tls.ctypes.data,
                     self.tls_bytes, self.barrier.ctypes.data, self.ctl.ctypes.data)
             t = threading.Thread(target=self._worker, args=args, daemon=True, name=f"moegraph-llvm-{i}")
-            t.start()
+            try:
+                t.start()
+            except BaseException as e:
+                # the threads already running would go on reading this executable's buffers
+                # after they are freed (a SIGSEGV later): stop them before reporting
+                _stop_workers(self.ctl, self._threads, None)
+                if not isinstance(e, RuntimeError):
+                    raise
+                raise MoeGraphError(f"llvm backend: could not start worker thread {i} of {self.n_threads - 1} "
+                                    f"({e}); use fewer threads (-t / n_threads)") from None
             self._threads.append(t)
         weakref.finalize(self, _stop_workers, self.ctl, self._threads, None)
 

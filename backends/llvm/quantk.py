@@ -61,9 +61,9 @@ declare float @llvm.fabs.f32(float)
 declare float @llvm.roundeven.f32(float)
 declare <8 x float> @llvm.roundeven.v8f32(<8 x float>)
 declare <8 x float> @llvm.fabs.v8f32(<8 x float>)
-declare float @llvm.maxnum.f32(float, float)
-declare float @llvm.minnum.f32(float, float)
-declare float @llvm.vector.reduce.fmax.v8f32(<8 x float>)
+declare float @llvm.maximum.f32(float, float)
+declare float @llvm.minimum.f32(float, float)
+declare float @llvm.vector.reduce.fmaximum.v8f32(<8 x float>)
 declare float @llvm.vector.reduce.fadd.v8f32(float, <8 x float>)
 declare double @llvm.vector.reduce.fadd.v8f64(double, <8 x double>)
 declare i32 @llvm.vector.reduce.add.v32i32(<32 x i32>)
@@ -97,9 +97,9 @@ def quantize_act_fn(t: G) -> str:
         if t in (G.Q8_0, G.Q8_1):      # 4 x 8 lanes, as ggml's AVX2 quantize_row_q8_0/q8_1
             xs = [f.load("<8 x float>", f.gep("float", xb, 8 * i), 4) for i in range(4)]
             ab = [f.op(f"call <8 x float> @llvm.fabs.v8f32(<8 x float> {x})") for x in xs]
-            m = [f.op(f"call <8 x float> @llvm.maxnum.v8f32(<8 x float> {ab[i]}, <8 x float> {ab[i + 2]})") for i in (0, 1)]
-            m = f.op(f"call <8 x float> @llvm.maxnum.v8f32(<8 x float> {m[0]}, <8 x float> {m[1]})")
-            am = f.op(f"call float @llvm.vector.reduce.fmax.v8f32(<8 x float> {m})")
+            m = [f.op(f"call <8 x float> @llvm.maximum.v8f32(<8 x float> {ab[i]}, <8 x float> {ab[i + 2]})") for i in (0, 1)]
+            m = f.op(f"call <8 x float> @llvm.maximum.v8f32(<8 x float> {m[0]}, <8 x float> {m[1]})")
+            am = f.op(f"call float @llvm.vector.reduce.fmaximum.v8f32(<8 x float> {m})")
             d = f.op(f"fdiv float {am}, {f32(127.0)}")
             nz = f.op(f"fcmp one float {am}, 0.0")
             inv = f.op(f"fdiv float {f32(127.0)}, {am}")

@@ -9,6 +9,7 @@ the Target; this package imports neither backend. The run-time skeleton every ex
 (binding symbols from input shapes, limits, n_ctx) is here too. See docs/lowering.md."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -22,7 +23,7 @@ from .fusion import FUSION_RULES, fuse
 from .plan import SYMBOLS, MoeOperands, Plan, Step, View, dense_strides, elem_size
 
 __all__ = ["Target", "UnsupportedOpError", "lower", "check_supported", "bind_symbols", "graph_n_ctx",
-           "check_limits", "Plan", "Step", "View", "MoeOperands", "SYMBOLS", "dense_strides", "elem_size",
+           "check_limits", "require_memory", "available_memory", "Plan", "Step", "View", "MoeOperands", "SYMBOLS", "dense_strides", "elem_size",
            "FUSION_RULES", "lowered_steps"]
 
 
@@ -119,6 +120,30 @@ def bind_symbols(graph: Graph, inputs: dict[str, np.ndarray]) -> dict[str, int]:
             elif d != s:
                 raise InputError(f"input {name!r} has shape {list(shape)}, expected {list(n.shape)}")
     return bindings
+
+
+def available_memory() -> int | None:
+    """Bytes of memory a new allocation can take without swapping (Linux: MemAvailable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def require_memory(nbytes: int, what: str, hint: str) -> None:
+    """Refuses an allocation the machine cannot hold before it is tried (n_ctx=10**9 used to
+    end in a MemoryError after asking for 238 GiB, or in the OOM killer)."""
+    avail = available_memory()
+    if avail is not None and nbytes > avail:
+        raise InputError(f"{what} needs {nbytes / 2**30:.1f} GiB, but this machine has "
+                         f"{avail / 2**30:.1f} GiB available: {hint}")
 
 
 def check_limits(bindings: dict[str, int], maxes: dict[str, int]) -> None:
