@@ -24,13 +24,18 @@ def cache_dir(kind: str) -> Path:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Best effort: a cache that cannot be written only costs a recompile."""
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_bytes(data)
         os.replace(tmp, path)
-    except OSError:
-        pass
+    except BaseException as e:    # a full disk or Ctrl-C: no half-written file left behind
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        if not isinstance(e, OSError):
+            raise
 
 
 def write_entry(path: Path, data: bytes) -> None:

@@ -3,6 +3,8 @@ memory-mapped views (nothing is copied on load). This is the one place where ggm
 order (ne0 = innermost first) is turned into NumPy order (last axis contiguous)."""
 from __future__ import annotations
 
+import contextlib
+import glob
 import math
 import os
 import stat
@@ -294,6 +296,9 @@ def write_gguf(path: str | os.PathLike, metadata: dict[str, Any], tensors: Itera
     tensors = list(tensors)
     metadata_types = metadata_types or {}
     arch = metadata.get("general.architecture", "llama")
+    if path.is_dir():
+        raise GGUFError(f"{path}: is a directory; give the output file's name")
+    _remove_stale_temps(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         w = gguf.GGUFWriter(tmp, arch)
@@ -314,10 +319,30 @@ def write_gguf(path: str | os.PathLike, metadata: dict[str, Any], tensors: Itera
             w.write_tensor_data(raw)
         w.close()
         os.replace(tmp, path)
+    except OSError as e:      # a read-only directory, a full disk, a file-size limit
+        raise GGUFError(f"{path}: cannot write: {e.strerror or e}") from None
     finally:
-        if tmp.exists():
+        with contextlib.suppress(OSError):
             tmp.unlink()
     return path
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Deletes the temporary files of earlier writes to `path` whose process is gone (a killed
+    run cannot clean up after itself)."""
+    for old in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        pid = old.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue                  # still running: another write in progress
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue
+        with contextlib.suppress(OSError):
+            old.unlink()
 
 
 def _ggml_shape(t: WeightData) -> tuple[int, ...]:

@@ -781,7 +781,8 @@ def quantize(src, dst=None, type: str = "Q4_K_M", *, threads: int | None = None,
                                 f"{', '.join(sorted(supported_src))})")
     if requant:
         msg = (f"requantizing tensors that are already {', '.join(requant)} to {ftype}: quality is "
-               "lower than quantizing from F32/F16/BF16 (llama.cpp needs --allow-requantize for this)")
+               "lower than quantizing from F32/F16/BF16 (llama.cpp refuses this without --allow-requantize; "
+               "pass it to silence this warning)")
         result.warnings.append(msg)
         warnings.warn(msg, RequantizeWarning, stacklevel=2)
     if dry_run:
@@ -791,6 +792,8 @@ def quantize(src, dst=None, type: str = "Q4_K_M", *, threads: int | None = None,
     dst = Path(dst)
     if dst.resolve() == Path(src).resolve():
         raise MoeGraphError(f"quantize: the output {dst} is the input file")
+    if dst.is_dir():
+        raise MoeGraphError(f"quantize: the output {dst} is a directory; give the output file's name")
     if not dst.parent.exists():
         raise MoeGraphError(f"quantize: {dst.parent}: no such directory")
     from .quants import jit_functions
@@ -862,6 +865,9 @@ def add_parser(subparsers, parents) -> argparse.ArgumentParser:
     sp.add_argument("--token-embedding-type", metavar="TYPE", help="type of token_embd.weight")
     sp.add_argument("--unit-mib", type=float, default=None, metavar="MIB",
                     help="target size of a work unit in MiB (default: about 8 per thread)")
+    sp.add_argument("--allow-requantize", action="store_true",
+                    help="requantize tensors that are already quantized without a warning (llama.cpp "
+                         "refuses them without this flag; moegraph warns)")
     sp.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     sp.add_argument("--json", metavar="FILE", help="also write the plan and timings as JSON")
     sp.set_defaults(func=cmd_quantize)
@@ -888,6 +894,8 @@ def cmd_quantize(args) -> int:
                        output_tensor_type=args.output_tensor_type,
                        token_embedding_type=args.token_embedding_type, unit_bytes=unit)
     for w in caught:
+        if args.allow_requantize and issubclass(w.category, RequantizeWarning):
+            continue
         print(f"moegraph: warning: {w.message}", file=sys.stderr)
     if args.dry_run:
         print(res.table())

@@ -34,4 +34,15 @@ class CUDABackend:
         return compile_cubin(self.program(graph).source, arch or self.arch, use_cache=self.use_cache)
 
 
-__all__ = ["CUDABackend", "generate", "generate_for_graph", "compile_cubin"]
+def available(device: int = 0) -> bool:
+    """Whether a CUDA driver and device are usable here."""
+    from moegraph.errors import MoeGraphError
+    try:
+        from .runtime import driver_context
+        driver_context(device)
+        return True
+    except (MoeGraphError, ImportError, OSError):
+        return False
+
+
+__all__ = ["CUDABackend", "available", "generate", "generate_for_graph", "compile_cubin"]
