@@ -86,22 +86,22 @@ def bench_llama_cpp(path: str, n_threads: int, n_ctx: int, n_prompt: int, n_gen:
 
 
 def add_parser(sub, parents) -> None:
-    from .cli import non_negative_int_arg, positive_int_arg   # the CLI's argument checks
+    from .cli import add_backend_options, non_negative_int_arg, positive_int_arg   # the CLI's checks
     sp = sub.add_parser("bench", parents=parents, help="prompt and generation tokens/s (llama-bench style)",
                         description=__doc__)
     sp.add_argument("-m", "--model", default=None, help="GGUF file (default: the bundled model)")
     sp.add_argument("-p", "--n-prompt", type=non_negative_int_arg, default=128, help="prompt tokens (0 = skip)")
     sp.add_argument("-n", "--n-gen", type=non_negative_int_arg, default=64, help="generated tokens (0 = skip)")
-    sp.add_argument("-t", "--threads", type=positive_int_arg, default=None, help="threads (default: all cores)")
     sp.add_argument("-r", "--repetitions", type=positive_int_arg, default=3, help="repeats; the median is reported")
-    sp.add_argument("-b", "--backend", default=None, help="backend (default: llvm where available)")
+    add_backend_options(sp, threads_help="threads (default: all cores)")
     sp.add_argument("-c", "--ctx-size", type=int, default=0, help="context size (default: p + n, at least 512)")
     sp.add_argument("--passes", default="", help="comma-separated passes to run before compiling")
     sp.add_argument("--n-expert-used", default=None, help="active experts (one k or one per layer)")
     sp.add_argument("--slice-mode", default="soft", choices=["soft", "hard"])
     sp.add_argument("--kv-type", default="f16", choices=["f16", "f32"])
     sp.add_argument("--compare", default=None, choices=["llama.cpp"], help="also run llama.cpp on the same file")
-    sp.add_argument("-o", "--output", default="table", choices=["table", "json"], help="output format")
+    sp.add_argument("-o", "--output", default="table", choices=["table", "md", "json"],
+                    help="output format, as llama-bench's -o (table = md)")
     sp.set_defaults(func=cmd_bench)
 
 
@@ -109,6 +109,7 @@ def cmd_bench(args) -> int:
     import os
 
     from . import load
+    from .cli import backend_choice
     from .data import DEFAULT_MODEL
     path = args.model or str(DEFAULT_MODEL)
     model = load(path)
@@ -120,8 +121,10 @@ def cmd_bench(args) -> int:
         k = k[0] if len(k) == 1 else k
     passes = [p.strip() for p in args.passes.split(",") if p.strip()]
     t0 = time.perf_counter()
-    session = model.compile(backend=args.backend, passes=passes, n_ctx=n_ctx, kv_type=args.kv_type,
-                            n_expert_used=k, slice_mode=args.slice_mode, n_threads=threads)
+    backend, options = backend_choice(model, args)
+    options.setdefault("n_threads", threads)
+    session = model.compile(backend=backend, passes=passes, n_ctx=n_ctx, kv_type=args.kv_type,
+                            n_expert_used=k, slice_mode=args.slice_mode, **options)
     compile_s = time.perf_counter() - t0
     results = bench_moegraph(session, args.n_prompt, args.n_gen, args.repetitions)
     if args.compare:

@@ -73,7 +73,12 @@ def _write_text(path: str | Path, text: str) -> None:
 def int_at_least(lo: int, rule: str):
     """An argparse type: an integer >= lo, else an error that states `rule`."""
     def parse(s: str) -> int:
-        v = int(s)
+        try:
+            v = int(s)
+        except ValueError:
+            hint = (" (-cnv, llama.cpp's conversation mode, is not in moegraph: there is no chat "
+                    "mode yet)") if s == "nv" else ""
+            raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}{hint}") from None
         if v < lo:
             raise argparse.ArgumentTypeError(f"{rule}, got {s}")
         return v
@@ -87,15 +92,22 @@ _ctx_size = int_at_least(0, "must be >= 0 (0 = the model's)")
 _chunk_size = int_at_least(2, "a chunk needs at least 2 tokens")
 
 
+def _float(s: str) -> float:
+    try:
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+
+
 def _temperature(s: str) -> float:
-    v = float(s)
+    v = _float(s)
     if v != v or v in (float("inf"), float("-inf")):
         raise argparse.ArgumentTypeError(f"must be a finite number (0 or less = greedy), got {s}")
     return v
 
 
 def _top_p(s: str) -> float:
-    v = float(s)
+    v = _float(s)
     if not 0.0 < v <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {s}")
     return v
@@ -108,9 +120,9 @@ def _token_list(s: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {s!r}") from None
 
 
-def _load(path):
+def _load(path, args=None):
     from .runtime import load
-    return load(path)
+    return load(path, check_tensors=bool(getattr(args, "check_tensors", False)))
 
 
 def _compile(model, args, n_ctx: int | None, passes=None):
@@ -119,11 +131,63 @@ def _compile(model, args, n_ctx: int | None, passes=None):
     if n_ctx and n_ctx > model.config.n_ctx_train:
         _err(f"moegraph: warning: n_ctx {n_ctx} is larger than the {model.config.n_ctx_train} "
              "tokens the model was trained with")
-    options = {"n_threads": args.threads} if getattr(args, "threads", None) else {}
+    backend, options = backend_choice(model, args)
     if passes is None:
         passes = _pipeline(model, args)
-    return model.compile(backend=args.backend or _default_backend(), n_ctx=n_ctx,
-                         kv_type=args.kv_type, passes=passes, **options)
+    return model.compile(backend=backend, n_ctx=n_ctx, kv_type=args.kv_type, passes=passes, **options)
+
+
+# --------------------------------------------------------------------------- backend options
+# llama.cpp's habits: -b/-ub are batch sizes (the backend is --backend), -ngl the layers on the GPU.
+def _batch_size(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a batch size (an integer), got {s!r}: -b is the batch size, as in llama.cpp; "
+            f"choose the backend with --backend {s}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return v
+
+
+def add_backend_options(sp, threads_help: str = "threads (backends that use them)") -> None:
+    sp.add_argument("--backend", default=None,
+                    help=f"backend: numpy, llvm, cuda (default: {_default_backend()})")
+    sp.add_argument("-t", "--threads", type=positive_int_arg, default=None, metavar="N", help=threads_help)
+    sp.add_argument("-b", "--batch-size", type=_batch_size, default=None, metavar="N",
+                    help="tokens evaluated per step at most (llama.cpp's logical batch; default 512)")
+    sp.add_argument("-ub", "--ubatch-size", type=_batch_size, default=None, metavar="N",
+                    help="tokens per kernel launch at most (llama.cpp's physical batch; the smaller of "
+                         "-b and -ub is used)")
+    sp.add_argument("-ngl", "--n-gpu-layers", type=int_at_least(0, "must be >= 0"), default=None,
+                    metavar="N", help="layers on the GPU: 0 = none (a CPU backend), all of them "
+                                      "(e.g. 99) = the cuda backend; a split is not supported")
+
+
+def backend_choice(model, args) -> tuple[str, dict]:
+    """The backend name and compile options that --backend, -t, -b/-ub and -ngl ask for."""
+    backend = getattr(args, "backend", None)
+    ngl = getattr(args, "n_gpu_layers", None)
+    if ngl is not None:
+        n_layer = model.config.n_layer
+        if 0 < ngl < n_layer:
+            raise MoeGraphError(f"-ngl {ngl}: moegraph runs all {n_layer} layers on the GPU or none; "
+                                f"offloading only some is not supported (use -ngl 0 or -ngl {n_layer})")
+        on_gpu = ngl >= n_layer
+        if backend is not None and (backend == "cuda") != on_gpu:
+            raise MoeGraphError(f"-ngl {ngl} contradicts --backend {backend}")
+        if backend is None and on_gpu:
+            from moegraph.backends.cuda import available as cuda_available
+            if cuda_available():
+                backend = "cuda"
+            else:
+                _err(f"moegraph: warning: -ngl {ngl}: no usable CUDA GPU here; running on the CPU")
+    options = {"n_threads": args.threads} if getattr(args, "threads", None) else {}
+    sizes = [v for v in (getattr(args, "batch_size", None), getattr(args, "ubatch_size", None)) if v]
+    if sizes:
+        options["max_tokens"] = min(sizes)
+    return backend or _default_backend(), options
 
 
 # --------------------------------------------------------------------------- passes and experts
@@ -163,6 +227,9 @@ def add_pass_options(sp, sweep: bool = False, calib_default: str | None = None) 
         g.add_argument("--prune-experts", type=positive_int_arg, metavar="N",
                        help="keep only the N experts per layer most used on --calib")
         g.add_argument("--calib", metavar="FILE", help="calibration text for --prune-experts")
+    g.add_argument("--override-kv", action="append", default=[], metavar="KEY=TYPE:VALUE",
+                   help="as llama.cpp's: ARCH.expert_used_count=int:K runs K experts per token "
+                        "(the soft slice_experts pass); other keys are refused")
     g.add_argument("--calib-chunks", type=positive_int_arg, default=None, metavar="N",
                    help="use at most N chunks of -c tokens of the calibration text (default: all)")
 
@@ -294,7 +361,7 @@ def _expert_usage(model, args, text: str, label: str):
     bar = tqdm(total=n_chunks, desc=label, unit="chunk", file=sys.stderr, dynamic_ncols=True)
     try:
         return expert_usage(model, text, ctx=ctx, n_chunks=n_chunks,
-                            backend=getattr(args, "backend", None) or _default_backend(),
+                            backend=backend_choice(model, args)[0],
                             progress=lambda done, n: bar.update(done - bar.n))
     finally:
         bar.close()
@@ -306,9 +373,32 @@ def _pipeline(model, args, usage=None) -> list:
     k_text = getattr(args, "n_expert_used", None)
     mode = getattr(args, "slice_mode", None)
     prune = getattr(args, "prune_experts", None)
+    for spec in getattr(args, "override_kv", None) or []:
+        k = _override_expert_count(model, spec)
+        if k_text is not None and str(k_text) != str(k):
+            raise MoeGraphError(f"--override-kv {spec} contradicts --n-expert-used {k_text}")
+        k_text, mode = k, mode or "soft"
     if mode is not None and k_text is None:
         raise MoeGraphError("--slice-mode needs --n-expert-used")
     return passes + _expert_passes(model, args, k_text, mode, prune, usage)
+
+
+def _override_expert_count(model, spec: str) -> int:
+    """llama.cpp's --override-kv KEY=TYPE:VALUE, for the one key whose override moegraph maps
+    to a pass: ARCH.expert_used_count (soft slice_experts: top-k of all router probabilities,
+    exactly what the override does in llama.cpp). Anything else is refused, not ignored."""
+    key, eq, rest = spec.partition("=")
+    vtype, colon, value = rest.partition(":")
+    if not eq or not colon or vtype not in ("int", "float", "bool", "str"):
+        raise MoeGraphError(f"--override-kv {spec!r}: expected KEY=TYPE:VALUE with TYPE one of "
+                            "int, float, bool, str (e.g. qwen3moe.expert_used_count=int:4)")
+    want = f"{model.config.arch}.expert_used_count"
+    if key != want:
+        raise MoeGraphError(f"--override-kv: moegraph can override only {want} (mapped to the "
+                            f"slice_experts pass), not {key!r}")
+    if vtype != "int" or not value.strip().lstrip("-").isdigit():
+        raise MoeGraphError(f"--override-kv {spec!r}: {key} takes int:K")
+    return int(value)
 
 
 def _expert_passes(model, args, k_text, mode, prune, usage=None) -> list:
@@ -390,7 +480,9 @@ def cmd_inspect(args) -> int:
     from .dump import fmt_bytes, json_safe
     from .gguf_file import GGUFFile
     from .models import config_from_gguf
-    f = GGUFFile(args.file)
+    if args.file and args.model and args.file != args.model:
+        raise MoeGraphError(f"inspect: two files given ({args.file} and -m {args.model}); give one")
+    f = GGUFFile(args.file or args.model or _default_model())
     try:
         cfg, cfg_error = config_from_gguf(f).summary(), None
     except MoeGraphError as e:
@@ -457,7 +549,7 @@ def _chain(first: str, rest):
 
 def cmd_run(args) -> int:
     t0 = time.perf_counter()
-    model = _load(args.model)
+    model = _load(args.model, args)
     load_s = time.perf_counter() - t0
     n_ctx = args.ctx_size or None
     passes = _pipeline(model, args)
@@ -496,6 +588,9 @@ def cmd_run(args) -> int:
         tps = n / s if s else 0.0
         return (f"moegraph: {label:>16} = {ms:10.2f} ms / {n:5d} {unit} "
                 f"({per:8.2f} ms per token, {tps:8.2f} tokens per second)")
+    if st.stop_reason == "context" and args.n_predict >= 0:
+        _err(f"moegraph: stopped after {st.n_generated} of {n_predict} tokens: the context "
+             f"(n_ctx={session.n_ctx}) is full; use a larger -c")
     _err("")
     _err(f"moegraph: {'load time':>16} = {load_s * 1e3:10.2f} ms")
     _err(f"moegraph: {'compile time':>16} = {compile_s * 1e3:10.2f} ms")
@@ -665,7 +760,7 @@ def _perplexity_sweep(args, model, configs, ids, ctx, n_chunks, text) -> int:
     total_s = sum(r["seconds"] for r in rows)
     print(f"{len(rows)} configurations in {total_s:.1f} s")
     settings = {"text": str(args.file), "n_tokens": len(ids), "ctx": ctx, "chunks": args.chunks,
-                "n_chunks": n_chunks, "kv_type": args.kv_type, "backend": args.backend or _default_backend(),
+                "n_chunks": n_chunks, "kv_type": args.kv_type, "backend": backend_choice(model, args)[0],
                 "passes": _pass_names(args.passes), "n_expert_used": args.n_expert_used,
                 "slice_mode": args.slice_mode, "prune_experts": args.prune_experts,
                 "calib": (args.calib or str(args.file)) if usage is not None else None,
@@ -683,7 +778,7 @@ def _perplexity_sweep(args, model, configs, ids, ctx, n_chunks, text) -> int:
 
 def cmd_perplexity(args) -> int:
     text = _read_text(args.file)
-    model = _load(args.model)
+    model = _load(args.model, args)
     ctx = args.ctx_size
     configs = _sweep_configs(model, args)
     t0 = time.perf_counter()
@@ -779,7 +874,7 @@ def cmd_dump(args) -> int:
     if args.ops:
         print(op_table_markdown())
         return 0
-    model = _load(args.model)
+    model = _load(args.model, args)
     passes = _pipeline(model, args)
     if (args.after_each or args.diff) and not passes:
         raise MoeGraphError("--after-each and --diff need passes to run: --passes A,B,C, "
@@ -863,7 +958,7 @@ def _usage_summary(counts) -> dict:
 
 def cmd_experts(args) -> int:
     text = _read_text(args.file)
-    model = _load(args.model)
+    model = _load(args.model, args)
     n_expert, k = _expert_counts(model)
     args.calib_chunks = args.chunks
     usage = _expert_usage(model, args, text, "experts")
@@ -897,7 +992,7 @@ def cmd_experts(args) -> int:
         out.update({"model": str(model.path), "n_expert": n_expert, "n_expert_used": k,
                     "settings": {"text": str(args.file), "ctx": ctx, "chunks": args.chunks,
                                  "n_chunks": n_chunks,
-                                 "backend": args.backend or _default_backend()}})
+                                 "backend": backend_choice(model, args)[0]}})
         _write_text(args.output, json.dumps(out, indent=1) + "\n")
         _err(f"moegraph: wrote {args.output}")
     return 0
@@ -922,17 +1017,17 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("-c", "--ctx-size", type=ctx_type, default=ctx_default, metavar="N", help=ctx_help)
         sp.add_argument("--kv-type", choices=["f16", "f32"], default="f16",
                         help="KV cache type (default: f16)")
+        sp.add_argument("--check-tensors", action="store_true",
+                        help="scan every tensor for NaN/Inf before running (the small ones always are)")
 
-    def backend_opts(sp):
-        sp.add_argument("-b", "--backend", default=None,
-                        help=f"backend: numpy, llvm, cuda (default: {_default_backend()})")
-        sp.add_argument("-t", "--threads", type=positive_int_arg, default=None, metavar="N",
-                        help="threads (backends that use them)")
+    backend_opts = add_backend_options
 
     sp = sub.add_parser("inspect", parents=[debug], help="GGUF metadata, hyper-parameters and tensors",
                         description="Print a GGUF file's architecture, hyper-parameters, metadata "
                                     "and tensor table.")
-    sp.add_argument("file", metavar="FILE", help="GGUF file")
+    sp.add_argument("file", metavar="FILE", nargs="?", default=None,
+                    help="GGUF file (or -m FILE; default: the bundled model)")
+    sp.add_argument("-m", "--model", default=None, metavar="FILE", help="GGUF file, as in the other commands")
     sp.add_argument("--json", action="store_true", help="print JSON")
     sp.set_defaults(func=cmd_inspect)
 
@@ -984,8 +1079,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--chunks", type=positive_int_arg, default=None, metavar="N",
                     help="use at most N chunks (default: all)")
     sp.add_argument("-o", "--output", metavar="FILE", help="write the usage as JSON")
-    sp.add_argument("-b", "--backend", default=None,
-                    help=f"backend: numpy, llvm, cuda (default: {_default_backend()})")
+    add_backend_options(sp)
     sp.set_defaults(func=cmd_experts)
 
     sp = sub.add_parser("dump", parents=[debug], help="dump the model graph (text, DOT/SVG, JSON)",

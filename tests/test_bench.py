@@ -19,7 +19,7 @@ def test_bench_json(capsys):
 
 
 def test_bench_table(capsys):
-    assert main(["bench", "-p", "8", "-n", "2", "-r", "1", "-b", "numpy"]) == 0
+    assert main(["bench", "-p", "8", "-n", "2", "-r", "1", "--backend", "numpy"]) == 0
     out = capsys.readouterr().out
     assert "| moegraph | pp8 |" in out and "| moegraph | tg2 |" in out
 

@@ -171,7 +171,7 @@ def test_pass_option_errors(capsys, text):
 
 # --------------------------------------------------------------------------- run
 def test_run_with_fewer_experts(capsys, text):
-    run = ("run", "-b", "numpy", "-c", "64", "-n", "4", "--temp", "0")
+    run = ("run", "--backend", "numpy", "-c", "64", "-n", "4", "--temp", "0")
     rc, out, err = cli(capsys, *run, "--n-expert-used", "2", "--slice-mode", "hard")
     assert rc == 0, err
     assert "passes: slice_experts(k=2, hard)" in err and "eval time" in err and out.strip()
@@ -186,7 +186,7 @@ def test_run_with_fewer_experts(capsys, text):
 # --------------------------------------------------------------------------- experts
 def test_experts_table_and_json(capsys, text, tmp_path):
     out_json = tmp_path / "usage.json"
-    rc, out, err = cli(capsys, "experts", "-m", MODEL, "-f", text, "-c", "32", "-b", "numpy",
+    rc, out, err = cli(capsys, "experts", "-m", MODEL, "-f", text, "-c", "32", "--backend", "numpy",
                        "--chunks", "2", "-o", out_json)
     assert rc == 0, err
     lines = out.splitlines()
@@ -211,7 +211,7 @@ def test_experts_table_and_json(capsys, text, tmp_path):
 
 # --------------------------------------------------------------------------- perplexity
 def test_perplexity_single_value_keeps_the_old_output(capsys, text, tmp_path):
-    rc, out, err = cli(capsys, "perplexity", "-f", text, "-c", "32", "-b", "numpy", "--chunks", "2",
+    rc, out, err = cli(capsys, "perplexity", "-f", text, "-c", "32", "--backend", "numpy", "--chunks", "2",
                        "--n-expert-used", "2", "--slice-mode", "hard", "-o", tmp_path / "r.json")
     assert rc == 0, err
     assert re.search(r"^PPL = \d+\.\d{4} \+/- \d+\.\d{4}$", out, re.MULTILINE) and "30 predictions" in out
@@ -221,7 +221,7 @@ def test_perplexity_single_value_keeps_the_old_output(capsys, text, tmp_path):
 
 
 def test_perplexity_sweep_table(capsys, text, tmp_path):
-    rc, out, err = cli(capsys, "perplexity", "-f", text, "-c", "32", "-b", "numpy", "--chunks", "2",
+    rc, out, err = cli(capsys, "perplexity", "-f", text, "-c", "32", "--backend", "numpy", "--chunks", "2",
                        "--n-expert-used", "4,2,1", "--slice-mode", "soft,hard",
                        "-o", tmp_path / "sweep.json")
     assert rc == 0, err
@@ -241,13 +241,13 @@ def test_perplexity_sweep_table(capsys, text, tmp_path):
         assert r["n_predictions"] == 30 and len(r["chunk_nll"]) == 2
     assert d["settings"]["n_expert_used"] == "4,2,1" and d["settings"]["ctx"] == 32
     # the baseline is what a plain run gives
-    rc, out, err = cli(capsys, "perplexity", "-f", text, "-c", "32", "-b", "numpy", "--chunks", "2")
+    rc, out, err = cli(capsys, "perplexity", "-f", text, "-c", "32", "--backend", "numpy", "--chunks", "2")
     assert rc == 0, err
     assert f"PPL = {base:.4f}" in out
 
 
 def test_perplexity_prune_rows(capsys, text, tmp_path):
-    rc, out, err = cli(capsys, "perplexity", "-f", text, "-c", "32", "-b", "numpy", "--chunks", "2",
+    rc, out, err = cli(capsys, "perplexity", "-f", text, "-c", "32", "--backend", "numpy", "--chunks", "2",
                        "--n-expert-used", "3", "--prune-experts", "16,12", "--calib-chunks", "2",
                        "-o", tmp_path / "p.json")
     assert rc == 0, err
@@ -264,7 +264,7 @@ def test_perplexity_prune_rows(capsys, text, tmp_path):
 
 def test_perplexity_plot(capsys, text, tmp_path):
     png = tmp_path / "ppl.png"
-    argv = ["perplexity", "-f", text, "-c", "32", "-b", "numpy", "--chunks", "1",
+    argv = ["perplexity", "-f", text, "-c", "32", "--backend", "numpy", "--chunks", "1",
             "--n-expert-used", "2", "--slice-mode", "soft,hard", "--plot", png]
     rc, _, err = cli(capsys, *argv)
     if importlib.util.find_spec("matplotlib") is None:

@@ -266,3 +266,201 @@ def test_truncated_tensor_data_names_the_tensor(tmp_path):
     p.write_bytes(data[:int(len(data) * 0.7)])
     with pytest.raises(moegraph.GGUFError, match=r"tensor blk\.\d+\.\S+ ends at byte \d+ but the file has \d+ bytes \(truncated file\)"):
         moegraph.load(str(p))
+
+
+# --------------------------------------------------------------------------- tokens and memory
+@pytest.mark.parametrize("tokens,msg", [
+    ([2**64], r"token id 18446744073709551616 is out of range"),
+    (["abc"], r"token ids must be integers, got 'abc'"),
+    ([1.7], r"token ids must be integers, got 1.7"),
+    ([True], r"token ids must be integers, got True"),
+    ([[1, 2], [3, 4]], r"token ids must be integers, got \[1, 2\]"),
+    ("hello", r"got a string 'hello'"),
+    ([], r"no tokens given"),
+    ([4096], r"token id 4096 is out of range: the vocabulary has 4096 tokens")])
+def test_forward_refuses_bad_tokens(tokens, msg):
+    """2**64 raised OverflowError, 'abc' a ValueError; a float was truncated and a 2-D array
+    flattened without a word. Each is an InputError naming the problem, on both entry points."""
+    import numpy as np
+
+    import moegraph
+    from moegraph.data import DEFAULT_MODEL
+    s = moegraph.load(str(DEFAULT_MODEL)).compile(backend="numpy", n_ctx=16)
+    with pytest.raises(moegraph.InputError, match=msg):
+        s.forward(tokens)
+    assert s.n_past == 0
+    with pytest.raises(moegraph.InputError, match="token ids must be integers, got an array of float64"):
+        s.forward(np.array([1.0, 2.0]))
+    with pytest.raises(moegraph.InputError, match=r"one sequence \(a 1-D array\), got shape \(2, 2\)"):
+        s.forward(np.array([[1, 2], [3, 4]]))
+    if tokens and not isinstance(tokens, str):     # generate() takes text too
+        with pytest.raises(moegraph.InputError, match=msg):
+            next(s.generate(tokens, max_tokens=1))
+
+
+def test_huge_n_ctx_is_refused_before_allocating():
+    """n_ctx=10**9 tried to allocate 238 GiB and died with MemoryError (or met the OOM killer):
+    the KV cache's size is checked against the memory available first, in milliseconds."""
+    import time
+
+    import moegraph
+    from moegraph.data import DEFAULT_MODEL
+    m = moegraph.load(str(DEFAULT_MODEL))
+    for backend in ("numpy", "llvm"):
+        t0 = time.perf_counter()
+        with pytest.raises(moegraph.InputError, match=r"the KV cache for n_ctx=1000000000 \(f16\) needs 1907.3 GiB, "
+                                                      r"but this machine has [\d.]+ GiB available"):
+            m.compile(backend=backend, n_ctx=10**9)
+        assert time.perf_counter() - t0 < 5
+
+
+# --------------------------------------------------------------------------- NaN and Inf
+def _poisoned(tmp_path, name: str, value: float, n_blocks: int | None = None):
+    """The bundled model with `value` in the first n_blocks scales (quantized) or values of
+    `name` (all of them by default: then every expert is hit, whichever the router picks)."""
+    import numpy as np
+
+    from moegraph.data import DEFAULT_MODEL
+    from moegraph.gguf_file import GGUFFile
+    f = GGUFFile(DEFAULT_MODEL)
+    w = f.tensors[name]
+    off = int(w.raw.ctypes.data - f._reader.data.ctypes.data)
+    blob = bytearray(DEFAULT_MODEL.read_bytes())
+    part = np.frombuffer(blob, np.uint8, w.nbytes, off).copy()
+    if w.dtype.name == "Q8_0":
+        part.view([("d", "<f2"), ("qs", "i1", 32)])["d"][:n_blocks] = value
+    else:
+        part.view(np.float32)[:n_blocks] = value
+    blob[off:off + w.nbytes] = part.tobytes()
+    p = tmp_path / "poisoned.gguf"
+    p.write_bytes(bytes(blob))
+    return p
+
+
+@pytest.mark.parametrize("name", ["blk.0.attn_q.weight", "blk.0.ffn_gate_inp.weight",
+                                  "blk.1.ffn_down_exps.weight", "output_norm.weight"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_weights_are_an_error_on_every_backend(tmp_path, monkeypatch, name, value):
+    """NaN/Inf in weights or scales: numpy gave NaN logits where llvm gave finite ones (its exp,
+    max and activation quantization dropped NaN). Now the small tensors are scanned at load, every
+    tensor with check_tensors, and what gets through reaches the output on both backends, where
+    non-finite logits raise NumericalError."""
+    import moegraph
+    import moegraph.runtime as rt
+    p = _poisoned(tmp_path, name, value)
+    with pytest.raises(moegraph.ModelError, match=rf"tensor {name} \(\w+\) holds NaN or Inf at (block|element) 0"):
+        moegraph.load(str(p), check_tensors=True)
+    monkeypatch.setattr(rt, "ALWAYS_CHECKED_ELEMENTS", 0)     # let it through to the backends
+    for backend in ("numpy", "llvm"):
+        s = moegraph.load(str(p)).compile(backend=backend, n_ctx=16, n_threads=2)
+        with pytest.raises(moegraph.NumericalError, match=r"the logits at position \d are NaN or Inf"):
+            s.forward([1, 2, 3])
+
+
+def test_small_tensors_are_always_checked(tmp_path):
+    import moegraph
+    p = _poisoned(tmp_path, "blk.0.attn_norm.weight", float("nan"))
+    with pytest.raises(moegraph.ModelError, match=r"tensor blk.0.attn_norm.weight \(F32\) holds NaN or Inf at element 0"):
+        moegraph.load(str(p))
+
+
+# --------------------------------------------------------------------------- threads
+def test_thread_start_failure_stops_the_started_workers(monkeypatch):
+    """`-t 1000` under a memory cap: starting a thread failed with RuntimeError after others had
+    started, and those went on running native code over freed buffers (SIGSEGV). They are now
+    stopped and the error names the thread count."""
+    import threading
+
+    import moegraph
+    from moegraph.data import DEFAULT_MODEL
+    real_start = threading.Thread.start
+
+    def start(self):
+        if self.name == "moegraph-llvm-3":
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    m = moegraph.load(str(DEFAULT_MODEL))
+    with pytest.raises(moegraph.MoeGraphError, match=r"could not start worker thread 3 of 5 .*use fewer threads"):
+        m.compile(backend="llvm", n_ctx=16, n_threads=6)
+    assert not [t for t in threading.enumerate() if t.name.startswith("moegraph-llvm-") and t.is_alive()]
+
+
+# --------------------------------------------------------------------------- writing files
+def test_quantize_into_a_directory_is_a_clear_error(tmp_path, capsys):
+    from moegraph.cli import main
+    from moegraph.data import DEFAULT_MODEL
+    assert main(["quantize", str(DEFAULT_MODEL), str(tmp_path), "Q8_0"]) == 1
+    assert "is a directory; give the output file's name" in capsys.readouterr().err
+
+
+def test_a_failed_write_leaves_no_temp_and_stale_temps_are_removed(tmp_path):
+    """A full disk (here: a file-size limit) raised a bare OSError and could leave the hidden
+    temp file behind; a killed run always leaves it. The error now names the file, nothing is
+    left, and the next write removes the temp files of runs that are gone."""
+    out = tmp_path / "out.gguf"
+    stale = tmp_path / ".out.gguf.tmp-999999999"      # no such process
+    stale.write_bytes(b"half")
+    live = tmp_path / f".out.gguf.tmp-{os.getpid()}x"  # not a pid: left alone
+    live.write_bytes(b"other")
+    code = textwrap.dedent("""
+        import resource, signal, sys
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+        from moegraph.cli import main
+        from moegraph.data import DEFAULT_MODEL
+        sys.exit(main(["quantize", "--no-progress", str(DEFAULT_MODEL), sys.argv[1], "F32"]))
+    """)
+    r = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert f"{out}: cannot write: File too large" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name]
+
+
+# --------------------------------------------------------------------------- llama.cpp habits
+@pytest.mark.parametrize("argv,msg", [
+    (["run", "-b", "numpy"], "-b is the batch size, as in llama.cpp; choose the backend with --backend numpy"),
+    (["run", "-cnv"], "(-cnv, llama.cpp's conversation mode, is not in moegraph"),
+    (["bench", "-b", "llvm"], "choose the backend with --backend llvm"),
+    (["run", "-c", "abc"], "-c/--ctx-size: expected an integer, got 'abc'")])
+def test_llama_cpp_flags_are_understood(capsys, argv, msg):
+    from moegraph.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and msg in err and "_ctx_size" not in err
+
+
+def test_llama_cpp_flags_work(capsys):
+    """-ngl 99 used to read as `-n gl`; -ub as nothing; --override-kv did not exist; inspect
+    needed a positional file; -n 100 -c 16 stopped after 11 tokens without saying why."""
+    from moegraph.cli import main
+    from moegraph.data import DEFAULT_MODEL
+    base = ["run", "--backend", "numpy", "-c", "24", "-n", "4", "--temp", "0", "--prompt-tokens", "1,2,3"]
+    assert main(base) == 0
+    want = capsys.readouterr().out
+    assert main(base + ["-b", "2", "-ub", "1", "-ngl", "0"]) == 0
+    assert capsys.readouterr().out == want
+    assert main(base + ["-ngl", "2"]) == 1
+    assert "moegraph runs all 4 layers on the GPU or none" in capsys.readouterr().err
+    assert main(base + ["--override-kv", "qwen3moe.expert_used_count=int:1"]) == 0
+    one = capsys.readouterr()
+    assert main(base + ["--n-expert-used", "1"]) == 0
+    assert capsys.readouterr().out == one.out and "slice_experts" in one.err
+    assert main(base + ["--override-kv", "qwen3moe.context_length=int:8"]) == 1
+    assert "can override only qwen3moe.expert_used_count" in capsys.readouterr().err
+    assert main(["run", "--backend", "numpy", "-c", "16", "-n", "100", "--prompt-tokens", "1,2,3,4,5"]) == 0
+    assert "stopped after 12 of 100 tokens: the context (n_ctx=16) is full; use a larger -c" in capsys.readouterr().err
+    assert main(["inspect", "-m", str(DEFAULT_MODEL)]) == 0
+    by_flag = capsys.readouterr().out
+    assert main(["inspect"]) == 0 and capsys.readouterr().out == by_flag
+
+
+def test_quantize_accepts_allow_requantize(tmp_path, capsys):
+    from moegraph.cli import main
+    from moegraph.data import DEFAULT_MODEL
+    assert main(["quantize", "--no-progress", str(DEFAULT_MODEL), str(tmp_path / "a.gguf"), "Q4_0"]) == 0
+    assert "requantizing tensors that are already Q8_0" in capsys.readouterr().err
+    assert main(["quantize", "--no-progress", "--allow-requantize", str(DEFAULT_MODEL),
+                 str(tmp_path / "b.gguf"), "Q4_0"]) == 0
+    assert "requantizing" not in capsys.readouterr().err
