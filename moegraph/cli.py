@@ -838,9 +838,34 @@ def cmd_perplexity(args) -> int:
 _EXT = {"text": ".txt", "dot": ".dot", "json": ".json"}
 
 
-def _render(graph, fmt: str) -> str:
+def _render(graph, fmt: str, args=None) -> str:
     from .dump import to_dot, to_json_text, to_text
-    return {"text": to_text, "dot": to_dot, "json": to_json_text}[fmt](graph)
+    view = _view(graph, args) if args is not None else None
+    if fmt == "json":
+        return to_json_text(graph, view=view)
+    return {"text": to_text, "dot": to_dot}[fmt](graph, view)
+
+
+COLLAPSE_ABOVE = 8     # --collapse auto: repeated layers are folded in models with more layers
+
+
+def _view(graph, args):
+    """The nodes a dump shows: --layers, and --collapse (auto: on above COLLAPSE_ABOVE layers)."""
+    from .dump import parse_layers, select_view
+    n_layer = graph.meta["config"].n_layer if "config" in graph.meta else 0
+    layers = parse_layers(args.layers, n_layer) if getattr(args, "layers", None) else None
+    mode = getattr(args, "collapse", "off")
+    collapse = mode == "on" or (mode == "auto" and layers is None and n_layer > COLLAPSE_ABOVE)
+    if layers is None and not collapse:
+        return None
+    return select_view(graph, layers, collapse)
+
+
+def _diff(before, after, before_name: str, after_name: str, style: str) -> str:
+    from .dump import diff_graphs, diff_text, to_text
+    if style == "unified":
+        return diff_text(to_text(before), to_text(after), before_name, after_name)
+    return diff_graphs(before, after, before_name, after_name)
 
 
 def _emit(text: str, out: str | None, fmt: str, warned: list | None = None) -> None:
@@ -883,13 +908,11 @@ def cmd_dump(args) -> int:
     if args.lowered:
         return _dump_lowered(graph, passes, args)
     if not passes:
-        _emit(_render(graph, args.format), args.output, args.format)
+        _emit(_render(graph, args.format, args), args.output, args.format)
         return 0
     from moegraph.passes import run_passes
-
-    from .dump import diff_text, to_text
-    before = to_text(graph) if args.diff else None
-    prev = {"text": before, "name": "input"}
+    before = graph.copy() if args.diff else None
+    prev = {"graph": before, "name": "input"}
     n = len(passes)
     step = [0]
     warned: list = []
@@ -900,27 +923,27 @@ def cmd_dump(args) -> int:
         step[0] += 1
         i = step[0]
         if args.output:
-            _emit(_render(g, args.format), _after_each_path(args.output, i, n, name, args.format),
+            _emit(_render(g, args.format, args), _after_each_path(args.output, i, n, name, args.format),
                   args.format, warned)
         elif not args.diff:
             print(f"### after pass {i}/{n}: {name}", flush=True)
-            _emit(_render(g, args.format), None, args.format)
+            _emit(_render(g, args.format, args), None, args.format)
         if args.diff:
-            cur = to_text(g)
-            sys.stdout.write(diff_text(prev["text"], cur, prev["name"], f"after {i}: {name}")
+            cur = g.copy()
+            sys.stdout.write(_diff(prev["graph"], cur, prev["name"], f"after {i}: {name}", args.diff)
                              or f"### pass {i}/{n} {name}: no change\n")
-            prev.update(text=cur, name=f"after {i}: {name}")
+            prev.update(graph=cur, name=f"after {i}: {name}")
 
     graph = run_passes(graph, passes, dump_each=dump_each if args.after_each else None)
     _err(f"moegraph: passes: {_describe_passes(passes)}")
     if args.diff and not args.after_each:
         after_name = "after " + " + ".join(_pass_label(p) for p in passes)
-        sys.stdout.write(diff_text(before, to_text(graph), "input", after_name)
+        sys.stdout.write(_diff(before, graph, "input", after_name, args.diff)
                          or "### the passes changed nothing\n")
     if args.output:
-        _emit(_render(graph, args.format), args.output, args.format, warned)
+        _emit(_render(graph, args.format, args), args.output, args.format, warned)
     elif not (args.diff or args.after_each):
-        _emit(_render(graph, args.format), None, args.format)
+        _emit(_render(graph, args.format, args), None, args.format)
     return 0
 
 
@@ -1097,9 +1120,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--after-each", action="store_true",
                    help="dump the graph after each pass: to OUT.after-<i>-<pass>.<ext> with -o, "
                         "else to stdout")
-    g.add_argument("--diff", action="store_true",
-                   help="print a unified diff of the text dump before vs after the passes (with "
-                        "--after-each: before vs after each pass)")
+    g.add_argument("--diff", nargs="?", const="nodes", choices=["nodes", "unified"], default=None,
+                   help="what the passes changed (with --after-each: each pass): 'nodes' (the "
+                        "default) lists the nodes only before / only after, ignoring order and ids, "
+                        "a change repeated in every layer written once; 'unified': a diff of the "
+                        "text dumps")
+    v = sp.add_argument_group("big graphs")
+    v.add_argument("--layers", metavar="N[,A-B]",
+                   help="dump only these layers (e.g. 0, 0-3, 0,47, -1 for the last)")
+    v.add_argument("--collapse", choices=["auto", "on", "off"], default="auto",
+                   help=f"show the first of identical layers only, noting the others (auto: with more "
+                        f"than {COLLAPSE_ABOVE} layers and no --layers)")
     sp.set_defaults(func=cmd_dump)
     from .quantize import add_parser as add_quantize_parser
     add_quantize_parser(sub, [debug])

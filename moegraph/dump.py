@@ -86,9 +86,9 @@ def node_line(n: Node) -> str:
     return f"{lhs} = {n.op}({args}) {fmt_shape(n.shape)} {n.dtype.name}" + (f" {attrs}" if attrs else "")
 
 
-def to_text(graph: Graph) -> str:
+def to_text(graph: Graph, view: "View | None" = None) -> str:
     """One line per live node in topological order, after a header with the graph's name and the
-    number of nodes per op; then the outputs."""
+    number of nodes per op; then the outputs. `view` (select_view) shows some layers only."""
     order = graph.toposort()
     counts = Counter(n.op for n in order)
     weights = [n for n in order if n.op == "WEIGHT"]
@@ -97,7 +97,11 @@ def to_text(graph: Graph) -> str:
              + (f" ({len(graph.nodes) - len(order)} dead)" if len(graph.nodes) != len(order) else "")
              + f", {len(weights)} weights ({fmt_bytes(wbytes)})",
              "# ops: " + ", ".join(f"{op} {c}" for op, c in sorted(counts.items()))]
-    lines += [node_line(n) for n in order]
+    if view is None:
+        lines += [node_line(n) for n in order]
+    else:
+        lines += view.notes
+        lines += [node_line(n) for n in order if n.id in view.ids]
     lines.append("outputs: " + ", ".join(f"{k} = %{v.id}" for k, v in graph.outputs.items()))
     return "\n".join(lines) + "\n"
 
@@ -160,6 +164,140 @@ def node_layers(graph: Graph, order: list[Node] | None = None) -> dict[int, int 
     return layer
 
 
+# --------------------------------------------------------------------------- big graphs
+@dataclasses.dataclass
+class View:
+    """The nodes a dump shows (ids) and what it says about the rest (notes, '# ...' lines)."""
+    ids: set[int]
+    notes: list[str]
+
+
+def parse_layers(spec: str, n_layer: int) -> list[int]:
+    """'3', '0-3', '0,47', '-1' (the last) -> sorted layer numbers, each checked."""
+    out: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(-?\d+)(?:-(\d+))?", part)
+        if not m:
+            raise MoeGraphError(f"--layers: expected N, A-B or a comma list of them, got {part!r}")
+        a = int(m.group(1)) + (n_layer if m.group(1).startswith("-") else 0)
+        b = int(m.group(2)) if m.group(2) else a
+        if not 0 <= a <= b < n_layer:
+            raise MoeGraphError(f"--layers {part}: the model has layers 0-{n_layer - 1}")
+        out.update(range(a, b + 1))
+    return sorted(out)
+
+
+def _spans(nums: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out, start = [], None
+    for i, v in enumerate(nums):
+        if start is None:
+            start = v
+        if i + 1 == len(nums) or nums[i + 1] != v + 1:
+            out.append(f"{start}" if start == v else f"{start}-{v}")
+            start = None
+    return ", ".join(out)
+
+
+_LAYER_NAME = re.compile(r"\bblk\.\d+\.")
+_CACHE_NAME = re.compile(r"\b(cache_[kv])\.\d+\b")      # the builder's KV cache states
+
+
+def _layer_lines(nodes: list[Node]) -> tuple[str, ...]:
+    """A layer's nodes as text with node ids made local and layer numbers removed: two layers
+    with the same lines compute the same thing on the same kinds of weights."""
+    local = {n.id: i for i, n in enumerate(nodes)}
+    renum = re.compile(r"%(\d+)")
+    return tuple(_CACHE_NAME.sub(r"\1.N", _LAYER_NAME.sub("blk.N.", renum.sub(
+        lambda m: f"%L{local[int(m.group(1))]}" if int(m.group(1)) in local else "%ext", node_line(n))))
+        for n in nodes)
+
+
+def select_view(graph: Graph, layers: list[int] | None = None, collapse: bool = False) -> View:
+    """The nodes of the chosen layers (None: all; nodes outside the layers, such as the
+    embeddings and the output head, are shown only when no layer was chosen), and with collapse
+    only the first of each run of identical layers, with a note naming the layers left out."""
+    order = graph.toposort()
+    lay = node_layers(graph, order)
+    by_layer: dict[int, list[Node]] = {}
+    for n in order:
+        if lay[n.id] is not None:
+            by_layer.setdefault(lay[n.id], []).append(n)
+    wanted = sorted(by_layer) if layers is None else [x for x in layers if x in by_layer]
+    notes: list[str] = []
+    if layers is not None:
+        notes.append(f"# layers {_spans(wanted)} of {len(by_layer)} (--layers): nodes outside them "
+                     "are referred to by id only")
+    shown = list(wanted)
+    if collapse:
+        first: dict[tuple, int] = {}
+        same: dict[int, list[int]] = {}
+        shown = []
+        for x in wanted:
+            sig = _layer_lines(by_layer[x])
+            if sig in first:
+                same[first[sig]].append(x)
+            else:
+                first[sig] = x
+                same[x] = []
+                shown.append(x)
+        for x in shown:
+            if same[x]:
+                notes.append(f"# layers {_spans(same[x])}: the same as layer {x} (not shown)")
+    ids = {n.id for x in shown for n in by_layer[x]}
+    if layers is None:
+        ids |= {n.id for n in order if lay[n.id] is None}
+    return View(ids, notes)
+
+
+def _plain_line(n: Node) -> str:
+    """node_line without node ids (inputs by name, or op and shape): what a node is, wherever it
+    sits in the order."""
+    def ref(x: Node | None) -> str:
+        if x is None:
+            return "_"
+        return x.name or f"{x.op}{fmt_shape(x.shape)}"
+    line = re.sub(r"^%\d+ ?", "", node_line(n))
+    if OPS[n.op].kind != Kind.LEAF:
+        attrs = _fmt_attrs(n)
+        line = (f"{n.name + ' ' if n.name else ''}= {n.op}({', '.join(ref(x) for x in n.inputs)}) "
+                f"{fmt_shape(n.shape)} {n.dtype.name}" + (f" {attrs}" if attrs else ""))
+    return line
+
+
+def diff_graphs(before: Graph, after: Graph, before_name: str = "before", after_name: str = "after") -> str:
+    """What changed between two graphs, ignoring node order and ids: nodes (described by op,
+    inputs by name or op and shape, shape, dtype, attrs) only in one of them, with the same
+    change in several layers written once (blk.N) with the layers it applies to. Empty when the
+    graphs hold the same nodes."""
+    def lines(g: Graph) -> Counter:
+        return Counter(_plain_line(n) for n in g.toposort())
+    a, b = lines(before), lines(after)
+    removed, added = a - b, b - a
+    if not removed and not added:
+        return ""
+
+    def grouped(c: Counter, sign: str) -> list[str]:
+        groups: dict[str, list[int]] = {}
+        count: Counter = Counter()
+        for line, k in c.items():
+            key = _LAYER_NAME.sub("blk.N.", line)
+            groups.setdefault(key, []).extend(int(x) for x in re.findall(r"\bblk\.(\d+)\.", line)[:1])
+            count[key] += k
+        out = []
+        for key in sorted(groups):
+            ls = sorted(set(groups[key]))
+            where = f"  [N = {_spans(ls)}]" if ls and "blk.N." in key else ""
+            times = f" (x{count[key]})" if count[key] > 1 and not where else ""
+            out.append(f"{sign} {key}{where}{times}")
+        return out
+    head = [f"--- {before_name}", f"+++ {after_name}",
+            f"# {sum(removed.values())} nodes only before, {sum(added.values())} only after "
+            "(order and node ids ignored)"]
+    return "\n".join(head + grouped(removed, "-") + grouped(added, "+")) + "\n"
+
+
 # --------------------------------------------------------------------------- DOT
 _STYLE = {
     "INPUT": 'shape=invhouse, style=filled, fillcolor="#cfe2ff"',
@@ -188,11 +326,14 @@ def _dot_label(n: Node) -> str:
     return "\n".join(lines)
 
 
-def to_dot(graph: Graph) -> str:
+def to_dot(graph: Graph, view: "View | None" = None) -> str:
     """Graphviz DOT: inputs, weights, states and outputs drawn as distinct shapes; edges labelled
-    with the shape of the value they carry; one cluster per layer `blk.N`."""
+    with the shape of the value they carry; one cluster per layer `blk.N`. With a `view`, only
+    its nodes and the edges between them (and a note node saying what was left out)."""
     order = graph.toposort()
     layers = node_layers(graph, order)
+    if view is not None:
+        order = [n for n in order if n.id in view.ids]
     out = [f"digraph {_q(graph.name)} {{",
            "  rankdir=TB; newrank=true;",
            '  node [fontname="Helvetica", fontsize=10];',
@@ -215,11 +356,16 @@ def to_dot(graph: Graph) -> str:
                 f'    label="blk.{lay}"; style="rounded,dashed"; color="#888888";']
         out += [decl(n, "    ") for n in by_layer[lay]]
         out.append("  }")
+    shown = {n.id for n in order}
     for n in order:
         for x in n.inputs:
-            if x is not None:
+            if x is not None and x.id in shown:
                 out.append(f"  n{x.id} -> n{n.id} [label={_q(fmt_shape(x.shape))}];")
+    if view is not None and view.notes:
+        out.append(f"  note [label={_q(chr(10).join(x.lstrip('# ') for x in view.notes))}, shape=note];")
     for i, (name, node) in enumerate(graph.outputs.items()):
+        if node.id not in shown:
+            continue
         out.append(f"  out{i} [label={_q(name)}, {_STYLE['OUTPUT']}];")
         out.append(f"  n{node.id} -> out{i} [label={_q(fmt_shape(node.shape))}];")
     out.append("}")
@@ -270,13 +416,16 @@ def json_safe(v: Any) -> Any:
     return str(v)
 
 
-def to_json(graph: Graph) -> dict:
+def to_json(graph: Graph, view: "View | None" = None) -> dict:
     """The live graph as a JSON-ready dict: nodes (id, op, name, inputs, attrs, shape, dtype, and
-    layer; weights also nbytes), outputs (name -> id), op counts and the graph's meta."""
+    layer; weights also nbytes), outputs (name -> id), op counts and the graph's meta. With a
+    `view`, only its nodes (and "view": its notes)."""
     order = graph.toposort()
     layers = node_layers(graph, order)
     nodes = []
     for n in order:
+        if view is not None and n.id not in view.ids:
+            continue
         d = {"id": n.id, "op": n.op, "name": n.name,
              "inputs": [None if x is None else x.id for x in n.inputs],
              "attrs": json_safe(_attrs(n)), "shape": json_safe(n.shape), "dtype": n.dtype.name,
@@ -285,13 +434,16 @@ def to_json(graph: Graph) -> dict:
         if nb is not None:
             d["nbytes"] = nb
         nodes.append(d)
-    return {"name": graph.name, "meta": json_safe(graph.meta),
-            "op_counts": dict(sorted(Counter(n.op for n in order).items())),
-            "nodes": nodes, "outputs": {k: v.id for k, v in graph.outputs.items()}}
+    out = {"name": graph.name, "meta": json_safe(graph.meta),
+           "op_counts": dict(sorted(Counter(n.op for n in order).items())),
+           "nodes": nodes, "outputs": {k: v.id for k, v in graph.outputs.items()}}
+    if view is not None:
+        out["view"] = [x.lstrip("# ") for x in view.notes]
+    return out
 
 
-def to_json_text(graph: Graph, indent: int | None = 1) -> str:
-    return json.dumps(to_json(graph), indent=indent) + "\n"
+def to_json_text(graph: Graph, indent: int | None = 1, view: "View | None" = None) -> str:
+    return json.dumps(to_json(graph, view), indent=indent) + "\n"
 
 
 # --------------------------------------------------------------------------- lowered programs

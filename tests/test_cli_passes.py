@@ -103,16 +103,22 @@ def test_dump_after_each_writes_one_file_per_pass(capsys, tmp_path):
 
 
 def test_dump_diff(capsys):
+    """--diff lists the nodes only before / only after, whatever their order and ids, a change
+    made in every layer written once with its layers; --diff unified is the text diff."""
     rc, out, err = cli(capsys, "dump", "-c", "32", "--passes", "fuse_qkv,fuse_up_gate", "--diff")
     assert rc == 0, err
     lines = out.splitlines()
     assert lines[0] == "--- input" and lines[1] == "+++ after fuse_qkv + fuse_up_gate"
     minus = [x for x in lines if x.startswith("-") and not x.startswith("---")]
     plus = [x for x in lines if x.startswith("+") and not x.startswith("+++")]
-    assert any("blk.0.attn_q.weight" in x for x in minus)
-    assert any("blk.0.ffn_up_exps.weight" in x for x in minus)
-    assert any("blk.0.attn_qkv" in x for x in plus)
-    assert any("blk.0.ffn_gate_up_exps" in x for x in plus)
+    assert "- blk.N.attn_q.weight = WEIGHT Q8_0 [256, 256] (68.0 KiB)  [N = 0-3]" in minus
+    assert any("blk.N.ffn_up_exps.weight" in x and x.endswith("[N = 0-3]") for x in minus)
+    assert any(x.startswith("+ blk.N.attn_qkv = MUL_MAT(blk.N.attn_qkv.weight") for x in plus)
+    assert any("blk.N.ffn_gate_up_exps" in x for x in plus)
+    assert len(lines) < 40
+    rc, out, err = cli(capsys, "dump", "-c", "32", "--passes", "fuse_qkv,fuse_up_gate", "--diff", "unified")
+    assert rc == 0, err
+    assert any(x.startswith("-%") and "blk.0.attn_q.weight" in x for x in out.splitlines())
 
     # with --after-each: one diff per pass, each against the graph before it
     rc, out, err = cli(capsys, "dump", "-c", "32", "--passes", "fuse_qkv,fuse_up_gate",
@@ -122,16 +128,16 @@ def test_dump_diff(capsys):
     assert heads == ["--- input", "+++ after 1: fuse_qkv",
                      "--- after 1: fuse_qkv", "+++ after 2: fuse_up_gate"]
     first, second = out.split("+++ after 2: fuse_up_gate")
-    assert any(x.startswith("+") and "blk.0.attn_qkv" in x for x in first.splitlines())
+    assert any(x.startswith("+") and "blk.N.attn_qkv" in x for x in first.splitlines())
     assert not any(x.startswith("+") and "ffn_gate_up_exps" in x for x in first.splitlines())
-    assert any(x.startswith("+") and "blk.0.ffn_gate_up_exps" in x for x in second.splitlines())
+    assert any(x.startswith("+") and "blk.N.ffn_gate_up_exps" in x for x in second.splitlines())
 
 
 def test_dump_expert_slicing(capsys):
     rc, out, err = cli(capsys, "dump", "-c", "32", "--n-expert-used", "2", "--slice-mode", "hard",
                        "--diff")
     assert rc == 0, err
-    assert any(x.startswith("+") and "blk.0.expert_ids_hard" in x for x in out.splitlines())
+    assert any(x.startswith("+") and "blk.N.expert_ids_hard" in x for x in out.splitlines())
     rc, out, err = cli(capsys, "dump", "-c", "32", "--n-expert-used", "4,3,2,1")
     assert rc == 0, err
     ks = [int(k) for k in re.findall(r"= TOP_K\(.*\{k=(\d+)\}", out)]
@@ -272,3 +278,25 @@ def test_perplexity_plot(capsys, text, tmp_path):
     else:
         assert rc == 0, err
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dump_big_models(capsys, tmp_path):
+    """A 48-layer dump was 3,000 lines and its SVG timed out: identical layers are folded (auto
+    above 8 layers), --layers picks some, and the DOT follows the same view."""
+    from moegraph.testing import write_random_model
+    p = str(write_random_model(tmp_path / "l12.gguf", "qwen3moe", n_layer=12, dtype="Q8_0"))
+    rc, out, err = cli(capsys, "dump", "-m", p)
+    assert rc == 0, err
+    assert "# layers 1-11: the same as layer 0 (not shown)" in out
+    assert "blk.0.attn_q.weight" in out and "blk.5." not in out and "output.weight" in out
+    rc, full, err = cli(capsys, "dump", "-m", p, "--collapse", "off")
+    assert len(full.splitlines()) > 8 * len(out.splitlines()) // 2
+    rc, out, err = cli(capsys, "dump", "-m", p, "--layers", "3,-1")
+    assert rc == 0, err
+    assert "# layers 3, 11 of 12 (--layers)" in out
+    names = set(re.findall(r"blk\.(\d+)\.", out))
+    assert names == {"3", "11"} and " output.weight" not in out
+    rc, dot, err = cli(capsys, "dump", "-m", p, "--format", "dot")
+    assert rc == 0 and "cluster_blk_0" in dot and "cluster_blk_1 " not in dot and "the same as layer 0" in dot
+    rc, out, err = cli(capsys, "dump", "-m", p, "--layers", "12")
+    assert rc == 1 and "--layers 12: the model has layers 0-11" in err
