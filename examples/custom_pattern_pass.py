@@ -5,6 +5,7 @@ compute every norm as MUL(RMS_NORM(x), w): normalize, then scale by the norm wei
 an optional weight input, so one node can do both and the normalized x is never stored.
 
     python examples/custom_pattern_pass.py
+    moegraph run --plugin examples/custom_pattern_pass.py --passes tutorial_fuse_norm   # as a plug-in
 """
 import contextlib
 import io
@@ -42,49 +43,54 @@ def tutorial_fuse_norm(graph):
     return graph
 
 
-model = moegraph.load(DEFAULT_MODEL)
+def main():
+    model = moegraph.load(DEFAULT_MODEL)
 
-# Where does the pattern match? find() returns the captures of every match, in graph order.
-graph = model.graph(n_ctx=64)
-matches = find(graph, NORM_THEN_SCALE)
-print(f"pattern matches {len(matches)} norms: "
-      + ", ".join(m.w.name.removesuffix(".weight") for m in matches[:5]) + ", ...")
+    # Where does the pattern match? find() returns the captures of every match, in graph order.
+    graph = model.graph(n_ctx=64)
+    matches = find(graph, NORM_THEN_SCALE)
+    print(f"pattern matches {len(matches)} norms: "
+          + ", ".join(m.w.name.removesuffix(".weight") for m in matches[:5]) + ", ...")
 
-# Run it the way the PassManager does (the IR is verified after the pass) and diff the dumps.
-before, n_before = to_text(graph), len(graph.toposort())
-graph = run_passes(graph, ["tutorial_fuse_norm"])
-after = to_text(graph)
-print(f"rewrote {graph.meta['tutorial_fuse_norm.rewrites']} MULs: "
-      f"{n_before} -> {len(graph.toposort())} live nodes")
-# The full diff also shows the node lines that moved; keep the rewritten norms of layer 0.
-diff = diff_text(before, after, "model", "tutorial_fuse_norm").splitlines()
-changed = [line for line in diff
-           if line[:2] in ("-%", "+%") and ("RMS_NORM(" in line or "= MUL(" in line)]
-print("diff excerpt (the four norms of layer 0: 2 nodes each become 1):")
-print("\n".join("    " + line for line in changed[:12]))
+    # Run it the way the PassManager does (the IR is verified after the pass) and diff the dumps.
+    before, n_before = to_text(graph), len(graph.toposort())
+    graph = run_passes(graph, ["tutorial_fuse_norm"])
+    after = to_text(graph)
+    print(f"rewrote {graph.meta['tutorial_fuse_norm.rewrites']} MULs: "
+          f"{n_before} -> {len(graph.toposort())} live nodes")
+    # The full diff also shows the node lines that moved; keep the rewritten norms of layer 0.
+    diff = diff_text(before, after, "model", "tutorial_fuse_norm").splitlines()
+    changed = [line for line in diff
+               if line[:2] in ("-%", "+%") and ("RMS_NORM(" in line or "= MUL(" in line)]
+    print("diff excerpt (the four norms of layer 0: 2 nodes each become 1):")
+    print("\n".join("    " + line for line in changed[:12]))
 
-# The hand-written pass gives exactly the graph the built-in fuse_norm gives...
-builtin = to_text(run_passes(model.graph(n_ctx=64), ["fuse_norm"]))
-print("same graph as the built-in fuse_norm:", builtin == after)
+    # The hand-written pass gives exactly the graph the built-in fuse_norm gives...
+    builtin = to_text(run_passes(model.graph(n_ctx=64), ["fuse_norm"]))
+    print("same graph as the built-in fuse_norm:", builtin == after)
 
-# ... and leaves the logits unchanged: run the model with and without it on the reference backend
-# (the check every pass gets, see tests/test_passes.py). Passes are given by name, as functions,
-# or as (name, options) pairs.
-ids = model.tokenizer.encode("And God said, Let there be light: and there was light.")
-base = model.compile(backend="numpy", n_ctx=64).forward(ids)
-fused = model.compile(backend="numpy", n_ctx=64, passes=["tutorial_fuse_norm"]).forward(ids)
-also = model.compile(backend="numpy", n_ctx=64, passes=[tutorial_fuse_norm, "cse"]).forward(ids)
-print(f"logits with vs without the pass over {len(ids)} tokens: max |diff| = "
-      f"{np.abs(fused - base).max():.1e}; bit-identical: {np.array_equal(fused, base)}, "
-      f"{np.array_equal(also, base)}")
+    # ... and leaves the logits unchanged: run the model with and without it on the reference backend
+    # (the check every pass gets, see tests/test_passes.py). Passes are given by name, as functions,
+    # or as (name, options) pairs.
+    ids = model.tokenizer.encode("And God said, Let there be light: and there was light.")
+    base = model.compile(backend="numpy", n_ctx=64).forward(ids)
+    fused = model.compile(backend="numpy", n_ctx=64, passes=["tutorial_fuse_norm"]).forward(ids)
+    also = model.compile(backend="numpy", n_ctx=64, passes=[tutorial_fuse_norm, "cse"]).forward(ids)
+    print(f"logits with vs without the pass over {len(ids)} tokens: max |diff| = "
+          f"{np.abs(fused - base).max():.1e}; bit-identical: {np.array_equal(fused, base)}, "
+          f"{np.array_equal(also, base)}")
 
-# The CLI finds the pass by name too, once the module that registers it is imported (here: this
-# script), e.g. `python -c "import my_passes; from moegraph.cli import main; main()" dump ...`.
-out = io.StringIO()
-with contextlib.redirect_stdout(out):
-    rc = moegraph_cli(["dump", "-c", "64", "--passes", "tutorial_fuse_norm,dce", "--diff"])
-lines = out.getvalue().splitlines()
-muls = sum(line.startswith("-%") and "= MUL(" in line for line in lines) - \
-    sum(line.startswith("+%") and "= MUL(" in line for line in lines)
-print(f"`moegraph dump --passes tutorial_fuse_norm,dce --diff`: exit {rc}, a {len(lines)}-line "
-      f"diff with {muls} fewer MUL nodes")
+    # The CLI finds the pass by name too, once the module that registers it is imported (here: this
+    # script; from a shell, `moegraph dump --plugin examples/custom_pattern_pass.py --passes ...`).
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = moegraph_cli(["dump", "-c", "64", "--passes", "tutorial_fuse_norm,dce", "--diff", "unified"])
+    lines = out.getvalue().splitlines()
+    muls = sum(line.startswith("-%") and "= MUL(" in line for line in lines) - \
+        sum(line.startswith("+%") and "= MUL(" in line for line in lines)
+    print(f"`moegraph dump --passes tutorial_fuse_norm,dce --diff unified`: exit {rc}, a {len(lines)}-line "
+          f"diff with {muls} fewer MUL nodes")
+
+
+if __name__ == "__main__":      # imported as a --plugin, it only registers the pass
+    main()

@@ -1026,6 +1026,9 @@ def build_parser() -> argparse.ArgumentParser:
     debug = argparse.ArgumentParser(add_help=False)
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show Python tracebacks of errors")
+    debug.add_argument("--plugin", action="append", default=argparse.SUPPRESS, metavar="MODULE",
+                       help="import MODULE (a module name, or a .py file) first: the passes it "
+                            "registers can then be named in --passes (repeatable; also $MOEGRAPH_PLUGINS)")
     p = argparse.ArgumentParser(
         prog="moegraph", parents=[debug],
         description="A graph compiler for Mixture-of-Experts LLM inference from GGUF files.",
@@ -1139,6 +1142,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def load_plugin(name: str) -> None:
+    """Imports a user's module (by name, the current directory searched too, or a .py file) so
+    that the passes it registers exist; any failure is a MoeGraphError naming the plugin."""
+    import importlib
+    import importlib.util
+    try:
+        if name.endswith(".py") or os.sep in name:
+            path = Path(name)
+            if not path.is_file():
+                raise MoeGraphError(f"--plugin {name}: no such file")
+            spec = importlib.util.spec_from_file_location(f"moegraph_plugin_{path.stem}", path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            spec.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            importlib.import_module(name)
+    except MoeGraphError:
+        raise
+    except Exception as e:                           # noqa: BLE001 (the user's code: any error)
+        raise MoeGraphError(f"--plugin {name}: could not import it: {type(e).__name__}: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -1147,6 +1174,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
+        plugins = [p for p in os.environ.get("MOEGRAPH_PLUGINS", "").split(",") if p.strip()]
+        for plugin in plugins + list(getattr(args, "plugin", [])):
+            load_plugin(plugin.strip())
         if getattr(args, "passes", None) is not None and args.passes.strip() == "help":
             return _print_pass_help()
         _pass_names(getattr(args, "passes", None))   # a typo fails before any model is loaded

@@ -65,23 +65,37 @@ def test_example_runs(name, tmp_path):
         assert re.search(pattern, proc.stdout), f"{name}: no match for {pattern!r} in:\n{proc.stdout}"
 
 
-def python_blocks(md: Path) -> list[str]:
-    return [code for lang, code in re.findall(r"```(\w*)\n(.*?)```", md.read_text(), re.DOTALL)
-            if lang == "python"]
+def python_blocks(md: Path) -> list[tuple[str, str | None]]:
+    """(code, the output the page shows for it) for each python block; the output is the plain
+    ``` block right after it, None where there is none."""
+    blocks = re.findall(r"```(\w*)\n(.*?)```", md.read_text(), re.DOTALL)
+    out = []
+    for i, (lang, code) in enumerate(blocks):
+        if lang == "python":
+            nxt = blocks[i + 1] if i + 1 < len(blocks) else None
+            out.append((code, nxt[1] if nxt is not None and nxt[0] == "" else None))
+    return out
 
 
 @pytest.mark.parametrize("doc", ["writing-a-pass.md", "ir.md"])
 def test_doc_snippets_run(doc):
     """The Python blocks of a page run in order in one namespace (later blocks use earlier
-    names); functions named test_* that they define are called too."""
+    names), and what each prints is what the page shows after it (the plain block that follows;
+    a block without one prints nothing); functions named test_* that they define are called."""
     from moegraph.passes import PASSES, pass_names
     pass_names()                                      # load the built-in passes first
     registered = dict(PASSES)
     ns: dict = {"__name__": f"docs.{doc}"}
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            for i, code in enumerate(python_blocks(DOCS / doc)):
+        for i, (code, shown) in enumerate(python_blocks(DOCS / doc)):
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf):
                 exec(compile(code, f"{doc}, python block {i + 1}", "exec"), ns)  # noqa: S102
+            printed = buf.getvalue()
+            assert printed.rstrip() == (shown or "").rstrip(), (
+                f"{doc}, python block {i + 1} prints something other than the page shows:\n"
+                f"--- page\n{shown}--- printed\n{printed}")
+        with contextlib.redirect_stdout(io.StringIO()):
             for name, fn in list(ns.items()):
                 if name.startswith("test_") and callable(fn):
                     fn()

@@ -464,3 +464,37 @@ def test_quantize_accepts_allow_requantize(tmp_path, capsys):
     assert main(["quantize", "--no-progress", "--allow-requantize", str(DEFAULT_MODEL),
                  str(tmp_path / "b.gguf"), "Q4_0"]) == 0
     assert "requantizing" not in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- plug-ins
+def test_cli_loads_a_users_pass_module(tmp_path, monkeypatch, capsys):
+    """The CLI could not load a user's pass module (only a python -c wrapper could); --plugin
+    takes a .py file or a module name, $MOEGRAPH_PLUGINS too, and an import failure is a clear
+    error."""
+    from moegraph.cli import main
+    from moegraph.passes import PASSES
+    (tmp_path / "my_plugin_passes.py").write_text(textwrap.dedent("""
+        from moegraph.passes import register_pass
+
+        @register_pass("plugin_tags_graph")
+        def plugin_tags_graph(graph):
+            graph.meta["tagged_by_plugin"] = True
+            return graph
+    """))
+    try:
+        assert main(["dump", "-c", "16", "--passes", "plugin_tags_graph", "--format", "json"]) == 1
+        assert "unknown pass 'plugin_tags_graph'" in capsys.readouterr().err
+        assert main(["dump", "-c", "16", "--plugin", str(tmp_path / "my_plugin_passes.py"),
+                     "--passes", "plugin_tags_graph", "--format", "json"]) == 0
+        assert '"tagged_by_plugin": true' in capsys.readouterr().out
+        PASSES.pop("plugin_tags_graph")
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("MOEGRAPH_PLUGINS", "my_plugin_passes")
+        assert main(["dump", "-c", "16", "--passes", "plugin_tags_graph", "--format", "json"]) == 0
+        assert '"tagged_by_plugin": true' in capsys.readouterr().out
+        monkeypatch.delenv("MOEGRAPH_PLUGINS")
+        (tmp_path / "broken_plugin.py").write_text("raise RuntimeError('plugin bug')\n")
+        assert main(["dump", "--plugin", "broken_plugin"]) == 1
+        assert "--plugin broken_plugin: could not import it: RuntimeError: plugin bug" in capsys.readouterr().err
+    finally:
+        PASSES.pop("plugin_tags_graph", None)
