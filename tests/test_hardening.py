@@ -498,3 +498,26 @@ def test_cli_loads_a_users_pass_module(tmp_path, monkeypatch, capsys):
         assert "--plugin broken_plugin: could not import it: RuntimeError: plugin bug" in capsys.readouterr().err
     finally:
         PASSES.pop("plugin_tags_graph", None)
+
+
+def test_ctrl_c_while_the_compiled_code_is_cached_is_not_swallowed(tmp_path, monkeypatch):
+    """A KeyboardInterrupt inside llvmlite's object-cache callback (a ctypes callback) was
+    printed as "Exception ignored" and compilation went on; it now stops compile()."""
+    import moegraph
+    from moegraph import cache
+    from moegraph.data import DEFAULT_MODEL
+    monkeypatch.setenv("MOEGRAPH_CACHE", str(tmp_path))
+
+    def interrupted(path, data):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cache, "write_entry", interrupted)
+    m = moegraph.load(str(DEFAULT_MODEL))
+    with pytest.raises(KeyboardInterrupt):
+        m.compile(backend="llvm", n_ctx=16, n_threads=1, max_tokens=3)
+
+
+def test_cli_prompt_tokens_out_of_range(capsys):
+    """--prompt-tokens 2**70 ended in an OverflowError traceback."""
+    from moegraph.cli import main
+    assert main(["run", "--backend", "numpy", "-c", "16", "--prompt-tokens", str(2**70)]) == 1
+    assert f"token id {2**70} is out of range" in capsys.readouterr().err
