@@ -10,8 +10,11 @@ parameterised as llama.cpp's build_moe_ffn is.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Callable
+
+import numpy as np
 
 from .errors import ModelError
 from .gguf_file import GGUFFile
@@ -82,45 +85,72 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
                          f"{', '.join(sorted(ARCHS))}")
     a = ARCHS[arch]
 
-    def key(name, default=ModelError):
-        v = f.get(f"{arch}.{name}", None)
+    def key(name, default=ModelError, lo: float | None = 1, kind=int):
+        """The value of ARCH.name checked: an int (or a finite float) >= lo; a missing key is the
+        default, or an error where there is none. A file with n_head 0, a negative count or a
+        per-layer array where one value is expected must not reach the builder."""
+        full = f"{arch}.{name}"
+        v = f.get(full, None)
         if v is None:
             if default is ModelError:
-                raise ModelError(f"{f.path}: missing metadata key {arch}.{name}")
+                raise ModelError(f"{f.path}: missing metadata key {full}")
             return default
-        return v
+        if isinstance(v, (list, tuple)):
+            raise ModelError(f"{f.path}: metadata key {full} holds {len(v)} values (one per layer?); "
+                             "moegraph supports one value here")
+        if kind is int:
+            ok = isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+        else:
+            ok = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) \
+                and math.isfinite(float(v))
+        if not ok or (lo is not None and v < lo):
+            want = "an integer" if kind is int else "a finite number"
+            raise ModelError(f"{f.path}: metadata key {full} = {v!r} is not {want}"
+                             + (f" >= {lo}" if lo is not None else ""))
+        return kind(v)
 
-    n_embd, n_head = int(key("embedding_length")), int(key("attention.head_count"))
-    head_dim = int(key("attention.key_length", n_embd // n_head))
+    n_embd, n_head = key("embedding_length"), key("attention.head_count")
+    head_dim = key("attention.key_length", n_embd // n_head)
     tokens = f.get("tokenizer.ggml.tokens")
-    n_vocab = int(key("vocab_size", len(tokens) if tokens else 0))
+    n_vocab = key("vocab_size", len(tokens) if tokens else 0)
     if not n_vocab:
         raise ModelError(f"{f.path}: cannot tell the vocabulary size (no tokenizer.ggml.tokens)")
     scale = 1.0
     if f.get(f"{arch}.rope.scaling.type", "none") == "linear":
-        scale = 1.0 / float(key("rope.scaling.factor", 1.0))
-    n_expert = int(key("expert_count", 0))
-    n_ff = int(key("feed_forward_length", 0))
-    n_used = int(key("expert_used_count", 0))
+        scale = 1.0 / key("rope.scaling.factor", 1.0, lo=1e-6, kind=float)
+    n_expert = key("expert_count", 0, lo=0)
+    n_ff = key("feed_forward_length", 0, lo=0)
+    n_used = key("expert_used_count", 0, lo=0)
+    n_head_kv = key("attention.head_count_kv", n_head)
+    if n_head % n_head_kv:
+        raise ModelError(f"{f.path}: {arch}.attention.head_count {n_head} is not a multiple of "
+                         f"attention.head_count_kv {n_head_kv}")
+    if n_expert and not 1 <= n_used <= n_expert:
+        raise ModelError(f"{f.path}: {arch}.expert_used_count {n_used} must be in 1..expert_count "
+                         f"({n_expert})")
+    rope_dims = key("rope.dimension_count", head_dim)
+    if rope_dims % 2 or rope_dims > head_dim:
+        raise ModelError(f"{f.path}: {arch}.rope.dimension_count {rope_dims} must be even and at most "
+                         f"the head size {head_dim}")
     # llama.cpp's defaults: llama sizes experts by feed_forward_length; the qwen MoEs use
     # n_ff / n_expert_used when expert_feed_forward_length is absent, and a shared expert of n_ff.
     if arch == "llama":
         n_ff_exp = n_ff if n_expert else 0
     else:
-        n_ff_exp = int(key("expert_feed_forward_length", 0)) or (n_ff // n_used if n_used else 0)
-    n_ff_shexp = int(key("expert_shared_feed_forward_length", 0)) or (n_ff if a.shared_expert else 0)
+        n_ff_exp = key("expert_feed_forward_length", 0, lo=0) or (n_ff // n_used if n_used else 0)
+    n_ff_shexp = key("expert_shared_feed_forward_length", 0, lo=0) or (n_ff if a.shared_expert else 0)
     return ModelConfig(
-        arch=arch, n_vocab=n_vocab, n_embd=n_embd, n_layer=int(key("block_count")),
-        n_head=n_head, n_head_kv=int(key("attention.head_count_kv", n_head)),
-        head_dim=head_dim, head_dim_v=int(key("attention.value_length", head_dim)),
-        n_ctx_train=int(key("context_length")),
-        rms_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_dims=int(key("rope.dimension_count", head_dim)), rope_mode=a.rope_mode,
-        rope_freq_base=float(key("rope.freq_base", 10000.0)), rope_freq_scale=scale,
+        arch=arch, n_vocab=n_vocab, n_embd=n_embd, n_layer=key("block_count"),
+        n_head=n_head, n_head_kv=n_head_kv,
+        head_dim=head_dim, head_dim_v=key("attention.value_length", head_dim),
+        n_ctx_train=key("context_length"),
+        rms_eps=key("attention.layer_norm_rms_epsilon", 1e-5, lo=0, kind=float),
+        rope_dims=rope_dims, rope_mode=a.rope_mode,
+        rope_freq_base=key("rope.freq_base", 10000.0, lo=1e-6, kind=float), rope_freq_scale=scale,
         n_ff=n_ff, n_expert=n_expert, n_expert_used=n_used, n_ff_exp=n_ff_exp, n_ff_shexp=n_ff_shexp,
         expert_gating="softmax",   # all supported architectures; llama.cpp hard-codes it for them
         expert_weights_norm=a.expert_weights_norm,
-        expert_weights_scale=float(key("expert_weights_scale", 1.0)) or 1.0,
+        expert_weights_scale=key("expert_weights_scale", 1.0, lo=None, kind=float) or 1.0,
         qk_norm=a.qk_norm,
     )
 
