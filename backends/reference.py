@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from moegraph.errors import InputError
-from moegraph.ir import BF16, F16, I32, OPS, Graph, Kind, Node, static_shape
+from moegraph.ir import BF16, F16, I32, OPS, Graph, Kind, Node, rope_mscale, rope_yarn_ramp, static_shape
 
 from .lower import UnsupportedOpError, bind_symbols
 from moegraph.quants import (GGMLType, quantize_activations, quantize_roundtrip, traits,
@@ -136,18 +136,25 @@ def _mul_mat_id(ex, n, b, a, x, ids):
     return out
 
 
-def _rope(ex, n, b, x, pos):
+def _rope(ex, n, b, x, pos, ff=None):
     nd, mode = n.attrs["n_dims"], n.attrs["mode"]
     half = nd // 2
+    f32 = np.float32
     # ggml's angle recurrence in float32: theta_0 = p, theta_{i+1} = theta_i * base^(-2/n_dims)
-    step = np.float32(n.attrs["freq_base"]) ** np.float32(-2.0 / nd)
-    theta = np.empty((len(pos), half), np.float32)
-    th = pos.astype(np.float32)
+    step = f32(n.attrs["freq_base"]) ** f32(-2.0 / nd)
+    theta = np.empty((len(pos), half), f32)
+    th = pos.astype(f32)
     for i in range(half):
         theta[:, i] = th
-        th = (th * step).astype(np.float32)
-    theta = theta * np.float32(n.attrs["freq_scale"])
-    cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
+        th = (th * step).astype(f32)
+    if ff is not None:
+        theta = (theta / as_f32(ff)[None, :]).astype(f32)
+    interp = (theta * f32(n.attrs["freq_scale"])).astype(f32)
+    if n.attrs.get("ext_factor", 0.0) != 0:          # YaRN: mix in the unscaled angle per pair
+        mix = rope_yarn_ramp(n.attrs)[None, :]
+        interp = (interp * (f32(1) - mix) + theta * mix).astype(f32)
+    ms = f32(rope_mscale(n.attrs))
+    cos, sin = (np.cos(interp) * ms)[:, None, :], (np.sin(interp) * ms)[:, None, :]
     x = as_f32(x)
     out = x.copy()
     if mode == 0:   # NORM: adjacent pairs

@@ -532,11 +532,18 @@ def _soft_max(x, mask, scale):
 ROPE_NORM, ROPE_NEOX = 0, 2  # ggml's mode numbers
 
 
-@defop("ROPE", "x pos", kind=Kind.OPAQUE, rowwise=True, n_dims=REQUIRED, mode=ROPE_NORM, freq_base=10000.0, freq_scale=1.0)
-def _rope(x, pos, n_dims, mode, freq_base, freq_scale):
-    """Rotary embedding of x [T, H, D] at positions pos [T]: the first n_dims of each head are
-    rotated by angle p * freq_scale * freq_base^(-2i/n_dims) for pair i; pairs are (2i, 2i+1) in
-    mode NORM (0) and (i, i + n_dims/2) in mode NEOX (2). Dims past n_dims pass through."""
+@defop("ROPE", "x pos freq_factors?", kind=Kind.OPAQUE, rowwise=True, n_dims=REQUIRED, mode=ROPE_NORM,
+       freq_base=10000.0, freq_scale=1.0, ext_factor=0.0, attn_factor=1.0, beta_fast=32.0,
+       beta_slow=1.0, n_ctx_orig=0)
+def _rope(x, pos, freq_factors, n_dims, mode, freq_base, freq_scale, ext_factor, attn_factor,
+          beta_fast, beta_slow, n_ctx_orig):
+    """Rotary embedding of x [T, H, D] at positions pos [T] (ggml_rope_ext): pair i < n_dims/2
+    is rotated by theta_i; pairs are (2i, 2i+1) in mode NORM (0) and (i, i + n_dims/2) in mode
+    NEOX (2); dims past n_dims pass through. theta_e = p * freq_base^(-2i/n_dims) / ff_i (ff:
+    the optional freq_factors [n_dims/2], Llama 3's rope_freqs; 1 without), theta = freq_scale *
+    theta_e; with ext_factor != 0 (YaRN) theta = theta * (1 - m_i) + theta_e * m_i, m_i the ramp
+    over the correction dims (rope_yarn_ramp) times ext_factor. cos and sin are scaled by
+    attn_factor, under YaRN times 1 + 0.1 ln(1/freq_scale) (rope_mscale)."""
     _need_f32("ROPE", x)
     _need_i32("ROPE", pos)
     if x.rank != 3 or pos.shape != (x.shape[0],):
@@ -545,7 +552,48 @@ def _rope(x, pos, n_dims, mode, freq_base, freq_scale):
         _fail("ROPE", f"mode {mode} unsupported (0 = NORM, 2 = NEOX)")
     if not (0 < n_dims <= x.shape[2] and n_dims % 2 == 0):
         _fail("ROPE", f"n_dims={n_dims} must be even and <= head dim {x.shape[2]}")
+    if freq_factors is not None and (freq_factors.dtype != F32 or freq_factors.shape != (n_dims // 2,)):
+        _fail("ROPE", f"freq_factors must be F32 [{n_dims // 2}], got {list(freq_factors.shape)} "
+                      f"{freq_factors.dtype.name}")
+    if ext_factor != 0 and not (isinstance(n_ctx_orig, int) and n_ctx_orig > 0):
+        _fail("ROPE", f"YaRN (ext_factor={ext_factor}) needs n_ctx_orig > 0, got {n_ctx_orig!r}")
     return x.shape, F32
+
+
+def rope_yarn_corr_dims(attrs: dict) -> tuple[float, float]:
+    """ROPE's YaRN correction dims (low, high), float32 as ggml_rope_yarn_corr_dims: floor/ceil
+    of the dims whose wavelength fits beta_fast / beta_slow times in n_ctx_orig."""
+    import numpy as np
+    f32, nd = np.float32, attrs["n_dims"]
+
+    def corr_dim(n_rot):
+        return f32(nd) * f32(np.log(f32(attrs["n_ctx_orig"]) / (f32(n_rot) * f32(2) * f32(np.pi)))) / \
+            (f32(2) * f32(np.log(f32(attrs["freq_base"]))))
+    low = max(f32(0), f32(np.floor(corr_dim(attrs.get("beta_fast", 32.0)))))
+    high = min(f32(nd - 1), f32(np.ceil(corr_dim(attrs.get("beta_slow", 1.0)))))
+    return float(low), float(high)
+
+
+def rope_yarn_ramp(attrs: dict):
+    """ROPE's per-pair YaRN mix m_i (float32 [n_dims/2]): 1 - clamp((i - low) / max(0.001,
+    high - low), 0, 1) over the correction dims, times ext_factor; zeros without YaRN."""
+    import numpy as np
+    f32, half = np.float32, attrs["n_dims"] // 2
+    ext = f32(attrs.get("ext_factor", 0.0))
+    if ext == 0:
+        return np.zeros(half, f32)
+    low, high = (f32(v) for v in rope_yarn_corr_dims(attrs))
+    y = (np.arange(half, dtype=f32) - low) / max(f32(0.001), f32(high - low))
+    return ((f32(1) - np.minimum(f32(1), np.maximum(f32(0), y))) * ext).astype(f32)
+
+
+def rope_mscale(attrs: dict) -> float:
+    """ROPE's factor on cos and sin: attn_factor, under YaRN times 1 + 0.1 ln(1/freq_scale)."""
+    import numpy as np
+    m = np.float32(attrs.get("attn_factor", 1.0))
+    if attrs.get("ext_factor", 0.0) != 0:
+        m = np.float32(m * np.float32(1.0 + 0.1 * np.log(1.0 / np.float32(attrs["freq_scale"]))))
+    return float(m)
 
 
 @defop("RESHAPE", "x", kind=Kind.VIEW, rowwise=True, shape=REQUIRED)

@@ -41,6 +41,9 @@ class ModelConfig:
     rope_mode: int
     rope_freq_base: float = 10000.0
     rope_freq_scale: float = 1.0
+    rope_ext_factor: float = 0.0       # YaRN's mix (1 with rope.scaling.type yarn)
+    rope_attn_factor: float = 1.0      # on cos/sin (ROPE's attn_factor), YaRN's magnitude scaling
+    rope_n_ctx_orig: int = 0           # YaRN: the context the model was trained with before scaling
     n_ff: int = 0                      # dense FFN width (0 = none)
     n_expert: int = 0
     n_expert_used: int = 0
@@ -67,13 +70,31 @@ class Arch:
     expert_weights_norm: bool          # llama.cpp's norm_w argument for this architecture
     qk_norm: bool = False
     shared_expert: bool = False
+    rope_freqs: bool = False           # reads rope_freqs.weight (Llama 3.1's frequency factors)
 
 
 ARCHS: dict[str, Arch] = {a.name: a for a in (
-    Arch("llama", ROPE_NORM, expert_weights_norm=True),        # dense (SmolLM2) and Mixtral
+    Arch("llama", ROPE_NORM, expert_weights_norm=True, rope_freqs=True),   # dense and Mixtral
     Arch("qwen2moe", ROPE_NEOX, expert_weights_norm=False, shared_expert=True),
     Arch("qwen3moe", ROPE_NEOX, expert_weights_norm=True, qk_norm=True),
 )}
+
+# The ARCH.* metadata keys the builders understand. Any other ARCH.* key is refused with its
+# name: a setting we would ignore could change what the model computes (never silently wrong).
+KNOWN_KEYS = {
+    "block_count", "context_length", "embedding_length", "feed_forward_length", "vocab_size",
+    "attention.head_count", "attention.head_count_kv", "attention.key_length",
+    "attention.value_length", "attention.layer_norm_rms_epsilon",
+    "rope.freq_base", "rope.dimension_count", "rope.scaling.type", "rope.scaling.factor",
+    "rope.scale_linear", "rope.scaling.original_context_length", "rope.scaling.attn_factor",
+    "rope.scaling.finetuned",          # informational
+    "expert_count", "expert_used_count", "expert_feed_forward_length",
+    "expert_shared_feed_forward_length", "expert_weights_scale",
+}
+# Keys llama.cpp does not read for these architectures: accepted only with the value llama.cpp
+# then uses (another value would make llama.cpp and the model's own code disagree).
+FIXED_KEYS = {"rope.scaling.yarn_beta_fast": 32.0, "rope.scaling.yarn_beta_slow": 1.0,
+              "rope.scaling.yarn_ext_factor": 1.0, "expert_gating_func": 1}   # 1 = softmax
 
 
 def config_from_gguf(f: GGUFFile) -> ModelConfig:
@@ -115,9 +136,18 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
     n_vocab = key("vocab_size", len(tokens) if tokens else 0)
     if not n_vocab:
         raise ModelError(f"{f.path}: cannot tell the vocabulary size (no tokenizer.ggml.tokens)")
-    scale = 1.0
-    if f.get(f"{arch}.rope.scaling.type", "none") == "linear":
-        scale = 1.0 / key("rope.scaling.factor", 1.0, lo=1e-6, kind=float)
+    unknown = sorted(k for k in f.metadata if k.startswith(f"{arch}.")
+                     and k[len(arch) + 1:] not in KNOWN_KEYS | set(FIXED_KEYS))
+    if unknown:
+        raise ModelError(f"{f.path}: metadata key(s) {', '.join(unknown)} not understood by moegraph's "
+                         f"{arch} builder (refused rather than ignored: they may change what the model "
+                         "computes)")
+    for name, want in FIXED_KEYS.items():
+        v = f.get(f"{arch}.{name}", None)
+        if v is not None and v != want:
+            raise ModelError(f"{f.path}: {arch}.{name} = {v!r}: llama.cpp does not read this key for "
+                             f"{arch} (it uses {want}); moegraph refuses the file rather than pick one")
+    rope = _rope_scaling(f, arch, key, n_ctx_train=key("context_length"))
     n_expert = key("expert_count", 0, lo=0)
     n_ff = key("feed_forward_length", 0, lo=0)
     n_used = key("expert_used_count", 0, lo=0)
@@ -146,13 +176,35 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
         n_ctx_train=key("context_length"),
         rms_eps=key("attention.layer_norm_rms_epsilon", 1e-5, lo=0, kind=float),
         rope_dims=rope_dims, rope_mode=a.rope_mode,
-        rope_freq_base=key("rope.freq_base", 10000.0, lo=1e-6, kind=float), rope_freq_scale=scale,
+        rope_freq_base=key("rope.freq_base", 10000.0, lo=1e-6, kind=float), **rope,
         n_ff=n_ff, n_expert=n_expert, n_expert_used=n_used, n_ff_exp=n_ff_exp, n_ff_shexp=n_ff_shexp,
         expert_gating="softmax",   # all supported architectures; llama.cpp hard-codes it for them
         expert_weights_norm=a.expert_weights_norm,
         expert_weights_scale=key("expert_weights_scale", 1.0, lo=None, kind=float) or 1.0,
         qk_norm=a.qk_norm,
     )
+
+
+def _rope_scaling(f: GGUFFile, arch: str, key, n_ctx_train: int) -> dict:
+    """RoPE scaling as llama.cpp reads it (llama-model.cpp, llama-context.cpp): the type defaults
+    to linear, the factor to none; YaRN mixes in the unscaled angles (ext_factor 1) and scales
+    cos/sin by 0.1 ln(factor) + 1 (llama.cpp's attn_factor, times rope.scaling.attn_factor)."""
+    f32 = np.float32
+    kind = f.get(f"{arch}.rope.scaling.type", "linear")
+    if kind not in ("none", "linear", "yarn"):
+        raise ModelError(f"{f.path}: {arch}.rope.scaling.type {kind!r} is not supported (none, linear, yarn)")
+    factor = key("rope.scaling.factor", 0.0, lo=0, kind=float) or key("rope.scale_linear", 0.0, lo=0, kind=float)
+    scale = 1.0 if kind == "none" or factor == 0 else float(f32(1) / f32(factor))
+    attn = float(f32(key("rope.scaling.attn_factor", 1.0, lo=0, kind=float)))
+    out = {"rope_freq_scale": scale, "rope_ext_factor": 0.0, "rope_attn_factor": attn,
+           "rope_n_ctx_orig": key("rope.scaling.original_context_length", n_ctx_train)}
+    if kind == "yarn":
+        fac = f32(1) / f32(scale)
+        mscale = f32(1) if fac <= 1 else f32(0.1) * f32(np.log(fac)) + f32(1)
+        # llama.cpp divides by the factor ggml's YaRN path multiplies back in (its PR 17945)
+        out["rope_attn_factor"] = float(mscale * (f32(1) / (f32(1) + f32(0.1) * f32(np.log(fac)))) * f32(attn))
+        out["rope_ext_factor"] = 1.0
+    return out
 
 
 class GraphBuilder:
@@ -221,9 +273,12 @@ class GraphBuilder:
             q = self.norm(q, f"{p}.attn_q_norm.weight")
             k = self.norm(k, f"{p}.attn_k_norm.weight")
         rope = dict(n_dims=c.rope_dims, mode=c.rope_mode, freq_base=c.rope_freq_base,
-                    freq_scale=c.rope_freq_scale)
-        q = g.rope(q, self.pos, **rope)
-        k = g.rope(k, self.pos, **rope)
+                    freq_scale=c.rope_freq_scale, attn_factor=c.rope_attn_factor)
+        if c.rope_ext_factor:
+            rope.update(ext_factor=c.rope_ext_factor, n_ctx_orig=c.rope_n_ctx_orig)
+        ff = self.opt("rope_freqs.weight", (c.rope_dims // 2,)) if ARCHS[c.arch].rope_freqs else None
+        q = g.rope(q, self.pos, ff, **rope)
+        k = g.rope(k, self.pos, ff, **rope)
         # KV cache: cell = position (one sequence); attention reads cells [0, KV) and the mask
         # hides those in each token's future.
         kc = g.set_rows(g.state(f"cache_k.{il}", (self.n_ctx, c.n_head_kv, c.head_dim), self.kv_dtype), k, self.pos)
@@ -271,9 +326,12 @@ class GraphBuilder:
         out = g.sum(g.mul(experts, weights), axis=1)                                # [T, n]
         if c.n_ff_shexp and self.has(f"{p}.ffn_up_shexp.weight"):
             shared = self.dense_ffn(x, p, c.n_ff_shexp, suffix="_shexp")
-            gate_w = self.opt(f"{p}.ffn_gate_inp_shexp.weight", (n,))
-            if gate_w is not None:
-                gate_w = g.reshape(gate_w, shape=(1, n))
+            gname = f"{p}.ffn_gate_inp_shexp.weight"
+            if self.has(gname):   # [n_embd] or, as llama.cpp's converter writes it, [1, n_embd]
+                two_d = len(self.f.tensor(gname).shape) == 2
+                gate_w = self.w(gname, (1, n) if two_d else (n,))
+                if not two_d:
+                    gate_w = g.reshape(gate_w, shape=(1, n))
                 shared = g.mul(shared, g.sigmoid(g.mul_mat(gate_w, x)))           # [T,n]*[T,1]
             out = g.add(out, shared)
         return out
@@ -303,6 +361,12 @@ BUILDERS: dict[str, Callable[[GraphBuilder], Graph]] = {name: build_decoder for 
 
 
 def build_graph(f: GGUFFile, cfg: ModelConfig, n_ctx: int, kv_dtype: DType = F16) -> Graph:
-    g = BUILDERS[cfg.arch](GraphBuilder(f, cfg, n_ctx, kv_dtype))
+    b = GraphBuilder(f, cfg, n_ctx, kv_dtype)
+    g = BUILDERS[cfg.arch](b)
+    unused = sorted(set(f.tensor_types) - set(b._weights))
+    if unused:   # a tensor the builder does not know would be silently ignored: refuse
+        more = f" and {len(unused) - 6} more" if len(unused) > 6 else ""
+        raise ModelError(f"{f.path}: tensor(s) {', '.join(unused[:6])}{more} not used by moegraph's "
+                         f"{cfg.arch} builder (refused rather than ignored: the model may need them)")
     g.verify()
     return g

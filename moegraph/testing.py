@@ -316,8 +316,8 @@ def _use_more_bits(i: int, n: int) -> bool:
 
 def _tensor_type(name: str, shape: tuple[int, ...], base: str, mix: str | None, n_layer: int,
                  overrides: dict[str, str] | None) -> str:
-    if len(shape) == 1 or name.endswith(".bias") or ".ffn_gate_inp." in name:
-        t = "F32"                                      # norms, biases, routers, shared gate
+    if sum(d > 1 for d in shape) <= 1 or name.endswith(".bias") or ".ffn_gate_inp." in name:
+        t = "F32"           # norms, biases, routers, the [1, n] shared gate (ggml_n_dims 1)
     else:
         t = base
         if base.endswith("_K") and name == "output.weight":
@@ -481,7 +481,8 @@ def plan_random_model(arch: str = "qwen3moe", *, n_layer: int = 2, n_embd: int =
             add(up.name, [up])
         add(f"{p}.ffn_down_exps.weight", [lw(f"{p}.ffn_down_exps.weight", E, n_embd, n_ff_exp)])
         if arch == "qwen2moe":
-            add(f"{p}.ffn_gate_inp_shexp.weight", [lw(f"{p}.ffn_gate_inp_shexp.weight", n_embd)])
+            # [1, n_embd], as llama.cpp's converter writes it (a 1-D [n_embd] loads too)
+            add(f"{p}.ffn_gate_inp_shexp.weight", [lw(f"{p}.ffn_gate_inp_shexp.weight", 1, n_embd)])
             for nm, sh in (("ffn_gate_shexp", (n_ff_shexp, n_embd)), ("ffn_up_shexp", (n_ff_shexp, n_embd)),
                            ("ffn_down_shexp", (n_embd, n_ff_shexp))):
                 add(f"{p}.{nm}.weight", [lw(f"{p}.{nm}.weight", *sh)])

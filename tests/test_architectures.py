@@ -173,7 +173,7 @@ def reference_logits(path, tokens=TOKENS) -> np.ndarray:
             if p + "ffn_up_shexp.weight" in W:
                 sh = (silu(h @ W[p + "ffn_gate_shexp.weight"].T) * (h @ W[p + "ffn_up_shexp.weight"].T)) \
                     @ W[p + "ffn_down_shexp.weight"].T
-                gate = 1.0 / (1.0 + np.exp(-(h @ W[p + "ffn_gate_inp_shexp.weight"])))
+                gate = 1.0 / (1.0 + np.exp(-(h @ W[p + "ffn_gate_inp_shexp.weight"].reshape(-1))))
                 f = f + sh * gate[:, None]
         x = x + f
     x = rms_norm(x, W["output_norm.weight"], eps)
@@ -283,7 +283,7 @@ def test_writer_metadata_dims_and_determinism(tmp_path):
     assert dims["blk.0.ffn_gate_exps.weight"] == [n, nf, E]   # GGUF: ne0 (n_embd) first
     assert dims["blk.0.ffn_down_exps.weight"] == [nf, n, E]
     assert dims["blk.0.ffn_gate_inp.weight"] == [n, E]
-    assert dims["blk.0.ffn_gate_inp_shexp.weight"] == [n]
+    assert dims["blk.0.ffn_gate_inp_shexp.weight"] == [n, 1]    # as the converter writes it
     assert dims["blk.0.ffn_up_shexp.weight"] == [n, 48]
     assert dims["blk.0.attn_q.bias"] == [n]
     assert dims["token_embd.weight"] == [n, COMMON["n_vocab"]]
@@ -365,3 +365,17 @@ def test_llama_cpp_oracle(tmp_path, variant):
     kl = float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
     assert kl <= 1e-5, f"{variant}: mean KL(llama.cpp || moegraph) = {kl:.2e} > 1e-5"
     assert np.array_equal(ref.argmax(-1), ours.argmax(-1)), f"{variant}: arg-max differs"
+
+
+def test_qwen2moe_one_dimensional_shared_gate(tmp_path):
+    """The shared-expert gate loads in both layouts: [1, n_embd] (llama.cpp's converter, the
+    writer's default) and [n_embd] (older files), with the same logits."""
+    from moegraph.gguf_file import GGUFFile, WeightData, write_gguf
+    a = write(tmp_path / "a.gguf", "qwen2moe")
+    f = GGUFFile(a)
+    tensors = [WeightData(t.name, t.dtype, t.shape[1:], t.raw) if t.name.endswith("gate_inp_shexp.weight")
+               else t for t in f.tensors.values()]
+    assert any(len(t.shape) == 1 and "shexp" in t.name for t in tensors)
+    b = write_gguf(tmp_path / "b.gguf", dict(f.metadata), tensors, metadata_types=f.metadata_types)
+    la, lb = moegraph_logits(a), moegraph_logits(b)
+    assert np.array_equal(la, lb)

@@ -108,8 +108,13 @@ def _movement(g, rng):
 @case("rope", ["ROPE"])
 def _rope(g, rng):
     x, pos = g.input("x", ("T", 3, 16), F32), g.input("pos", ("T",), I32)
+    ff = g.weight(WeightData.from_array("rope_freqs", rng.uniform(1, 8, 8).astype(np.float32)))
+    yarn = dict(freq_scale=0.25, ext_factor=1.0, attn_factor=0.9, n_ctx_orig=64)
     g.outputs.update(norm=g.rope(x, pos, n_dims=16, mode=0, freq_base=10000.0),
-                     neox=g.rope(x, pos, n_dims=12, mode=2, freq_base=5e5, freq_scale=0.25))
+                     neox=g.rope(x, pos, n_dims=12, mode=2, freq_base=5e5, freq_scale=0.25),
+                     factors=g.rope(x, pos, ff, n_dims=16, mode=0, freq_base=5e5),     # Llama 3
+                     yarn=g.rope(x, pos, n_dims=16, mode=2, freq_base=1e4, **yarn),
+                     yarn_factors=g.rope(x, pos, ff, n_dims=16, mode=0, freq_base=1e4, **yarn))
     return lambda rng, T: {"x": x_input(rng, T, 3, 16), "pos": rng.integers(0, 4000, T).astype(np.int32)}
 
 

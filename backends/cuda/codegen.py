@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moegraph.errors import MoeGraphError
-from moegraph.ir import BF16, F16, F32, I32, Node
+from moegraph.ir import BF16, F16, F32, I32, Node, rope_mscale, rope_yarn_corr_dims, rope_yarn_ramp
 from moegraph.quants import GGMLType as G
 from moegraph.quants import block_size, is_quantized, row_bytes, type_size, vec_dot_type
 
@@ -259,12 +259,13 @@ def g_soft_max(plan: Plan, n: Node):
 def g_rope(plan: Plan, n: Node):
     import numpy as np
     k = KB(plan)
-    out, (x, pos) = _views(plan, n)
+    out, (x, pos, ff) = _views(plan, n)
     T, H, D = out.shape
     nd, mode = n.attrs["n_dims"], n.attrs["mode"]
     half = nd // 2
     step = f32lit(float(np.float32(n.attrs["freq_base"]) ** np.float32(-2.0 / nd)))
     fs = f32lit(n.attrs["freq_scale"])
+    ms = f32lit(rope_mscale(n.attrs))
     k.lines.append(f"  const i64 total = {k.count((T, H, D - half))};")
     body = []
     k.lines, saved = body, k.lines
@@ -272,7 +273,16 @@ def g_rope(plan: Plan, n: Node):
     body.append(f"    if ({i} < {half}) {{")
     body.append(f"      float th = (float){k.load(pos, [t])};")
     body.append(f"      for (i64 j = 0; j < {i}; j++) th = __fmul_rn(th, {step});")
-    body.append(f"      const float a = __fmul_rn(th, {fs}); const float c = cosf(a), s = sinf(a);")
+    if ff is not None:       # Llama 3's rope_freqs: theta / ff_i
+        body.append(f"      th = __fdiv_rn(th, {k.load(ff, [i])});")
+    body.append(f"      float a = __fmul_rn(th, {fs});")
+    if rope_yarn_ramp(n.attrs).any():     # YaRN: mix in the unscaled angle by the ramp
+        low, high = rope_yarn_corr_dims(n.attrs)
+        span = f32lit(float(max(np.float32(0.001), np.float32(high - low))))
+        body.append(f"      const float y = fminf(1.0f, fmaxf(0.0f, __fdiv_rn((float){i} - {f32lit(low)}, {span})));")
+        body.append(f"      const float m = __fmul_rn(1.0f - y, {f32lit(n.attrs['ext_factor'])});")
+        body.append("      a = __fadd_rn(__fmul_rn(a, 1.0f - m), __fmul_rn(th, m));")
+    body.append(f"      const float c = cosf(a) * {ms}, s = sinf(a) * {ms};")
     i0, i1 = (f"2*{i}", f"2*{i}+1") if mode == 0 else (i, f"{i}+{half}")
     body.append(f"      const float x0 = {k.load(x, [t, h, i0])}, x1 = {k.load(x, [t, h, i1])};")
     body.append(f"      {{ float y = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s)); {k.store(out, [t, h, i0], 'y')} }}")

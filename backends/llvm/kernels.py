@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from moegraph.errors import MoeGraphError
-from moegraph.ir import BF16, F16, F32, I32, Node
+from moegraph.ir import BF16, F16, F32, I32, Node, rope_mscale, rope_yarn_corr_dims, rope_yarn_ramp
 from moegraph.quants import GGMLType, is_quantized, vec_dot_type
 
 from .irgen import I32 as TI32, Fn, f32, f64, splat
@@ -376,16 +376,17 @@ def k_soft_max(plan: Plan, n: Node, name: str):
 
 def k_rope(plan: Plan, n: Node, name: str):
     """Per token: the cos/sin table once (ggml's float32 angle recurrence), then every head."""
+    import numpy as np
     k = K(plan, name)
     f = k.f
-    out, (x, pos) = _views(plan, n)
+    out, (x, pos, ff) = _views(plan, n)
     T, H, D = out.shape
     nd, mode = n.attrs["n_dims"], n.attrs["mode"]
     half = nd // 2
-    step = f32(float(n.attrs["freq_base"]) ** (-2.0 / nd))
-    import numpy as np
     step = f32(float(np.float32(n.attrs["freq_base"]) ** np.float32(-2.0 / nd)))
     fs = f32(n.attrs["freq_scale"])
+    mix = rope_yarn_ramp(n.attrs)             # YaRN's per-pair mix (zeros without it)
+    ms = rope_mscale(n.attrs)
     lo, hi = k.split(k.dim(T))
     cs = f.op(f"getelementptr float, ptr %tls, i64 0")
     sn = f.gep("float", "%tls", half)
@@ -393,9 +394,26 @@ def k_rope(plan: Plan, n: Node, name: str):
         p = f.op(f"sitofp i32 {f.load('i32', k.ptr(pos, [t]))} to float")
         th = f.var("float", p)
         with f.loop(0, half) as i:
-            a = f.op(f"fmul float {th.get()}, {fs}")
-            f.store("float", f.call("float", "@llvm.cos.f32", f"float {a}"), f.gep("float", cs, i), 4)
-            f.store("float", f.call("float", "@llvm.sin.f32", f"float {a}"), f.gep("float", sn, i), 4)
+            te = th.get()
+            if ff is not None:               # Llama 3's rope_freqs: theta / ff_i
+                te = f.op(f"fdiv float {te}, {f.load('float', k.ptr(ff, [i]))}")
+            a = f.op(f"fmul float {te}, {fs}")
+            if mix.any():                    # YaRN: the ramp per pair, as ggml computes it
+                low, high = rope_yarn_corr_dims(n.attrs)
+                span = f32(max(np.float32(0.001), np.float32(high - low)))
+                fi = f.op(f"uitofp i64 {i} to float")
+                y = f.op(f"fdiv float {f.op(f'fsub float {fi}, {f32(low)}')}, {span}")
+                y = f.call("float", "@llvm.maximum.f32", "float 0.0", f"float {y}")
+                y = f.call("float", "@llvm.minimum.f32", "float 1.0", f"float {y}")
+                m = f.op(f"fmul float {f.op(f'fsub float 1.0, {y}')}, {f32(n.attrs['ext_factor'])}")
+                keep = f.op(f"fmul float {a}, {f.op(f'fsub float 1.0, {m}')}")
+                a = f.op(f"fadd float {keep}, {f.op(f'fmul float {te}, {m}')}")
+            c = f.call("float", "@llvm.cos.f32", f"float {a}")
+            sv = f.call("float", "@llvm.sin.f32", f"float {a}")
+            if ms != 1.0:
+                c, sv = f.op(f"fmul float {c}, {f32(ms)}"), f.op(f"fmul float {sv}, {f32(ms)}")
+            f.store("float", c, f.gep("float", cs, i), 4)
+            f.store("float", sv, f.gep("float", sn, i), 4)
             th.set(f.op(f"fmul float {th.get()}, {step}"))
         with f.loop(0, H) as h:
             px, po = k.ptr(x, [t, h, "0"]), k.ptr(out, [t, h, "0"])

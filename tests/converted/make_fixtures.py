@@ -1,0 +1,136 @@
+"""Makes tests/converted/*.gguf: tiny random models built with Hugging Face transformers' own
+classes, converted by llama.cpp's converter, and transformers' float64 logits on them.
+
+Run in an environment of its own (torch and transformers are test-time tools, never moegraph
+dependencies), with the llama.cpp tree of llama-cpp-python's source distribution:
+
+    python -m venv .venv-hf && .venv-hf/bin/pip install torch transformers sentencepiece
+    pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 && tar xzf llama_cpp_python-*.tar.gz
+    .venv-hf/bin/pip install llama_cpp_python-0.3.36/vendor/llama.cpp/gguf-py
+    .venv-hf/bin/python tests/converted/make_fixtures.py --llama-cpp llama_cpp_python-0.3.36/vendor/llama.cpp
+
+Each model gets: NAME.gguf (F32, as the converter writes it) and NAME.npz (tokens, and the
+logits of transformers' forward in float64 over all of them). The tokenizer is a byte-level BPE
+trained here on a few sentences; the converter does not know its pre-tokenizer hash, so it is
+told 'gpt-2' (the only patch). Weights: std 1/sqrt(fan_in), so attention and routing are not
+flat; norm weights 1 + N(0, 0.2); biases N(0, 0.1). Positions go past the original context of
+the rope-scaled models, where llama3 frequency factors and YaRN change the result."""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+TEXT = ("In the beginning God created the heaven and the earth. And the earth was without form, "
+        "and void; and darkness was upon the face of the deep. And the Spirit of God moved upon "
+        "the face of the waters. And God said, Let there be light: and there was light. ") * 4
+N_TOKENS = 100        # past original_max_position_embeddings (48) of the rope-scaled models
+
+COMMON = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+              rms_norm_eps=1e-5, tie_word_embeddings=False)
+MODELS = {
+    # Llama 3.1-style rope scaling: the converter writes rope_freqs.weight
+    "llama3-ropefreqs": ("LlamaForCausalLM", "LlamaConfig", dict(
+        intermediate_size=96, max_position_embeddings=384,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 48})),
+    "llama-yarn": ("LlamaForCausalLM", "LlamaConfig", dict(
+        intermediate_size=96, max_position_embeddings=192,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                         "original_max_position_embeddings": 48})),
+    "llama-linear": ("LlamaForCausalLM", "LlamaConfig", dict(
+        intermediate_size=96, max_position_embeddings=192,
+        rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})),
+    "qwen2moe": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig", dict(
+        intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+        num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, decoder_sparse_step=1)),
+    "qwen3moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", dict(
+        intermediate_size=96, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+        norm_topk_prob=True, head_dim=24, max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, decoder_sparse_step=1)),
+    "mixtral": ("MixtralForCausalLM", "MixtralConfig", dict(
+        intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+}
+
+
+def make_tokenizer(folder: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
+                                   eos_token="<|endoftext|>")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def randomize(model, seed: int) -> None:
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            elif p.ndim == 1:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--llama-cpp", required=True, type=Path, help="llama.cpp source tree (the converter)")
+    ap.add_argument("--out", type=Path, default=HERE)
+    ap.add_argument("--only", nargs="*", help="model names (default: all)")
+    ap.add_argument("--seed", type=int, default=7)
+    args = ap.parse_args()
+    import torch
+    import transformers
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        tok = make_tokenizer(tmp / "tok")
+        ids = tok(TEXT)["input_ids"][:N_TOKENS]
+        assert len(ids) == N_TOKENS, len(ids)
+        for i, (name, (cls, cfg_cls, kw)) in enumerate(MODELS.items()):
+            if args.only and name not in args.only:
+                continue
+            cfg = getattr(transformers, cfg_cls)(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                                 eos_token_id=tok.eos_token_id, **COMMON, **kw)
+            model = getattr(transformers, cls)(cfg)
+            randomize(model, args.seed + i)
+            hf = tmp / name
+            model.save_pretrained(hf)
+            tok.save_pretrained(hf)
+            gguf = args.out / f"{name}.gguf"
+            # the converter, told the test tokenizer's pre-tokenizer (its hash is not in its table)
+            code = ("import sys; sys.path.insert(0, sys.argv[1]); sys.argv = sys.argv[1:]; "
+                    "import convert_hf_to_gguf as c; from conversion import base; "
+                    "base.TextModel.get_vocab_base_pre = lambda self, t: 'gpt-2'; c.main()")
+            subprocess.run([sys.executable, "-c", code, str(args.llama_cpp), str(hf), "--outtype", "f32",
+                            "--outfile", str(gguf)], check=True, capture_output=True)
+            model.config._experts_implementation = "eager"     # float64: no grouped_mm
+            model = model.double().eval()
+            with torch.no_grad():
+                logits = model(torch.tensor([ids])).logits[0].numpy()
+            np.savez_compressed(args.out / f"{name}.npz", tokens=np.array(ids, np.int32), logits=logits.astype(np.float32),
+                                config=json.dumps(cfg.to_dict(), default=str))
+            print(f"{name}: {gguf.stat().st_size / 1024:.0f} KiB, logits {logits.shape}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
