@@ -120,7 +120,9 @@ class TorchModel:
         q = self.linear(x, f"{p}.attn_q").view(T, c.n_head, c.head_dim)
         k = self.linear(x, f"{p}.attn_k").view(T, c.n_head_kv, c.head_dim)
         v = self.linear(x, f"{p}.attn_v").view(T, c.n_head_kv, c.head_dim_v)
-        if c.qk_norm:
+        if c.qk_norm == "full":
+            raise NotImplementedError("torch_peer: Q/K norms over the whole projection (olmoe)")
+        if c.qk_norm == "head":
             q, k = self.rms_norm(q, f"{p}.attn_q_norm.weight"), self.rms_norm(k, f"{p}.attn_k_norm.weight")
         q, k = self.rope(q, pos), self.rope(k, pos)
         n0, n_kv = self.n_past, self.n_past + T

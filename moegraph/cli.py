@@ -467,13 +467,10 @@ def _json_value(v, limit: int = 64):
 
 
 # --------------------------------------------------------------------------- inspect
-def _tensor_infos(path: Path) -> list[dict]:
-    """All tensors of the file, including the types moegraph cannot compute with."""
-    import gguf
-    reader = gguf.GGUFReader(path, "r")
-    return [{"name": t.name, "type": t.tensor_type.name,
-             "shape": [int(d) for d in reversed(t.shape.tolist())],
-             "n_elements": int(t.n_elements), "nbytes": int(t.n_bytes)} for t in reader.tensors]
+def _tensor_infos(f) -> list[dict]:
+    """All tensors of the file (every shard), including the types moegraph cannot compute with."""
+    return [{"name": t.name, "type": t.type_name, "shape": list(t.shape), "n_elements": t.n_elements,
+             "nbytes": t.nbytes} | ({"shard": t.shard + 1} if t.shard else {}) for t in f.infos.values()]
 
 
 def cmd_inspect(args) -> int:
@@ -487,7 +484,7 @@ def cmd_inspect(args) -> int:
         cfg, cfg_error = config_from_gguf(f).summary(), None
     except MoeGraphError as e:
         cfg, cfg_error = None, str(e)
-    tensors = _tensor_infos(f.path)
+    tensors = _tensor_infos(f)
     total_bytes = sum(t["nbytes"] for t in tensors)
     total_params = sum(t["n_elements"] for t in tensors)
     by_type: dict[str, int] = {}

@@ -7,6 +7,7 @@ import contextlib
 import glob
 import math
 import os
+import re
 import stat
 import struct
 from dataclasses import dataclass
@@ -85,51 +86,96 @@ def concat_weights(name: str, parts: list[WeightData], axis: int = -2) -> Weight
     return WeightData(name, t, tuple(shape), joined.reshape(-1))
 
 
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of the file as stored, whatever its type: NumPy-order shape, GGML type name,
+    bytes, and a uint8 view of its data (memory-mapped from the shard that holds it)."""
+    name: str
+    shape: tuple[int, ...]
+    type_name: str
+    nbytes: int
+    raw: np.ndarray
+    shard: int = 0
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 1
+
+
+SPLIT_NAME = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def shard_paths(path: Path, count: int) -> list[Path]:
+    """llama.cpp's names for the shards of a split model (llama_split_path): PREFIX-00001-of-0000N.gguf."""
+    m = SPLIT_NAME.match(path.name)
+    if not m:
+        raise GGUFError(f"{path}: the file says it is shard 1 of {count} (split.count) but its name "
+                        "is not PREFIX-00001-of-NNNNN.gguf, so the other shards cannot be found")
+    return [path.with_name(f"{m['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+
+
 class GGUFFile:
-    """An opened GGUF: `metadata` (key -> Python value), `tensors` (name -> WeightData) and
-    `tensor_types` (name -> the GGML type's name, also for types moegraph cannot compute with)."""
+    """An opened GGUF: `metadata` (key -> Python value), `tensors` (name -> WeightData for the
+    types moegraph computes with), `infos` (name -> TensorInfo for every tensor) and
+    `tensor_types` (name -> the GGML type's name). A split model (llama.cpp's gguf-split:
+    PREFIX-00001-of-0000N.gguf, keys split.no/split.count/split.tensors.count) is opened from its
+    first shard: every shard is memory-mapped and checked, a missing or mismatched one named."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        _check_file(self.path)
-        check_header(self.path)
-        import gguf  # imported here so that `moegraph --help` stays fast
-        try:
-            reader = gguf.GGUFReader(self.path, "r")
-        except Exception as e:  # the reader raises many kinds of errors on corrupt files
-            raise GGUFError(f"{self.path}: cannot parse the GGUF header or tensor table "
-                            f"(truncated or corrupt file?): {type(e).__name__}: {e}") from None
+        reader, self.metadata, self.metadata_types = _open_shard(self.path)
         self.version = int(reader.fields["GGUF.version"].contents()) if "GGUF.version" in reader.fields else None
-        self.metadata: dict[str, Any] = {}
-        for k, f in reader.fields.items():
-            if k.startswith("GGUF."):
-                continue
-            try:
-                self.metadata[k] = f.contents()
-            except UnicodeDecodeError as e:
-                raise GGUFError(f"{self.path}: metadata key {k!r} holds a string that is not valid "
-                                f"UTF-8 ({e.reason} at byte {e.start})") from None
-        # value types, so that a rewritten file keeps them (e.g. uint32 vs int32)
-        self.metadata_types = {k: (f.types[0], f.types[-1] if len(f.types) > 1 else None)
-                               for k, f in reader.fields.items() if not k.startswith("GGUF.")}
         self.file_size = self.path.stat().st_size
+        self._readers = [reader]          # keep the memory maps alive
+        self.infos: dict[str, TensorInfo] = {}
+        self._add_tensors(reader, self.path, 0)
+        count = int(self.metadata.get("split.count", 1) or 1)
+        if count > 1:
+            self._open_other_shards(count)
         self.tensors: dict[str, WeightData] = {}
         self.tensor_types: dict[str, str] = {}
         self.unsupported: dict[str, str] = {}
+        for name, t in self.infos.items():
+            self.tensor_types[name] = t.type_name
+            if t.type_name not in GGMLType.__members__ or GGMLType[t.type_name] not in SUPPORTED_DEQUANT:
+                self.unsupported[name] = t.type_name
+            else:
+                self.tensors[name] = WeightData(name, GGMLType[t.type_name], t.shape, t.raw)
+        self._reader = reader
+
+    def _add_tensors(self, reader, path: Path, shard: int) -> None:
+        size = path.stat().st_size
         for t in reader.tensors:
-            type_name = t.tensor_type.name
-            self.tensor_types[t.name] = type_name
             end = int(t.data_offset) + int(t.n_bytes)
-            if end > self.file_size:
-                raise GGUFError(f"{self.path}: tensor {t.name} ends at byte {end} but the file has "
-                                f"{self.file_size} bytes (truncated file)")
+            if end > size:
+                raise GGUFError(f"{path}: tensor {t.name} ends at byte {end} but the file has "
+                                f"{size} bytes (truncated file)")
+            if t.name in self.infos:
+                raise GGUFError(f"{path}: tensor {t.name} appears twice (also in shard "
+                                f"{self.infos[t.name].shard + 1})")
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # ne0 first -> NumPy order
-            if type_name not in GGMLType.__members__ or GGMLType[type_name] not in SUPPORTED_DEQUANT:
-                self.unsupported[t.name] = type_name
-                continue
-            raw = reader.data[int(t.data_offset):end]
-            self.tensors[t.name] = WeightData(t.name, GGMLType[type_name], shape, raw)
-        self._reader = reader  # keeps the memory map alive
+            self.infos[t.name] = TensorInfo(t.name, shape, t.tensor_type.name, int(t.n_bytes),
+                                            reader.data[int(t.data_offset):end], shard)
+
+    def _open_other_shards(self, count: int) -> None:
+        first_no = self.metadata.get("split.no", 0)
+        if first_no != 0:
+            raise GGUFError(f"{self.path}: this is shard {first_no + 1} of {count}; open the first "
+                            "one (PREFIX-00001-of-NNNNN.gguf)")
+        paths = shard_paths(self.path, count)
+        for i, p in enumerate(paths[1:], start=1):
+            if not p.exists():
+                raise GGUFError(f"{self.path}: shard {i + 1} of {count} is missing: {p}")
+            reader, meta, _ = _open_shard(p)
+            if meta.get("split.count") != count or meta.get("split.no") != i:
+                raise GGUFError(f"{p}: says it is shard {meta.get('split.no', 0) + 1} of "
+                                f"{meta.get('split.count', 1)}, expected shard {i + 1} of {count}")
+            self._readers.append(reader)
+            self._add_tensors(reader, p, i)
+        want = self.metadata.get("split.tensors.count")
+        if want is not None and want != len(self.infos):
+            raise GGUFError(f"{self.path}: the shards hold {len(self.infos)} tensors, split.tensors.count "
+                            f"says {want}")
 
     @property
     def architecture(self) -> str | None:
@@ -149,6 +195,31 @@ class GGUFFile:
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors or name in self.unsupported
+
+
+def _open_shard(path: Path):
+    """(gguf reader, metadata, metadata value types) of one file, its header checked first."""
+    _check_file(path)
+    check_header(path)
+    import gguf  # imported here so that `moegraph --help` stays fast
+    try:
+        reader = gguf.GGUFReader(path, "r")
+    except Exception as e:  # the reader raises many kinds of errors on corrupt files
+        raise GGUFError(f"{path}: cannot parse the GGUF header or tensor table "
+                        f"(truncated or corrupt file?): {type(e).__name__}: {e}") from None
+    metadata: dict[str, Any] = {}
+    for k, f in reader.fields.items():
+        if k.startswith("GGUF."):
+            continue
+        try:
+            metadata[k] = f.contents()
+        except UnicodeDecodeError as e:
+            raise GGUFError(f"{path}: metadata key {k!r} holds a string that is not valid "
+                            f"UTF-8 ({e.reason} at byte {e.start})") from None
+    # value types, so that a rewritten file keeps them (e.g. uint32 vs int32)
+    types = {k: (f.types[0], f.types[-1] if len(f.types) > 1 else None)
+             for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    return reader, metadata, types
 
 
 def _check_file(path: Path) -> None:

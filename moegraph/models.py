@@ -52,7 +52,7 @@ class ModelConfig:
     expert_gating: str = "softmax"     # or "sigmoid"
     expert_weights_norm: bool = False  # renormalize the k selected weights to sum 1
     expert_weights_scale: float = 1.0
-    qk_norm: bool = False              # per-head RMS norm of q and k (qwen3)
+    qk_norm: str = ""                  # RMS norm of q and k: "head" (qwen3: per head), "full" (olmoe: the whole projection)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -68,15 +68,17 @@ class Arch:
     name: str
     rope_mode: int
     expert_weights_norm: bool          # llama.cpp's norm_w argument for this architecture
-    qk_norm: bool = False
+    qk_norm: str = ""                  # "head" or "full" (see ModelConfig)
     shared_expert: bool = False
     rope_freqs: bool = False           # reads rope_freqs.weight (Llama 3.1's frequency factors)
+    experts_n_ff: bool = False         # experts are feed_forward_length wide (llama, olmoe loaders)
 
 
 ARCHS: dict[str, Arch] = {a.name: a for a in (
-    Arch("llama", ROPE_NORM, expert_weights_norm=True, rope_freqs=True),   # dense and Mixtral
+    Arch("llama", ROPE_NORM, expert_weights_norm=True, rope_freqs=True, experts_n_ff=True),  # + Mixtral
     Arch("qwen2moe", ROPE_NEOX, expert_weights_norm=False, shared_expert=True),
-    Arch("qwen3moe", ROPE_NEOX, expert_weights_norm=True, qk_norm=True),
+    Arch("qwen3moe", ROPE_NEOX, expert_weights_norm=True, qk_norm="head"),
+    Arch("olmoe", ROPE_NEOX, expert_weights_norm=False, qk_norm="full", experts_n_ff=True),
 )}
 
 # The ARCH.* metadata keys the builders understand. Any other ARCH.* key is refused with its
@@ -162,9 +164,9 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
     if rope_dims % 2 or rope_dims > head_dim:
         raise ModelError(f"{f.path}: {arch}.rope.dimension_count {rope_dims} must be even and at most "
                          f"the head size {head_dim}")
-    # llama.cpp's defaults: llama sizes experts by feed_forward_length; the qwen MoEs use
+    # llama.cpp's defaults: llama and olmoe size experts by feed_forward_length; the qwen MoEs use
     # n_ff / n_expert_used when expert_feed_forward_length is absent, and a shared expert of n_ff.
-    if arch == "llama":
+    if a.experts_n_ff:
         n_ff_exp = n_ff if n_expert else 0
     else:
         n_ff_exp = key("expert_feed_forward_length", 0, lo=0) or (n_ff // n_used if n_used else 0)
@@ -266,10 +268,13 @@ class GraphBuilder:
             q = self.linear(x, f"{p}.attn_q", nq, c.n_embd)
             k = self.linear(x, f"{p}.attn_k", nk, c.n_embd)
             v = self.linear(x, f"{p}.attn_v", nv, c.n_embd)
+        if c.qk_norm == "full":                     # olmoe: over the whole projection
+            q = self.norm(q, f"{p}.attn_q_norm.weight")
+            k = self.norm(k, f"{p}.attn_k_norm.weight")
         q = g.reshape(q, shape=(T, c.n_head, c.head_dim))
         k = g.reshape(k, shape=(T, c.n_head_kv, c.head_dim))
         v = g.reshape(v, shape=(T, c.n_head_kv, c.head_dim_v))
-        if c.qk_norm:
+        if c.qk_norm == "head":                     # qwen3: each head
             q = self.norm(q, f"{p}.attn_q_norm.weight")
             k = self.norm(k, f"{p}.attn_k_norm.weight")
         rope = dict(n_dims=c.rope_dims, mode=c.rope_mode, freq_base=c.rope_freq_base,

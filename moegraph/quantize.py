@@ -407,19 +407,12 @@ def plan_tensors(src, type_name: str, *, pure: bool = False, output_tensor_type:
 
 def _tensor_infos(f) -> dict[str, tuple[tuple[int, ...], str, int]]:
     """name -> (NumPy-order shape, type name, bytes) for every tensor, also unsupported types."""
-    reader = f._reader
-    return {t.name: (tuple(int(d) for d in reversed(t.shape.tolist())), t.tensor_type.name,
-                     int(t.n_bytes)) for t in reader.tensors}
+    return {t.name: (t.shape, t.type_name, t.nbytes) for t in f.infos.values()}
 
 
 def _raw(f, name: str):
     """The tensor's bytes (uint8 memory-mapped view), for every type."""
-    if name in f.tensors:
-        return f.tensors[name].raw
-    for t in f._reader.tensors:
-        if t.name == name:
-            return f._reader.data[int(t.data_offset):int(t.data_offset) + int(t.n_bytes)]
-    raise KeyError(name)
+    return f.infos[name].raw
 
 
 # ----------------------------------------------------------------------------------------------

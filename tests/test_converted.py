@@ -105,3 +105,85 @@ def test_unknown_metadata_and_tensors_are_refused(tmp_path):
     p = _rewrite(tmp_path, "qwen3moe", extra_tensors=[ff])
     with pytest.raises(moegraph.ModelError, match=r"rope_freqs.weight not used"):
         moegraph.load(p).compile(backend="numpy", n_ctx=16)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_passes_keep_the_logits(name):
+    """fuse_qkv, fuse_up_gate, fuse_norm and cse on the converter's files (biases, shared experts,
+    Q/K norms over the whole projection, rope factors): the same logits on the reference."""
+    tokens = np.load(HERE / f"{name}.npz")["tokens"][:24]
+    m = moegraph.load(HERE / f"{name}.gguf")
+    base = m.compile(backend="numpy", n_ctx=32, kv_type="f32").forward(tokens)
+    fused = m.compile(backend="numpy", n_ctx=32, kv_type="f32",
+                      passes=["fuse_qkv", "fuse_up_gate", "fuse_norm", "cse"]).forward(tokens)
+    assert np.abs(fused - base).max() <= 1e-5 * np.abs(base).max()
+
+
+# --------------------------------------------------------------------------- split files
+def write_split(src: Path, folder: Path, n: int, prefix: str = "model") -> list[Path]:
+    """src as llama.cpp's gguf-split writes it: n shards PREFIX-0000i-of-0000n.gguf, the
+    metadata in the first, split.no / split.count (uint16) and split.tensors.count (int32) in each."""
+    import gguf
+
+    from moegraph.gguf_file import GGUFFile, write_gguf
+    f = GGUFFile(src)
+    tensors = list(f.tensors.values())
+    parts = [tensors[i::n] for i in range(n)]
+    U16, I32 = gguf.GGUFValueType.UINT16, gguf.GGUFValueType.INT32
+    out = []
+    for i, part in enumerate(parts):
+        split = {"split.no": i, "split.count": n, "split.tensors.count": len(tensors)}
+        meta = {**(f.metadata if i == 0 else {"general.architecture": f.architecture}), **split}
+        types = {**(f.metadata_types if i == 0 else {}),
+                 "split.no": (U16, None), "split.count": (U16, None), "split.tensors.count": (I32, None)}
+        out.append(write_gguf(folder / f"{prefix}-{i + 1:05d}-of-{n:05d}.gguf", meta, part, metadata_types=types))
+    return out
+
+
+def test_split_files_load_as_one(tmp_path):
+    """A model split by gguf-split loads from its first shard, every shard memory-mapped, with the
+    same logits; a missing or mismatched shard is named."""
+    src = HERE / "qwen3moe.gguf"
+    shards = write_split(src, tmp_path, 3)
+    tokens = np.load(HERE / "qwen3moe.npz")["tokens"][:16]
+    want = moegraph.load(src).compile(backend="numpy", n_ctx=32).forward(tokens)
+    m = moegraph.load(shards[0])
+    assert sorted(m.file.tensors) == sorted(moegraph.load(src).file.tensors)
+    assert {t.shard for t in m.file.infos.values()} == {0, 1, 2}
+    assert np.array_equal(m.compile(backend="numpy", n_ctx=32).forward(tokens), want)
+    assert np.array_equal(m.compile(backend="llvm", n_ctx=32, n_threads=2).forward(tokens),
+                          moegraph.load(src).compile(backend="llvm", n_ctx=32, n_threads=2).forward(tokens))
+    with pytest.raises(moegraph.GGUFError, match=r"this is shard 2 of 3; open the first one"):
+        moegraph.load(shards[1])
+    shards[2].rename(tmp_path / "elsewhere.gguf")
+    with pytest.raises(moegraph.GGUFError, match=r"shard 3 of 3 is missing: .*model-00003-of-00003.gguf"):
+        moegraph.load(shards[0])
+    (tmp_path / "elsewhere.gguf").rename(shards[2])
+    (tmp_path / "o").mkdir()
+    other = write_split(src, tmp_path / "o", 3)
+    shards[2].write_bytes(other[1].read_bytes())          # shard 2's bytes under shard 3's name
+    with pytest.raises(moegraph.GGUFError, match=r"says it is shard 2 of 3, expected shard 3 of 3"):
+        moegraph.load(shards[0])
+    lone = tmp_path / "renamed.gguf"
+    lone.write_bytes(shards[0].read_bytes())
+    with pytest.raises(moegraph.GGUFError, match=r"shard 1 of 3 \(split.count\) but its name is not"):
+        moegraph.load(lone)
+
+
+@pytest.mark.oracle
+@pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="the llama_cpp package (llama-cpp-python) is not "
+                    "installed: `pip install llama-cpp-python` to compare with llama.cpp itself")
+def test_split_files_are_what_llama_cpp_reads(tmp_path):
+    """The shards written above are gguf-split's format: llama.cpp loads them from the first."""
+    import llama_cpp
+    shards = write_split(HERE / "mixtral.gguf", tmp_path, 2)
+    tokens = np.load(HERE / "mixtral.npz")["tokens"][:16].tolist()
+    llm = llama_cpp.Llama(model_path=str(shards[0]), n_ctx=32, logits_all=True, n_threads=2, verbose=False)
+    try:
+        llm.eval(tokens)
+        ref = np.array(llm.scores[: len(tokens)], dtype=np.float64)
+    finally:
+        if hasattr(llm, "close"):
+            llm.close()
+    ours = moegraph.load(shards[0]).compile(backend="numpy", n_ctx=32).forward(tokens).astype(np.float64)
+    assert _rel(ours, ref) <= 1e-3

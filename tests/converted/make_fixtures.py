@@ -56,6 +56,9 @@ MODELS = {
         intermediate_size=96, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
         norm_topk_prob=True, head_dim=24, max_position_embeddings=256,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, decoder_sparse_step=1)),
+    "olmoe": ("OlmoeForCausalLM", "OlmoeConfig", dict(
+        intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
+        num_key_value_heads=4, max_position_embeddings=256, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
     "mixtral": ("MixtralForCausalLM", "MixtralConfig", dict(
         intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=256,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
@@ -109,7 +112,7 @@ def main() -> int:
             if args.only and name not in args.only:
                 continue
             cfg = getattr(transformers, cfg_cls)(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                                                 eos_token_id=tok.eos_token_id, **COMMON, **kw)
+                                                 eos_token_id=tok.eos_token_id, **{**COMMON, **kw})
             model = getattr(transformers, cls)(cfg)
             randomize(model, args.seed + i)
             hf = tmp / name
