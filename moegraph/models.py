@@ -53,6 +53,12 @@ class ModelConfig:
     expert_weights_norm: bool = False  # renormalize the k selected weights to sum 1
     expert_weights_scale: float = 1.0
     qk_norm: str = ""                  # RMS norm of q and k: "head" (qwen3: per head), "full" (olmoe: the whole projection)
+    # granite's multipliers (0 = none): embeddings, each block's output before its residual add,
+    # the attention's kq scale (instead of 1/sqrt(head_dim)), and the logits (divided by it)
+    embedding_scale: float = 0.0
+    residual_scale: float = 0.0
+    attention_scale: float = 0.0
+    logit_scale: float = 0.0
     extra: dict = field(default_factory=dict)
 
     @property
@@ -72,6 +78,7 @@ class Arch:
     shared_expert: bool = False
     rope_freqs: bool = False           # reads rope_freqs.weight (Llama 3.1's frequency factors)
     experts_n_ff: bool = False         # experts are feed_forward_length wide (llama, olmoe loaders)
+    keys: tuple = ()                   # ARCH.* keys this architecture reads beyond KNOWN_KEYS
 
 
 ARCHS: dict[str, Arch] = {a.name: a for a in (
@@ -79,6 +86,8 @@ ARCHS: dict[str, Arch] = {a.name: a for a in (
     Arch("qwen2moe", ROPE_NEOX, expert_weights_norm=False, shared_expert=True),
     Arch("qwen3moe", ROPE_NEOX, expert_weights_norm=True, qk_norm="head"),
     Arch("olmoe", ROPE_NEOX, expert_weights_norm=False, qk_norm="full", experts_n_ff=True),
+    Arch("granitemoe", ROPE_NORM, expert_weights_norm=True, rope_freqs=True, experts_n_ff=True,
+         keys=("embedding_scale", "residual_scale", "attention.scale", "logit_scale")),
 )}
 
 # The ARCH.* metadata keys the builders understand. Any other ARCH.* key is refused with its
@@ -139,7 +148,7 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
     if not n_vocab:
         raise ModelError(f"{f.path}: cannot tell the vocabulary size (no tokenizer.ggml.tokens)")
     unknown = sorted(k for k in f.metadata if k.startswith(f"{arch}.")
-                     and k[len(arch) + 1:] not in KNOWN_KEYS | set(FIXED_KEYS))
+                     and k[len(arch) + 1:] not in KNOWN_KEYS | set(FIXED_KEYS) | set(a.keys))
     if unknown:
         raise ModelError(f"{f.path}: metadata key(s) {', '.join(unknown)} not understood by moegraph's "
                          f"{arch} builder (refused rather than ignored: they may change what the model "
@@ -184,6 +193,8 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
         expert_weights_norm=a.expert_weights_norm,
         expert_weights_scale=key("expert_weights_scale", 1.0, lo=None, kind=float) or 1.0,
         qk_norm=a.qk_norm,
+        **{name.replace("attention.scale", "attention_scale"): key(name, 0.0, lo=0, kind=float)
+           for name in a.keys},
     )
 
 
@@ -290,7 +301,7 @@ class GraphBuilder:
         vc = g.set_rows(g.state(f"cache_v.{il}", (self.n_ctx, c.n_head_kv, c.head_dim_v), self.kv_dtype), v, self.pos)
         kc, vc = (g.slice(kc, axis=0, start=0, stop=KV), g.slice(vc, axis=0, start=0, stop=KV))
         kq = g.mul_mat(g.permute(kc, axes=(1, 0, 2)), g.permute(q, axes=(1, 0, 2)))  # [H, T, KV]
-        kq = g.soft_max(kq, self.kq_mask, scale=c.head_dim ** -0.5)
+        kq = g.soft_max(kq, self.kq_mask, scale=c.attention_scale or c.head_dim ** -0.5)
         o = g.mul_mat(g.permute(vc, axes=(1, 2, 0)), kq)                           # [H, T, Dv]
         o = g.reshape(g.cont(g.permute(o, axes=(1, 0, 2))), shape=(T, c.n_head * c.head_dim_v))
         return self.linear(o, f"{p}.attn_output", c.n_embd, c.n_head * c.head_dim_v)
@@ -345,7 +356,15 @@ class GraphBuilder:
         g, c = self.g, self.cfg
         x = self.norm(g.get_rows(x, self.out_rows), "output_norm.weight")
         name = "output.weight" if self.has("output.weight") else "token_embd.weight"  # tied
-        return g.mul_mat(self.w(name, (c.n_vocab, c.n_embd)), x)
+        logits = g.mul_mat(self.w(name, (c.n_vocab, c.n_embd)), x)
+        return g.scale(logits, scale=1.0 / c.logit_scale) if c.logit_scale else logits
+
+    def residual(self, x: Node, block: Node, name: str) -> Node:
+        """x + block, the block scaled first where the model says so (granite)."""
+        g, c = self.g, self.cfg
+        if c.residual_scale:
+            block = g.scale(block, scale=c.residual_scale)
+        return g.add(x, block, name=name)
 
 
 def build_decoder(b: GraphBuilder) -> Graph:
@@ -353,11 +372,13 @@ def build_decoder(b: GraphBuilder) -> Graph:
     residuals; the FFN is MoE where the model has experts, dense otherwise."""
     g, c = b.g, b.cfg
     x = g.get_rows(b.w("token_embd.weight", (c.n_vocab, c.n_embd)), b.tokens)
+    if c.embedding_scale:
+        x = g.scale(x, scale=c.embedding_scale)
     for il in range(c.n_layer):
-        x = g.add(x, b.attention(b.norm(x, f"blk.{il}.attn_norm.weight"), il), name=f"blk.{il}.attn_out")
+        x = b.residual(x, b.attention(b.norm(x, f"blk.{il}.attn_norm.weight"), il), f"blk.{il}.attn_out")
         h = b.norm(x, f"blk.{il}.ffn_norm.weight")
         ffn = b.moe_ffn(h, il) if c.is_moe else b.dense_ffn(h, f"blk.{il}", c.n_ff)
-        x = g.add(x, ffn, name=f"blk.{il}.out")
+        x = b.residual(x, ffn, f"blk.{il}.out")
     g.outputs["logits"] = b.output(x)
     return g
 

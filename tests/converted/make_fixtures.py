@@ -59,6 +59,15 @@ MODELS = {
     "olmoe": ("OlmoeForCausalLM", "OlmoeConfig", dict(
         intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
         num_key_value_heads=4, max_position_embeddings=256, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    "granitemoe": ("GraniteMoeForCausalLM", "GraniteMoeConfig", dict(
+        intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=256,
+        embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=4.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    "granitemoeshared": ("GraniteMoeSharedForCausalLM", "GraniteMoeSharedConfig", dict(
+        intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, shared_intermediate_size=48,
+        max_position_embeddings=256, embedding_multiplier=3.0, residual_multiplier=0.5,
+        attention_multiplier=0.2, logits_scaling=4.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
     "mixtral": ("MixtralForCausalLM", "MixtralConfig", dict(
         intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=256,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
