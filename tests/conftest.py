@@ -35,6 +35,29 @@ def random_weight(rng, name: str, shape: tuple[int, ...], dtype: str):
     return WeightData(name, GGMLType[dtype], shape, np.ascontiguousarray(raw).reshape(-1))
 
 
+HAVE_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+NO_LLAMA_CPP = ("the llama_cpp package (llama-cpp-python) is not installed: `pip install "
+                "llama-cpp-python` to compare with llama.cpp itself")
+
+
+def llama_cpp_logits(path, tokens, n_ctx: int = 128, f32_kv: bool = True) -> np.ndarray:
+    """llama.cpp's logits (float64 [n_tokens, n_vocab]) for `tokens` on the GGUF at `path`, all
+    positions, 2 threads; an F32 KV cache where the binding can ask for one (as kv_type="f32")."""
+    import inspect
+
+    import llama_cpp
+    params = dict(model_path=str(path), n_ctx=n_ctx, logits_all=True, n_threads=2, verbose=False)
+    if f32_kv and "type_k" in inspect.signature(llama_cpp.Llama.__init__).parameters:
+        params.update(type_k=0, type_v=0)                # GGML_TYPE_F32
+    llm = llama_cpp.Llama(**params)
+    try:
+        llm.eval(list(tokens))
+        return np.array(llm.scores[: len(tokens)], dtype=np.float64)
+    finally:
+        if hasattr(llm, "close"):
+            llm.close()
+
+
 def need_fixtures(path: Path | None = None) -> None:
     """Skips unless the fixture folder (or the one file `path` in it) is present: a partial copy,
     e.g. the few files carried to a GPU machine, runs what it can."""

@@ -23,7 +23,6 @@ arg-max), the only oracle for qwen2moe and Mixtral-style llama, which have no fi
 from __future__ import annotations
 
 import importlib.util
-import inspect
 
 import gguf
 import numpy as np
@@ -343,19 +342,10 @@ ORACLE_VARIANTS = {
                     "installed: `pip install llama-cpp-python` to compare with llama.cpp itself")
 @pytest.mark.parametrize("variant", list(ORACLE_VARIANTS))
 def test_llama_cpp_oracle(tmp_path, variant):
-    import llama_cpp
+    from conftest import llama_cpp_logits
     arch_id, kw = ORACLE_VARIANTS[variant]
     path = write(tmp_path / f"{variant}.gguf", arch_id, **kw)
-    params = dict(model_path=str(path), n_ctx=128, logits_all=True, n_threads=2, verbose=False)
-    if "type_k" in inspect.signature(llama_cpp.Llama.__init__).parameters:
-        params.update(type_k=0, type_v=0)                # GGML_TYPE_F32 KV cache, as kv_type="f32"
-    llm = llama_cpp.Llama(**params)
-    try:
-        llm.eval(TOKENS)
-        ref = np.array(llm.scores[: len(TOKENS)], dtype=np.float64)
-    finally:
-        if hasattr(llm, "close"):
-            llm.close()
+    ref = llama_cpp_logits(path, TOKENS)
     ours = moegraph_logits(path)
 
     def log_softmax(z):

@@ -13,18 +13,16 @@ measured 4e-7 .. 1.5e-6), for the whole prompt at once and token by token throug
 the same arg-max everywhere."""
 from __future__ import annotations
 
-import importlib.util
-import inspect
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import moegraph
+from conftest import HAVE_LLAMA_CPP, NO_LLAMA_CPP, llama_cpp_logits
 
 HERE = Path(__file__).resolve().parent / "converted"
 MODELS = sorted(p.stem for p in HERE.glob("*.gguf"))
-HAVE_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 
 
 def _rel(ours: np.ndarray, ref: np.ndarray) -> float:
@@ -52,22 +50,11 @@ def test_matches_transformers(name, backend):
 
 
 @pytest.mark.oracle
-@pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="the llama_cpp package (llama-cpp-python) is not "
-                    "installed: `pip install llama-cpp-python` to compare with llama.cpp itself")
+@pytest.mark.skipif(not HAVE_LLAMA_CPP, reason=NO_LLAMA_CPP)
 @pytest.mark.parametrize("name", MODELS)
 def test_matches_llama_cpp(name):
-    import llama_cpp
     tokens = np.load(HERE / f"{name}.npz")["tokens"].tolist()
-    params = dict(model_path=str(HERE / f"{name}.gguf"), n_ctx=128, logits_all=True, n_threads=2, verbose=False)
-    if "type_k" in inspect.signature(llama_cpp.Llama.__init__).parameters:
-        params.update(type_k=0, type_v=0)                # F32 KV cache, as kv_type="f32"
-    llm = llama_cpp.Llama(**params)
-    try:
-        llm.eval(tokens)
-        ref = np.array(llm.scores[: len(tokens)], dtype=np.float64)
-    finally:
-        if hasattr(llm, "close"):
-            llm.close()
+    ref = llama_cpp_logits(HERE / f"{name}.gguf", tokens)
     ours = moegraph.load(HERE / f"{name}.gguf").compile(backend="numpy", n_ctx=128, kv_type="f32") \
         .forward(tokens).astype(np.float64)
     assert _rel(ours, ref) <= 1e-4, f"{name}: {_rel(ours, ref):.2e} from llama.cpp"
@@ -171,19 +158,11 @@ def test_split_files_load_as_one(tmp_path):
 
 
 @pytest.mark.oracle
-@pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="the llama_cpp package (llama-cpp-python) is not "
-                    "installed: `pip install llama-cpp-python` to compare with llama.cpp itself")
+@pytest.mark.skipif(not HAVE_LLAMA_CPP, reason=NO_LLAMA_CPP)
 def test_split_files_are_what_llama_cpp_reads(tmp_path):
     """The shards written above are gguf-split's format: llama.cpp loads them from the first."""
-    import llama_cpp
     shards = write_split(HERE / "mixtral.gguf", tmp_path, 2)
     tokens = np.load(HERE / "mixtral.npz")["tokens"][:16].tolist()
-    llm = llama_cpp.Llama(model_path=str(shards[0]), n_ctx=32, logits_all=True, n_threads=2, verbose=False)
-    try:
-        llm.eval(tokens)
-        ref = np.array(llm.scores[: len(tokens)], dtype=np.float64)
-    finally:
-        if hasattr(llm, "close"):
-            llm.close()
+    ref = llama_cpp_logits(shards[0], tokens, n_ctx=32, f32_kv=False)
     ours = moegraph.load(shards[0]).compile(backend="numpy", n_ctx=32).forward(tokens).astype(np.float64)
     assert _rel(ours, ref) <= 1e-3
