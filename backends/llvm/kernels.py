@@ -149,7 +149,9 @@ class K:
 # --------------------------------------------------------------------------- math helpers
 def vexp_fn() -> str:
     """exp for float and <8 x float> (Cephes-style, ~1 ulp): range reduction by ln 2, a degree-6
-    polynomial, and scaling through the exponent bits; exp(x < -88) is exactly 0."""
+    polynomial, and scaling through the exponent bits; exp(x < -88) is exactly 0; exp(NaN) is NaN
+    (one select: the clamp itself uses maxnum/minnum, which are cheaper than NaN-propagating ones,
+    so the max reductions before an exp may drop NaN too: it comes back through the exp)."""
     out = []
     for ty, n, sfx in (("float", 1, "f"), ("<8 x float>", 8, "v")):
         def c(x):
@@ -160,8 +162,8 @@ def vexp_fn() -> str:
         out.append(f"""
 define internal {ty} @exp_{sfx}({ty} %x0) alwaysinline {{
   %lo = fcmp olt {ty} %x0, {c(-88.0)}
-  %x1 = call {ty} @llvm.minimum.{'f32' if n == 1 else 'v8f32'}({ty} %x0, {ty} {c(88.3762626647949)})
-  %x = call {ty} @llvm.maximum.{'f32' if n == 1 else 'v8f32'}({ty} %x1, {ty} {c(-88.0)})
+  %x1 = call {ty} @llvm.minnum.{'f32' if n == 1 else 'v8f32'}({ty} %x0, {ty} {c(88.3762626647949)})
+  %x = call {ty} @llvm.maxnum.{'f32' if n == 1 else 'v8f32'}({ty} %x1, {ty} {c(-88.0)})
   %t = fmul {ty} %x, {c(1.44269504088896341)}
   %fx = call {ty} {rnd}({ty} %t)
   %a = fmul {ty} %fx, {c(0.693359375)}
@@ -188,9 +190,12 @@ define internal {ty} @exp_{sfx}({ty} %x0) alwaysinline {{
   %pow = bitcast {ity} %bits to {ty}
   %res = fmul {ty} %y, %pow
   %z = select {'i1' if n == 1 else '<8 x i1>'} %lo, {ty} {c(0.0)}, {ty} %res
-  ret {ty} %z
+  %nan = fcmp uno {ty} %x0, %x0
+  %w = select {'i1' if n == 1 else '<8 x i1>'} %nan, {ty} %x0, {ty} %z
+  ret {ty} %w
 }}""")
-    out.append("declare <8 x float> @llvm.minimum.v8f32(<8 x float>, <8 x float>)\n"
+    out.append("declare <8 x float> @llvm.minnum.v8f32(<8 x float>, <8 x float>)\n"
+               "declare <8 x float> @llvm.maxnum.v8f32(<8 x float>, <8 x float>)\n"
                "declare <8 x float> @llvm.maximum.v8f32(<8 x float>, <8 x float>)")
     return "\n".join(out)
 
@@ -366,7 +371,7 @@ def k_soft_max(plan: Plan, n: Node, name: str):
             if pm is not None:
                 v = f.op(f"fadd float {v}, {f.load('float', f.gep('float', pm, i))}")
             f.store("float", v, f.gep("float", po, i), 4)
-            mx.set(f.call("float", "@llvm.maximum.f32", f"float {mx.get()}", f"float {v}"))
+            mx.set(f.call("float", "@llvm.maxnum.f32", f"float {mx.get()}", f"float {v}"))   # a NaN flows through exp
         inv = _exp_in_place(f, po, L, mx.get())
         with f.loop(0, L) as i:
             p = f.gep("float", po, i)
@@ -916,7 +921,7 @@ def k_attention(plan: Plan, n: Node, name: str):
                     sc = f.op(f"fadd float {f.op(f'fmul float {dot}, {scale}')}, {mv}")
                     f.store("float", sc, f.gep("float", scores, f.add(ji, hh * row)), 4)
                     ok = f.op(f"icmp slt i64 {ji}, {kv_end}")
-                    mx[hh].set(f.op(f"select i1 {ok}, float {f.call('float', '@llvm.maximum.f32', f'float {mx[hh].get()}', f'float {sc}')}, float {mx[hh].get()}"))
+                    mx[hh].set(f.op(f"select i1 {ok}, float {f.call('float', '@llvm.maxnum.f32', f'float {mx[hh].get()}', f'float {sc}')}, float {mx[hh].get()}"))
         invs = [_exp8_in_place(f, f.gep("float", scores, hh * row), kv_end, mx[hh].get()) for hh in range(g)]
         acc = [[f.var("<8 x float>", "zeroinitializer") for _ in range(Dv // 8)] for _ in range(g)]
         with f.loop(0, kv_end) as j:
