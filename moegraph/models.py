@@ -78,7 +78,7 @@ class Arch:
     shared_expert: bool = False
     rope_freqs: bool = False           # reads rope_freqs.weight (Llama 3.1's frequency factors)
     experts_n_ff: bool = False         # experts are feed_forward_length wide (llama, olmoe loaders)
-    keys: tuple = ()                   # ARCH.* keys this architecture reads beyond KNOWN_KEYS
+    keys: tuple = ()                   # (ARCH.* key, ModelConfig field) read beyond KNOWN_KEYS
 
 
 ARCHS: dict[str, Arch] = {a.name: a for a in (
@@ -87,7 +87,8 @@ ARCHS: dict[str, Arch] = {a.name: a for a in (
     Arch("qwen3moe", ROPE_NEOX, expert_weights_norm=True, qk_norm="head"),
     Arch("olmoe", ROPE_NEOX, expert_weights_norm=False, qk_norm="full", experts_n_ff=True),
     Arch("granitemoe", ROPE_NORM, expert_weights_norm=True, rope_freqs=True, experts_n_ff=True,
-         keys=("embedding_scale", "residual_scale", "attention.scale", "logit_scale")),
+         keys=(("embedding_scale", "embedding_scale"), ("residual_scale", "residual_scale"),
+               ("attention.scale", "attention_scale"), ("logit_scale", "logit_scale"))),
 )}
 
 # The ARCH.* metadata keys the builders understand. Any other ARCH.* key is refused with its
@@ -148,7 +149,7 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
     if not n_vocab:
         raise ModelError(f"{f.path}: cannot tell the vocabulary size (no tokenizer.ggml.tokens)")
     unknown = sorted(k for k in f.metadata if k.startswith(f"{arch}.")
-                     and k[len(arch) + 1:] not in KNOWN_KEYS | set(FIXED_KEYS) | set(a.keys))
+                     and k[len(arch) + 1:] not in KNOWN_KEYS | set(FIXED_KEYS) | {k for k, _ in a.keys})
     if unknown:
         raise ModelError(f"{f.path}: metadata key(s) {', '.join(unknown)} not understood by moegraph's "
                          f"{arch} builder (refused rather than ignored: they may change what the model "
@@ -193,8 +194,7 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
         expert_weights_norm=a.expert_weights_norm,
         expert_weights_scale=key("expert_weights_scale", 1.0, lo=None, kind=float) or 1.0,
         qk_norm=a.qk_norm,
-        **{name.replace("attention.scale", "attention_scale"): key(name, 0.0, lo=0, kind=float)
-           for name in a.keys},
+        **{field_: key(name, 0.0, lo=0, kind=float) for name, field_ in a.keys},
     )
 
 
