@@ -39,10 +39,13 @@ def _models():
 
 
 MODELS = list(_models())
+# the whole-model compile of the bundled model in the default tier (every op and weight type is
+# compiled by test_backend_ops); the other models, 10-30 s each on 2 cores, in the slow tier
+MODEL_PARAMS = [pytest.param(*m, id=m[0], marks=() if i == 0 else pytest.mark.slow) for i, m in enumerate(MODELS)]
 
 
 @need_nvrtc
-@pytest.mark.parametrize("name,path", MODELS, ids=[m[0] for m in MODELS])
+@pytest.mark.parametrize("name,path", MODEL_PARAMS)
 def test_nvrtc_compiles_model_graph(name, path, tmp_path, monkeypatch):
     from moegraph.backends.cuda import CUDABackend
     monkeypatch.setenv("MOEGRAPH_CACHE", str(tmp_path))

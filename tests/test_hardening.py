@@ -46,7 +46,8 @@ def _compile(tmp_path, out):
     return r.stdout.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+@pytest.mark.parametrize("damage", ["truncate", pytest.param("garbage", marks=pytest.mark.slow),
+                                    pytest.param("empty", marks=pytest.mark.slow)])   # 13 s each
 def test_llvm_recompiles_a_bad_cache_entry(tmp_path, damage):
     import numpy as np
     assert _compile(tmp_path, tmp_path / "a.npy") == "miss"
