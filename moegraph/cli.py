@@ -70,15 +70,14 @@ def _write_text(path: str | Path, text: str) -> None:
         raise MoeGraphError(f"{path}: cannot write: {e.strerror or e}") from None
 
 
-def int_at_least(lo: int, rule: str):
-    """An argparse type: an integer >= lo, else an error that states `rule`."""
+def int_at_least(lo: int, rule: str, not_int=lambda s: ""):
+    """An argparse type: an integer >= lo, else an error that states `rule`; `not_int(text)`
+    adds a hint to the error for text that is not an integer at all."""
     def parse(s: str) -> int:
         try:
             v = int(s)
         except ValueError:
-            hint = (" (-cnv, llama.cpp's conversation mode, is not in moegraph: there is no chat "
-                    "mode yet)") if s == "nv" else ""
-            raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}{hint}") from None
+            raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}{not_int(s)}") from None
         if v < lo:
             raise argparse.ArgumentTypeError(f"{rule}, got {s}")
         return v
@@ -88,7 +87,8 @@ def int_at_least(lo: int, rule: str):
 positive_int_arg = int_at_least(1, "must be a positive integer")
 non_negative_int_arg = int_at_least(0, "must be >= 0")
 _n_predict = int_at_least(-1, "must be >= 0, or -1 for until the end of text or a full context")
-_ctx_size = int_at_least(0, "must be >= 0 (0 = the model's)")
+_ctx_size = int_at_least(0, "must be >= 0 (0 = the model's)", lambda s: (
+    " (-cnv, llama.cpp's conversation mode, is not in moegraph: there is no chat mode yet)" if s == "nv" else ""))
 _chunk_size = int_at_least(2, "a chunk needs at least 2 tokens")
 
 
@@ -139,16 +139,8 @@ def _compile(model, args, n_ctx: int | None, passes=None):
 
 # --------------------------------------------------------------------------- backend options
 # llama.cpp's habits: -b/-ub are batch sizes (the backend is --backend), -ngl the layers on the GPU.
-def _batch_size(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a batch size (an integer), got {s!r}: -b is the batch size, as in llama.cpp; "
-            f"choose the backend with --backend {s}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
-    return v
+_batch_size = int_at_least(1, "must be a positive integer", lambda s: (
+    f": -b is the batch size, as in llama.cpp; choose the backend with --backend {s}"))
 
 
 def add_backend_options(sp, threads_help: str = "threads (backends that use them)") -> None:

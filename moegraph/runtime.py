@@ -91,8 +91,8 @@ class Model:
         from moegraph.backends import default_backend, get_backend
         _check_compile_options(n_ctx, n_expert_used, slice_mode, backend_options)
         graph = self.graph(n_ctx, kv_type)
-        from moegraph.backends.lower import require_memory
-        kv_bytes = sum(int(np.prod(n.shape)) * (2 if n.dtype == F16 else 4) for n in graph.states().values())
+        from moegraph.backends.lower import elem_size, require_memory
+        kv_bytes = sum(int(np.prod(n.shape)) * elem_size(n.dtype) for n in graph.states().values())
         require_memory(kv_bytes, f"the KV cache for n_ctx={graph.meta['n_ctx']} ({kv_type})",
                        "use a smaller n_ctx (-c)")
         passes = list(passes)
@@ -145,31 +145,23 @@ def token_ids(tokens, n_vocab: int) -> np.ndarray:
         raise InputError(f"tokens must be a sequence of integer ids, got a string {tokens[:40]!r} "
                          "(encode text with session.tokenizer.encode first)")
     if isinstance(tokens, np.ndarray):
-        arr = tokens
+        if tokens.ndim != 1:
+            raise InputError(f"tokens must be one sequence (a 1-D array), got shape {tokens.shape}")
+        if tokens.size and tokens.dtype.kind not in "iu":
+            raise InputError(f"token ids must be integers, got an array of {tokens.dtype}")
+        bad = tokens[(tokens < 0) | (tokens >= n_vocab)]
     else:
-        items = list(tokens) if not isinstance(tokens, (int, np.integer)) else [tokens]
-        for t in items:
+        tokens = [tokens] if isinstance(tokens, (int, np.integer)) else list(tokens)
+        for t in tokens:
             if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
                 raise InputError(f"token ids must be integers, got {t!r} ({type(t).__name__})")
-            if not -2**63 <= int(t) < 2**63:
-                raise InputError(f"token id {int(t)} is out of range: the vocabulary has {n_vocab} "
-                                 f"tokens (0..{n_vocab - 1})")
-        arr = np.asarray(items, dtype=np.int64)
-    if arr.ndim != 1:
-        raise InputError(f"tokens must be one sequence (a 1-D array), got shape {arr.shape}")
-    if arr.size and arr.dtype.kind not in "iu":
-        raise InputError(f"token ids must be integers, got an array of {arr.dtype}")
-    if arr.dtype == np.uint64 and arr.size and arr.max() >= 2**63:
-        raise InputError(f"token id {int(arr.max())} is out of range: the vocabulary has {n_vocab} "
-                         f"tokens (0..{n_vocab - 1})")
-    ids = arr.astype(np.int64)
-    if ids.size == 0:
+        bad = [t for t in tokens if not 0 <= t < n_vocab]     # Python ints: 2**64 too
+    if len(tokens) == 0:
         raise InputError("no tokens given: forward() needs at least one")
-    bad = ids[(ids < 0) | (ids >= n_vocab)]
-    if bad.size:
+    if len(bad):
         raise InputError(f"token id {int(bad[0])} is out of range: the vocabulary has "
                          f"{n_vocab} tokens (0..{n_vocab - 1})")
-    return ids
+    return np.asarray(tokens, dtype=np.int64)
 
 
 def _prompt_ids(tokens, n_vocab: int) -> list[int]:

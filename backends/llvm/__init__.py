@@ -27,7 +27,8 @@ from moegraph.errors import MoeGraphError, SessionBusyError
 from moegraph.ir import F16, F32, I32, Graph
 from moegraph.quants import is_quantized
 
-from ..lower import SYMBOLS, Plan, Target, bind_symbols, check_limits, graph_n_ctx, require_memory, lower, lowered_steps
+from ..lower import (SYMBOLS, Plan, Target, bind_symbols, check_limits, elem_size, graph_n_ctx, lower,
+                     lowered_steps, require_memory)
 from .gemm import FLOAT, KQUANT, LEGACY, X8, repack_x8, tiles_text
 from .kernels import GENERATORS, emit, vexp_fn
 from .quantk import act_row_bytes, module_text
@@ -385,7 +386,7 @@ class LLVMExecutable:
     # -- memory
     def _allocate(self) -> None:
         p = self.plan
-        inputs = sum(int(np.prod(p.max_shape(n.shape))) * 4 for kind, n in p.slots[1:] if kind == "input")
+        inputs = sum(int(np.prod(p.max_shape(n.shape))) * elem_size(n.dtype) for kind, n in p.slots[1:] if kind == "input")
         require_memory(p.arena_size + self.tls_bytes * self.n_threads + inputs,
                        f"the llvm backend's activation buffers (max_tokens={p.maxes['T']}, n_ctx={p.maxes['KV']})",
                        "use a smaller n_ctx (-c) or max_tokens")
