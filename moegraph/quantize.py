@@ -332,6 +332,8 @@ class _TypeRules:
         if ne0 % block_size(t) == 0:
             return t, ""
         fb = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}.get(t)
+        if fb is None and block_size(t) <= 32:   # no smaller block: F16 below (MLA's k_b rows)
+            fb = t
         if fb is None:
             raise MoeGraphError(f"{name}: rows of {ne0} values are not a multiple of {t}'s block "
                                 f"size {block_size(t)}, and llama.cpp defines no fallback type for {t}")
