@@ -156,9 +156,13 @@ def _products(dtype):
         gate, up = (g.weight(random_weight(rng, n, (E, N, K), dtype)) for n in ("gate", "up"))
         merged = g.weight(random_weight(rng, "gate_up", (E, 2 * N, K), dtype))
         xe = g.reshape(x, shape=("T", 1, K))
+        # batched: one matrix per head on a strided view (MLA's k_b/v_b)
+        wb, xh = g.weight(random_weight(rng, "wb", (3, N, K), dtype)), g.input("xh", ("T", 3, K), F32)
         g.outputs.update(mm=g.mul_mat(w, x), mmid=g.mul_mat_id(gate, xe, ids), rows=g.get_rows(w, rid),
+                         batched=g.mul_mat(wb, g.permute(xh, axes=(1, 0, 2))),
                          swiglu=g.moe_swiglu(gate, up, xe, ids), swiglu_merged=g.moe_swiglu(merged, None, xe, ids))
-        return lambda rng, T: {"x": x_input(rng, T, K), "rid": rng.integers(0, N, T).astype(np.int32),
+        return lambda rng, T: {"x": x_input(rng, T, K), "xh": x_input(rng, T, 3, K),
+                               "rid": rng.integers(0, N, T).astype(np.int32),
                                "ids": np.stack([rng.permutation(E)[:3] for _ in range(T)]).astype(np.int32)}
     return build
 

@@ -526,9 +526,11 @@ def _check_weight(n: Node, wt):
 
 def g_mul_mat(plan: Plan, n: Node):
     out, (a, b) = _views(plan, n)
-    if a.rank != 2:
-        raise MoeGraphError(f"cuda: batched MUL_MAT outside attention is not supported ({n!r})")
-    N, Kdim = a.shape
+    batched = a.rank == 3        # one weight matrix per batch entry (MLA's per-head k_b/v_b)
+    if a.rank not in (2, 3) or (batched and b.shape[0] != a.shape[0]):
+        raise MoeGraphError(f"cuda: MUL_MAT of a {list(a.shape)} weight on {list(b.shape)} "
+                            f"(broadcast batches) is not supported ({n!r})")
+    N, Kdim = a.shape[-2:]
     wt = a.dtype
     _check_weight(n, wt)
     vt = vec_dot_type(wt)
@@ -545,19 +547,24 @@ def g_mul_mat(plan: Plan, n: Node):
     k.lines, saved = body, k.lines
     body.append(f"    const i64 nn = it / M, m = it % M;")
     esz = 1 if is_quantized(wt) else elem_size(wt)
-    wptr = f"((const u8*){k.base(a)} + nn * {a.strides[0] * esz}LL)"
+    oidx = k.unflatten("m", rows_dims, "o") if batched else None   # (batch, rows..) of m
+    batch = f" + o0 * {a.strides[0] * esz}LL" if batched else ""
+    wptr = f"((const u8*){k.base(a)}{batch} + nn * {a.strides[-2] * esz}LL)"
     if vt != F32:
         aptr = f"((const u8*){k.op(0, sc)} + m * {row_bytes(vt, Kdim)}LL)"
         bidx = None
     else:
         aptr = None
-        bidx = k.unflatten("m", rows_dims, "b")
+        bidx = oidx or k.unflatten("m", rows_dims, "b")
     body.append("    {")
     body += _row_dot(k, wt, wptr, aptr, b, bidx, Kdim)
-    body.append(f"      if (lane == 0) ((float*){k.base(out)})[m * {N}LL + nn] = s;")
+    if batched:    # buffers are strided by their largest shapes
+        body.append(f"      if (lane == 0) ((float*){k.base(out)})[{k.offset(out, oidx + ['nn'])}] = s;")
+    else:
+        body.append(f"      if (lane == 0) ((float*){k.base(out)})[m * {N}LL + nn] = s;")
     body.append("    }")
     k.lines = saved
-    if wt not in DOT_TYPES:
+    if wt not in DOT_TYPES or batched:
         phases.append((k, body, "warp", (*rows_dims, N), 32 * WARPS_PER_BLOCK, 0))
         return phases
     phases.append((k, body, "warp", (*rows_dims, N), 32 * WARPS_PER_BLOCK, 0, (0, MMQ_MIN_T - 1), -80))

@@ -668,10 +668,14 @@ def _weight_layout(plan: Plan, w: Node, v: View):
 
 
 def k_mul_mat(plan: Plan, n: Node, name: str):
+    """y = b . a^T on a weight a [N, K], or batched on a [B, N, K] with b [B, M.., K] (one
+    weight matrix per batch entry: MLA's per-head k_b/v_b)."""
     out, (a, b) = _views(plan, n)
-    if a.rank != 2:
-        raise MoeGraphError(f"llvm backend: batched MUL_MAT outside attention is not supported ({n!r})")
-    N, Kdim = a.shape
+    if a.rank not in (2, 3) or (a.rank == 3 and b.shape[0] != a.shape[0]):
+        raise MoeGraphError(f"llvm backend: MUL_MAT of a {list(a.shape)} weight on {list(b.shape)} "
+                            f"(broadcast batches) is not supported ({n!r})")
+    B = a.shape[0] if a.rank == 3 else 1
+    N, Kdim = a.shape[-2:]
     wt = a.dtype
     vt = vec_dot_type(wt)
     rows_dims = b.shape[:-1]
@@ -690,17 +694,32 @@ def k_mul_mat(plan: Plan, n: Node, name: str):
     es = _esize(wt)
     acts = k2.operand(0, scratch_off) if converted else None
     wbase = k2.operand(a.slot, a.offset * es)
-    wrow, _, shape = _weight_layout(plan, n.inputs[0], a)
+    wrow, wbatch, shape = _weight_layout(plan, n.inputs[0], a)
+    if B == 1:
+        def act_ptr(m):
+            if converted:
+                return f.gep("i8", acts, f.mul(m, act_rb))
+            return k2.ptr(b, k2.unflatten(m, rows_dims) + ["0"])
 
-    def act_ptr(m):
-        if converted:
-            return f.gep("i8", acts, f.mul(m, act_rb))
-        return k2.ptr(b, k2.unflatten(m, rows_dims) + ["0"])
+        def store(m, j, v):
+            f.store("float", v, f.gep("float", k2.operand(0, out.offset * 4), f.add(f.mul(m, N), j)), 4)
+        _products(k2, wt, [lambda j: f.gep("i8", wbase, f.mul(j, wrow))], wrow, N, Kdim,
+                  k2.count(rows_dims), lambda m: m, act_ptr, store, act_rb, shape=shape)
+    else:   # batch bi: weight bi on activation rows (bi, m); buffers are strided by max shapes
+        M = k2.count(rows_dims[1:])
+        with f.loop(0, B) as bi:
+            wb = f.gep("i8", wbase, f.mul(bi, wbatch))
+            index = lambda m, bi=bi: [bi] + k2.unflatten(m, rows_dims[1:])
 
-    def store(m, j, v):
-        f.store("float", v, f.gep("float", k2.operand(0, out.offset * 4), f.add(f.mul(m, N), j)), 4)
-    _products(k2, wt, [lambda j: f.gep("i8", wbase, f.mul(j, wrow))], wrow, N, Kdim,
-              k2.count(rows_dims), lambda m: m, act_ptr, store, act_rb, shape=shape)
+            def act_ptr(m, bi=bi):   # converted rows are dense over (B, M)
+                if converted:
+                    return f.gep("i8", acts, f.mul(f.add(f.mul(bi, M), m), act_rb))
+                return k2.ptr(b, index(m) + ["0"])
+
+            def store(m, j, v):
+                f.store("float", v, k2.ptr(out, index(m) + [j]), 4)
+            _products(k2, wt, [lambda j, wb=wb: f.gep("i8", wb, f.mul(j, wrow))], wrow, N, Kdim, M,
+                      lambda m: m, act_ptr, store, act_rb, shape=shape)
     phases.append(k2)
     return phases, 0
 
