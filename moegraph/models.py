@@ -11,6 +11,7 @@ parameterised as llama.cpp's build_moe_ffn is.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import Callable
 
@@ -49,9 +50,20 @@ class ModelConfig:
     n_expert_used: int = 0
     n_ff_exp: int = 0
     n_ff_shexp: int = 0
-    expert_gating: str = "softmax"     # or "sigmoid"
+    # "softmax" or "sigmoid" over the router logits; "softmax_weight": softmax over the k chosen
+    # logits (llama.cpp's expert_gating_func 1, 2, 3)
+    expert_gating: str = "softmax"
     expert_weights_norm: bool = False  # renormalize the k selected weights to sum 1
     expert_weights_scale: float = 1.0
+    n_layer_dense_lead: int = 0        # the first layers have a dense FFN (DeepSeek, GLM)
+    n_layer_nextn: int = 0             # multi-token-prediction layers after the n_layer (unused)
+    # MLA (DeepSeek-V2/V3): q and kv go through low-rank projections; the cache holds the
+    # compressed kv (kv_lora_rank) and the roped key part, one "head" shared by all heads.
+    q_lora_rank: int = 0               # 0: q is one projection (the Lite models)
+    kv_lora_rank: int = 0              # > 0: the model uses MLA
+    head_dim_mla: int = 0              # q.k head size before absorption (nope + rope dims)
+    head_dim_v_mla: int = 0            # value head size after decompression
+    rope_yarn_log_mul: float = 0.0     # DeepSeek's mscale_all_dim (as llama.cpp reads it)
     qk_norm: str = ""                  # RMS norm of q and k: "head" (qwen3: per head), "full" (olmoe: the whole projection)
     # granite's multipliers (0 = none): embeddings, each block's output before its residual add,
     # the attention's kq scale (instead of 1/sqrt(head_dim)), and the logits (divided by it)
@@ -78,7 +90,19 @@ class Arch:
     shared_expert: bool = False
     rope_freqs: bool = False           # reads rope_freqs.weight (Llama 3.1's frequency factors)
     experts_n_ff: bool = False         # experts are feed_forward_length wide (llama, olmoe loaders)
-    keys: tuple = ()                   # (ARCH.* key, ModelConfig field) read beyond KNOWN_KEYS
+    gating: str = "softmax"            # the expert gating when the file does not say
+    ffn_norm: str = "ffn_norm"         # the FFN's pre-norm tensor (GLM: post_attention_norm)
+    # (ARCH.* key, ModelConfig field[, kind]) read beyond KNOWN_KEYS; kind float unless given
+    keys: tuple = ()
+
+
+# The keys of llama.cpp's DeepSeek-style MoE loaders (deepseek2, glm4moe): leading dense layers,
+# shared experts counted in experts' widths, the gating function and the renormalization.
+DEEPSEEK_MOE_KEYS = (("leading_dense_block_count", "n_layer_dense_lead", int),
+                     ("expert_shared_count", "n_shared", int),
+                     ("expert_weights_norm", "expert_weights_norm", bool),
+                     ("expert_gating_func", "expert_gating", int))
+GATING_FUNCS = {1: "softmax", 2: "sigmoid", 3: "softmax_weight"}   # llama.cpp's enum; 0 = default
 
 
 ARCHS: dict[str, Arch] = {a.name: a for a in (
@@ -89,6 +113,16 @@ ARCHS: dict[str, Arch] = {a.name: a for a in (
     Arch("granitemoe", ROPE_NORM, expert_weights_norm=True, rope_freqs=True, experts_n_ff=True,
          keys=(("embedding_scale", "embedding_scale"), ("residual_scale", "residual_scale"),
                ("attention.scale", "attention_scale"), ("logit_scale", "logit_scale"))),
+    # GLM-4.5/4.6 (and Air): sigmoid routing with a selection bias, partial RoPE, q/k norm in some
+    Arch("glm4moe", ROPE_NEOX, expert_weights_norm=False, qk_norm="head?", gating="sigmoid",
+         ffn_norm="post_attention_norm", keys=DEEPSEEK_MOE_KEYS),
+    # DeepSeek-V2/V2-Lite/V3/R1, Kimi-K2, GLM-4.7-Flash: MLA attention
+    Arch("deepseek2", ROPE_NORM, expert_weights_norm=False,
+         keys=DEEPSEEK_MOE_KEYS + (("attention.q_lora_rank", "q_lora_rank", int),
+                                   ("attention.kv_lora_rank", "kv_lora_rank", int),
+                                   ("attention.key_length_mla", "head_dim_mla", int),
+                                   ("attention.value_length_mla", "head_dim_v_mla", int),
+                                   ("rope.scaling.yarn_log_multiplier", "rope_yarn_log_mul", float))),
 )}
 
 # The ARCH.* metadata keys the builders understand. Any other ARCH.* key is refused with its
@@ -102,6 +136,8 @@ KNOWN_KEYS = {
     "rope.scaling.finetuned",          # informational
     "expert_count", "expert_used_count", "expert_feed_forward_length",
     "expert_shared_feed_forward_length", "expert_weights_scale",
+    "nextn_predict_layers",            # multi-token-prediction layers: skipped, as llama.cpp does
+    "expert_group_count", "expert_group_used_count",   # group-limited routing: 1 group only
 }
 # Keys llama.cpp does not read for these architectures: accepted only with the value llama.cpp
 # then uses (another value would make llama.cpp and the model's own code disagree).
@@ -148,18 +184,23 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
     n_vocab = key("vocab_size", len(tokens) if tokens else 0)
     if not n_vocab:
         raise ModelError(f"{f.path}: cannot tell the vocabulary size (no tokenizer.ggml.tokens)")
+    arch_keys = {k[0] for k in a.keys}
     unknown = sorted(k for k in f.metadata if k.startswith(f"{arch}.")
-                     and k[len(arch) + 1:] not in KNOWN_KEYS | set(FIXED_KEYS) | {k for k, _ in a.keys})
+                     and k[len(arch) + 1:] not in KNOWN_KEYS | set(FIXED_KEYS) | arch_keys)
     if unknown:
         raise ModelError(f"{f.path}: metadata key(s) {', '.join(unknown)} not understood by moegraph's "
                          f"{arch} builder (refused rather than ignored: they may change what the model "
                          "computes)")
     for name, want in FIXED_KEYS.items():
-        v = f.get(f"{arch}.{name}", None)
+        v = f.get(f"{arch}.{name}", None) if name not in arch_keys else None
         if v is not None and v != want:
             raise ModelError(f"{f.path}: {arch}.{name} = {v!r}: llama.cpp does not read this key for "
                              f"{arch} (it uses {want}); moegraph refuses the file rather than pick one")
-    rope = _rope_scaling(f, arch, key, n_ctx_train=key("context_length"))
+    extra = _arch_keys(f, a, key)
+    if "rope_yarn_log_mul" in extra:   # llama.cpp cancels the converter's factor 0.1 (its PR 17945)
+        extra["rope_yarn_log_mul"] = float(np.float32(extra["rope_yarn_log_mul"]) / np.float32(0.1))
+    rope = _rope_scaling(f, arch, key, n_ctx_train=key("context_length"),
+                         log_mul=extra.get("rope_yarn_log_mul", 0.0))
     n_expert = key("expert_count", 0, lo=0)
     n_ff = key("feed_forward_length", 0, lo=0)
     n_used = key("expert_used_count", 0, lo=0)
@@ -170,19 +211,41 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
     if n_expert and not 1 <= n_used <= n_expert:
         raise ModelError(f"{f.path}: {arch}.expert_used_count {n_used} must be in 1..expert_count "
                          f"({n_expert})")
+    if key("expert_group_count", 0, lo=0) > 1:   # DeepSeek-V3/R1's group-limited routing
+        raise ModelError(f"{f.path}: {arch}.expert_group_count {key('expert_group_count')} > 1: "
+                         "group-limited expert routing is not supported by moegraph yet")
     rope_dims = key("rope.dimension_count", head_dim)
     if rope_dims % 2 or rope_dims > head_dim:
         raise ModelError(f"{f.path}: {arch}.rope.dimension_count {rope_dims} must be even and at most "
                          f"the head size {head_dim}")
+    n_block, n_nextn = key("block_count"), key("nextn_predict_layers", 0, lo=0)
+    if n_nextn >= n_block:
+        raise ModelError(f"{f.path}: {arch}.nextn_predict_layers {n_nextn} leaves no layers of the "
+                         f"{n_block} in block_count")
     # llama.cpp's defaults: llama and olmoe size experts by feed_forward_length; the qwen MoEs use
-    # n_ff / n_expert_used when expert_feed_forward_length is absent, and a shared expert of n_ff.
+    # n_ff / n_expert_used when expert_feed_forward_length is absent, and a shared expert of n_ff;
+    # the DeepSeek-style loaders count shared experts of the experts' width.
     if a.experts_n_ff:
         n_ff_exp = n_ff if n_expert else 0
     else:
         n_ff_exp = key("expert_feed_forward_length", 0, lo=0) or (n_ff // n_used if n_used else 0)
-    n_ff_shexp = key("expert_shared_feed_forward_length", 0, lo=0) or (n_ff if a.shared_expert else 0)
-    return ModelConfig(
-        arch=arch, n_vocab=n_vocab, n_embd=n_embd, n_layer=key("block_count"),
+    n_shared = extra.pop("n_shared", None)
+    n_ff_shexp = key("expert_shared_feed_forward_length", 0, lo=0) or (
+        n_ff_exp * n_shared if n_shared is not None else n_ff if a.shared_expert else 0)
+    gating = extra.pop("expert_gating", 0)
+    if gating == 0:   # not in the file: the architecture's default (llama.cpp's heuristics)
+        gating = a.gating
+        if arch == "deepseek2" and n_block - n_nextn in (47, 48) and n_vocab == 154880:
+            gating = "sigmoid"   # GLM-4.7-Flash files written before the key existed
+    elif gating in GATING_FUNCS:
+        gating = GATING_FUNCS[gating]
+    else:
+        raise ModelError(f"{f.path}: {arch}.expert_gating_func {gating} is not supported "
+                         f"(1 softmax, 2 sigmoid, 3 softmax over the chosen experts)")
+    if a.qk_norm.endswith("?"):   # optional: used where the file has the norms
+        extra["qk_norm"] = a.qk_norm[:-1] if "blk.0.attn_q_norm.weight" in f else ""
+    fields_ = dict(
+        arch=arch, n_vocab=n_vocab, n_embd=n_embd, n_layer=n_block - n_nextn, n_layer_nextn=n_nextn,
         n_head=n_head, n_head_kv=n_head_kv,
         head_dim=head_dim, head_dim_v=key("attention.value_length", head_dim),
         n_ctx_train=key("context_length"),
@@ -190,18 +253,51 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
         rope_dims=rope_dims, rope_mode=a.rope_mode,
         rope_freq_base=key("rope.freq_base", 10000.0, lo=1e-6, kind=float), **rope,
         n_ff=n_ff, n_expert=n_expert, n_expert_used=n_used, n_ff_exp=n_ff_exp, n_ff_shexp=n_ff_shexp,
-        expert_gating="softmax",   # all supported architectures; llama.cpp hard-codes it for them
-        expert_weights_norm=a.expert_weights_norm,
+        expert_gating=gating, expert_weights_norm=a.expert_weights_norm,
         expert_weights_scale=key("expert_weights_scale", 1.0, lo=None, kind=float) or 1.0,
-        qk_norm=a.qk_norm,
-        **{field_: key(name, 0.0, lo=0, kind=float) for name, field_ in a.keys},
-    )
+        qk_norm=a.qk_norm)
+    cfg = ModelConfig(**{**fields_, **extra})
+    if cfg.kv_lora_rank:
+        _check_mla(f, cfg)
+    return cfg
 
 
-def _rope_scaling(f: GGUFFile, arch: str, key, n_ctx_train: int) -> dict:
+def _arch_keys(f: GGUFFile, a: Arch, key) -> dict:
+    """The architecture's own keys (Arch.keys), checked, as ModelConfig fields."""
+    out = {}
+    for name, field_, *kind in a.keys:
+        kind = kind[0] if kind else float
+        if kind is bool:
+            v = f.get(f"{a.name}.{name}", None)
+            if v is not None and not isinstance(v, (bool, np.bool_)):
+                raise ModelError(f"{f.path}: metadata key {a.name}.{name} = {v!r} is not a bool")
+            if v is not None:
+                out[field_] = bool(v)
+        elif f.get(f"{a.name}.{name}", None) is not None:
+            out[field_] = key(name, 0, lo=0, kind=kind)
+    return out
+
+
+def _check_mla(f: GGUFFile, c: ModelConfig) -> None:
+    """MLA as the current converter writes it (llama.cpp's is_mla): the cached key is the
+    compressed kv plus the roped part, the value the compressed kv."""
+    if not (c.head_dim_mla and c.head_dim_v_mla):
+        raise ModelError(f"{f.path}: {c.arch} without attention.key_length_mla/value_length_mla (a file "
+                         "converted before MLA was split into k_b/v_b) is not supported; reconvert it")
+    if c.head_dim != c.kv_lora_rank + c.rope_dims or c.head_dim_v != c.kv_lora_rank:
+        raise ModelError(f"{f.path}: {c.arch}: attention.key_length {c.head_dim} / value_length "
+                         f"{c.head_dim_v} should be kv_lora_rank + rope dims ({c.kv_lora_rank} + "
+                         f"{c.rope_dims}) / kv_lora_rank for MLA")
+    if c.head_dim_mla <= c.rope_dims or c.n_head_kv != 1:
+        raise ModelError(f"{f.path}: {c.arch}: MLA needs key_length_mla {c.head_dim_mla} > rope dims "
+                         f"{c.rope_dims} and one KV head (head_count_kv {c.n_head_kv})")
+
+
+def _rope_scaling(f: GGUFFile, arch: str, key, n_ctx_train: int, log_mul: float = 0.0) -> dict:
     """RoPE scaling as llama.cpp reads it (llama-model.cpp, llama-context.cpp): the type defaults
     to linear, the factor to none; YaRN mixes in the unscaled angles (ext_factor 1) and scales
-    cos/sin by 0.1 ln(factor) + 1 (llama.cpp's attn_factor, times rope.scaling.attn_factor)."""
+    cos/sin by 0.1 ln(factor) + 1 (llama.cpp's attn_factor, times rope.scaling.attn_factor), or
+    with DeepSeek's mscale_all_dim (log_mul) by the ratio of its two mscales."""
     f32 = np.float32
     kind = f.get(f"{arch}.rope.scaling.type", "linear")
     if kind not in ("none", "linear", "yarn"):
@@ -213,7 +309,14 @@ def _rope_scaling(f: GGUFFile, arch: str, key, n_ctx_train: int) -> dict:
            "rope_n_ctx_orig": key("rope.scaling.original_context_length", n_ctx_train)}
     if kind == "yarn":
         fac = f32(1) / f32(scale)
-        mscale = f32(1) if fac <= 1 else f32(0.1) * f32(np.log(fac)) + f32(1)
+
+        def get_mscale(m):
+            return f32(1) if fac <= 1 else f32(0.1) * f32(m) * f32(np.log(fac)) + f32(1)
+        if log_mul:   # llama.cpp assumes mscale 1, except deepseek2 where it is mscale_all_dim
+            m = log_mul if arch == "deepseek2" and log_mul != 1 else 1.0
+            mscale = get_mscale(m) / get_mscale(log_mul)
+        else:
+            mscale = get_mscale(1.0)
         # llama.cpp divides by the factor ggml's YaRN path multiplies back in (its PR 17945)
         out["rope_attn_factor"] = float(mscale * (f32(1) / (f32(1) + f32(0.1) * f32(np.log(fac)))) * f32(attn))
         out["rope_ext_factor"] = 1.0
@@ -288,23 +391,68 @@ class GraphBuilder:
         if c.qk_norm == "head":                     # qwen3: each head
             q = self.norm(q, f"{p}.attn_q_norm.weight")
             k = self.norm(k, f"{p}.attn_k_norm.weight")
-        rope = dict(n_dims=c.rope_dims, mode=c.rope_mode, freq_base=c.rope_freq_base,
-                    freq_scale=c.rope_freq_scale, attn_factor=c.rope_attn_factor)
-        if c.rope_ext_factor:
-            rope.update(ext_factor=c.rope_ext_factor, n_ctx_orig=c.rope_n_ctx_orig)
-        ff = self.opt("rope_freqs.weight", (c.rope_dims // 2,)) if ARCHS[c.arch].rope_freqs else None
-        q = g.rope(q, self.pos, ff, **rope)
-        k = g.rope(k, self.pos, ff, **rope)
+        q, k = self.rope(q), self.rope(k)
         # KV cache: cell = position (one sequence); attention reads cells [0, KV) and the mask
         # hides those in each token's future.
         kc = g.set_rows(g.state(f"cache_k.{il}", (self.n_ctx, c.n_head_kv, c.head_dim), self.kv_dtype), k, self.pos)
         vc = g.set_rows(g.state(f"cache_v.{il}", (self.n_ctx, c.n_head_kv, c.head_dim_v), self.kv_dtype), v, self.pos)
         kc, vc = (g.slice(kc, axis=0, start=0, stop=KV), g.slice(vc, axis=0, start=0, stop=KV))
-        kq = g.mul_mat(g.permute(kc, axes=(1, 0, 2)), g.permute(q, axes=(1, 0, 2)))  # [H, T, KV]
-        kq = g.soft_max(kq, self.kq_mask, scale=c.attention_scale or c.head_dim ** -0.5)
-        o = g.mul_mat(g.permute(vc, axes=(1, 2, 0)), kq)                           # [H, T, Dv]
+        o = self.attend(q, kc, vc, c.attention_scale or c.head_dim ** -0.5)      # [H, T, Dv]
         o = g.reshape(g.cont(g.permute(o, axes=(1, 0, 2))), shape=(T, c.n_head * c.head_dim_v))
         return self.linear(o, f"{p}.attn_output", c.n_embd, c.n_head * c.head_dim_v)
+
+    def rope(self, x: Node) -> Node:
+        c = self.cfg
+        attrs = dict(n_dims=c.rope_dims, mode=c.rope_mode, freq_base=c.rope_freq_base,
+                     freq_scale=c.rope_freq_scale, attn_factor=c.rope_attn_factor)
+        if c.rope_ext_factor:
+            attrs.update(ext_factor=c.rope_ext_factor, n_ctx_orig=c.rope_n_ctx_orig)
+        ff = self.opt("rope_freqs.weight", (c.rope_dims // 2,)) if ARCHS[c.arch].rope_freqs else None
+        return self.g.rope(x, self.pos, ff, **attrs)
+
+    def attend(self, q: Node, kc: Node, vc: Node, scale: float) -> Node:
+        """softmax(scale q k^T + mask) v per head: q [T, H, D], the cache's k [KV, Hkv, D] and
+        v [KV, Hkv, Dv] -> [H, T, Dv]."""
+        g = self.g
+        kq = g.mul_mat(g.permute(kc, axes=(1, 0, 2)), g.permute(q, axes=(1, 0, 2)))  # [H, T, KV]
+        kq = g.soft_max(kq, self.kq_mask, scale=scale)
+        return g.mul_mat(g.permute(vc, axes=(1, 2, 0)), kq)
+
+    def attention_mla(self, x: Node, il: int) -> Node:
+        """DeepSeek's multi-head latent attention in llama.cpp's absorbed form: k_b is folded into
+        q, so attention runs against the cached compressed kv (one head of kv_lora_rank + rope
+        dims, shared by all heads); its value part is the same cache's first kv_lora_rank
+        columns, decompressed per head by v_b after attention."""
+        g, c = self.g, self.cfg
+        p, H, R, dr = f"blk.{il}", c.n_head, c.kv_lora_rank, c.rope_dims
+        dk, dv = c.head_dim_mla, c.head_dim_v_mla
+        dn = dk - dr                                                        # the un-roped part
+        if c.q_lora_rank:
+            q = self.linear(x, f"{p}.attn_q_a", c.q_lora_rank, c.n_embd, bias=False)
+            q = self.linear(self.norm(q, f"{p}.attn_q_a_norm.weight"), f"{p}.attn_q_b", H * dk,
+                            c.q_lora_rank, bias=False)
+        else:
+            q = self.linear(x, f"{p}.attn_q", H * dk, c.n_embd, bias=False)
+        q = g.reshape(q, shape=(T, H, dk))
+        q_pe = self.rope(g.cont(g.slice(q, axis=-1, start=dn, stop=dk)))
+        kv = self.linear(x, f"{p}.attn_kv_a_mqa", R + dr, c.n_embd, bias=False)     # [T, R + dr]
+        kv_c = self.norm(g.slice(kv, axis=-1, start=0, stop=R), f"{p}.attn_kv_a_norm.weight")
+        k_pe = self.rope(g.reshape(g.cont(g.slice(kv, axis=-1, start=R, stop=R + dr)), shape=(T, 1, dr)))
+        q_nope = g.permute(g.slice(q, axis=-1, start=0, stop=dn), axes=(1, 0, 2))     # [H, T, dn]
+        q_abs = g.mul_mat(self.w(f"{p}.attn_k_b.weight", (H, R, dn)), q_nope)        # [H, T, R]
+        q = g.concat(g.permute(q_abs, axes=(1, 0, 2)), q_pe, axis=-1)                 # [T, H, R+dr]
+        k = g.concat(g.reshape(kv_c, shape=(T, 1, R)), k_pe, axis=-1)                # [T, 1, R+dr]
+        kc = g.set_rows(g.state(f"cache_k.{il}", (self.n_ctx, 1, R + dr), self.kv_dtype), k, self.pos)
+        kc = g.slice(kc, axis=0, start=0, stop=KV)
+        vc = g.slice(kc, axis=-1, start=0, stop=R)
+        # llama.cpp's kq scale: YaRN's mscale (with DeepSeek's mscale_all_dim) squared
+        f32 = np.float32
+        ln = f32(np.log(f32(1) / f32(c.rope_freq_scale)))
+        mscale = f32(c.rope_attn_factor) * (f32(1) + f32(0.1) * ln) * (f32(1) + f32(0.1) * f32(c.rope_yarn_log_mul) * ln)
+        o = self.attend(q, kc, vc, float(mscale * mscale / f32(np.sqrt(f32(dk)))))    # [H, T, R]
+        o = g.mul_mat(self.w(f"{p}.attn_v_b.weight", (H, dv, R)), o)                  # [H, T, dv]
+        o = g.reshape(g.cont(g.permute(o, axes=(1, 0, 2))), shape=(T, H * dv))
+        return self.linear(o, f"{p}.attn_output", c.n_embd, H * dv, bias=False)
 
     def dense_ffn(self, x: Node, p: str, n_ff: int, suffix: str = "") -> Node:
         """down(silu(gate x) * up x), from a merged [gate; up] tensor when the file has one."""
@@ -322,9 +470,13 @@ class GraphBuilder:
         p, E, n, nf = f"blk.{il}", c.n_expert, c.n_embd, c.n_ff_exp
         k = n_expert_used or c.n_expert_used
         logits = g.mul_mat(self.w(f"{p}.ffn_gate_inp.weight", (E, n)), x)           # [T, E]
-        probs = g.soft_max(logits) if c.expert_gating == "softmax" else g.sigmoid(logits)
-        ids = g.top_k(probs, k=k, name=f"{p}.expert_ids")                          # [T, k]
+        probs = {"softmax": g.soft_max, "sigmoid": g.sigmoid}.get(c.expert_gating, lambda l: l)(logits)
+        # DeepSeek-V3's selection bias: it picks the experts, the unbiased probs weight them
+        bias = self.opt(f"{p}.exp_probs_b.bias", (E,))
+        ids = g.top_k(g.add(probs, bias) if bias is not None else probs, k=k, name=f"{p}.expert_ids")
         weights = g.get_rows(g.reshape(probs, shape=(T, -1, 1)), ids)             # [T, k, 1]
+        if c.expert_gating == "softmax_weight":   # softmax over the chosen experts' logits
+            weights = g.reshape(g.soft_max(g.reshape(weights, shape=(T, k))), shape=(T, k, 1))
         if c.expert_weights_norm:   # llama.cpp clamps the sum at 2^-14 before dividing
             total = g.reshape(g.sum(weights, axis=1), shape=(T, 1, 1))
             weights = g.div(weights, g.clamp(total, min=6.103515625e-5))
@@ -340,7 +492,7 @@ class GraphBuilder:
             par = g.swiglu(gate, up)
         experts = g.mul_mat_id(self.w(f"{p}.ffn_down_exps.weight", (E, n, nf)), par, ids)
         out = g.sum(g.mul(experts, weights), axis=1)                                # [T, n]
-        if c.n_ff_shexp and self.has(f"{p}.ffn_up_shexp.weight"):
+        if c.n_ff_shexp:
             shared = self.dense_ffn(x, p, c.n_ff_shexp, suffix="_shexp")
             gname = f"{p}.ffn_gate_inp_shexp.weight"
             if self.has(gname):   # [n_embd] or, as llama.cpp's converter writes it, [1, n_embd]
@@ -374,10 +526,12 @@ def build_decoder(b: GraphBuilder) -> Graph:
     x = g.get_rows(b.w("token_embd.weight", (c.n_vocab, c.n_embd)), b.tokens)
     if c.embedding_scale:
         x = g.scale(x, scale=c.embedding_scale)
+    attention = b.attention_mla if c.kv_lora_rank else b.attention
     for il in range(c.n_layer):
-        x = b.residual(x, b.attention(b.norm(x, f"blk.{il}.attn_norm.weight"), il), f"blk.{il}.attn_out")
-        h = b.norm(x, f"blk.{il}.ffn_norm.weight")
-        ffn = b.moe_ffn(h, il) if c.is_moe else b.dense_ffn(h, f"blk.{il}", c.n_ff)
+        x = b.residual(x, attention(b.norm(x, f"blk.{il}.attn_norm.weight"), il), f"blk.{il}.attn_out")
+        h = b.norm(x, f"blk.{il}.{ARCHS[c.arch].ffn_norm}.weight")
+        moe = c.is_moe and il >= c.n_layer_dense_lead
+        ffn = b.moe_ffn(h, il) if moe else b.dense_ffn(h, f"blk.{il}", c.n_ff)
         x = b.residual(x, ffn, f"blk.{il}.out")
     g.outputs["logits"] = b.output(x)
     return g
@@ -389,7 +543,11 @@ BUILDERS: dict[str, Callable[[GraphBuilder], Graph]] = {name: build_decoder for 
 def build_graph(f: GGUFFile, cfg: ModelConfig, n_ctx: int, kv_dtype: DType = F16) -> Graph:
     b = GraphBuilder(f, cfg, n_ctx, kv_dtype)
     g = BUILDERS[cfg.arch](b)
-    unused = sorted(set(f.tensor_types) - set(b._weights))
+    # multi-token-prediction layers (after the n_layer) serve speculative decoding, which
+    # moegraph does not do; llama.cpp skips them the same way
+    mtp = re.compile(r"blk\.(\d+)\.")
+    unused = sorted(t for t in set(f.tensor_types) - set(b._weights)
+                    if not (cfg.n_layer_nextn and (m := mtp.match(t)) and int(m.group(1)) >= cfg.n_layer))
     if unused:   # a tensor the builder does not know would be silently ignored: refuse
         more = f" and {len(unused) - 6} more" if len(unused) > 6 else ""
         raise ModelError(f"{f.path}: tensor(s) {', '.join(unused[:6])}{more} not used by moegraph's "

@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from moegraph.errors import MoeGraphError
+from moegraph.gguf_file import WeightData
 from moegraph.ir import Graph, Node
 
 from . import register_pass
@@ -33,6 +34,7 @@ class MoEBlock:
     layer: int
     top_k: Node                                   # TOP_K over the router probabilities: ids
     router: Node | None                           # the router WEIGHT [E, n_embd]
+    selection_bias: Node | None = None            # DeepSeek-V3/GLM's exp_probs_b WEIGHT [E]
     expert_matmuls: list[Node] = field(default_factory=list)   # MUL_MAT_ID nodes using ids
     weighting: list[tuple[Node, int]] = field(default_factory=list)  # (MUL node, input slot) of the expert weights
 
@@ -44,6 +46,9 @@ class MoEBlock:
 ROUTER_LOGITS = Pat("MUL_MAT", Pat.weight("router"), Pat.any())
 ROUTER = Pat("TOP_K", Pat("SOFT_MAX", ROUTER_LOGITS, None), name="top_k")
 ROUTER_SIGMOID = Pat("TOP_K", Pat("SIGMOID", ROUTER_LOGITS), name="top_k")
+# a selection bias picks the experts (the unbiased probabilities weight them)
+ROUTER_BIASED = [Pat("TOP_K", Pat("ADD", probs, Pat.weight("bias")), name="top_k")
+                 for probs in (Pat("SOFT_MAX", ROUTER_LOGITS, None), Pat("SIGMOID", ROUTER_LOGITS))]
 ANY_TOP_K = Pat("TOP_K", any_inputs=True, name="top_k")
 WEIGHTED_EXPERTS = Pat("MUL", Pat("MUL_MAT_ID", Pat.weight(), Pat.any(), Pat.any("ids"), name="mm"),
                        Pat.any("weights"))
@@ -60,10 +65,11 @@ def moe_blocks(graph: Graph) -> list[MoEBlock]:
         mms = [u for i in id_nodes for u in users[i] if u.op == "MUL_MAT_ID" and u.inputs[2] is i]
         if not mms:
             continue
-        full = ROUTER.match(topk) or ROUTER_SIGMOID.match(topk)
+        full = next((m for p in (ROUTER, ROUTER_SIGMOID, *ROUTER_BIASED) if (m := p.match(topk))), None)
         named = LAYER.match(topk.name or "") or next(
             (LAYER.match(u.inputs[0].name) for u in mms if LAYER.match(u.inputs[0].name)), None)
-        b = MoEBlock(int(named.group(1)) if named else i, topk, full.router if full else None, mms)
+        b = MoEBlock(int(named.group(1)) if named else i, topk, full.router if full else None,
+                     full.get("bias") if full else None, mms)
         for w in find(graph, WEIGHTED_EXPERTS):
             if any(w.ids is i for i in id_nodes):
                 b.weighting.append((w.root, 1 if w.root.inputs[0] is w.mm else 0))
@@ -138,6 +144,9 @@ def prune_experts(graph: Graph, keep: dict[int, Sequence[int]] | None = None) ->
             raise MoeGraphError(f"layer {b.layer}: keeping {len(kept)} experts is fewer than the "
                                 f"{b.k} used per token; slice_experts first")
         _swap_weight(graph, b.router, b.router.data.select(kept))
+        if b.selection_bias is not None:
+            bias = b.selection_bias.data   # [E] F32: one value per expert
+            _swap_weight(graph, b.selection_bias, WeightData.from_array(bias.name, bias.dequantize()[kept]))
         for mm in b.expert_matmuls:
             w = mm.inputs[0]
             if w.op == "WEIGHT" and w.shape[0] == n_expert:

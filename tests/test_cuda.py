@@ -4,6 +4,7 @@ Tier `gpu`: logits against the llama.cpp oracle, incremental decode == full forw
 from __future__ import annotations
 
 import importlib.resources
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,6 +37,8 @@ def _models():
     for t in TINY_TYPES:
         yield f"tiny-{t}", (lambda t=t: str(tiny_path(t)))
     yield "smollm2", lambda: str(smollm2_path())
+    for name in ("deepseek3", "glm4moe"):    # MLA, sigmoid routing with a selection bias
+        yield f"converted-{name}", (lambda name=name: str(Path(__file__).parent / "converted" / f"{name}.gguf"))
 
 
 MODELS = list(_models())

@@ -68,6 +68,39 @@ MODELS = {
         max_position_embeddings=256, embedding_multiplier=3.0, residual_multiplier=0.5,
         attention_multiplier=0.2, logits_scaling=4.0,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # GLM-4.5-Air-like: a dense first layer, sigmoid routing with a selection bias, a shared
+    # expert, partial RoPE (half the head), attention biases; and GLM-4.5-like q/k norms
+    "glm4moe": ("Glm4MoeForCausalLM", "Glm4MoeConfig", dict(
+        intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+        n_shared_experts=1, first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+        n_group=1, topk_group=1, attention_bias=True, use_qk_norm=False, head_dim=16,
+        num_hidden_layers=3, num_nextn_predict_layers=1, max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
+    "glm4moe-qknorm": ("Glm4MoeForCausalLM", "Glm4MoeConfig", dict(
+        intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=3,
+        n_shared_experts=2, first_k_dense_replace=1, norm_topk_prob=False, routed_scaling_factor=1.0,
+        n_group=1, topk_group=1, attention_bias=False, use_qk_norm=True, head_dim=24,
+        num_hidden_layers=3, max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
+    # DeepSeek-V2-Lite-like: MLA without a q low-rank, softmax routing, two shared experts, YaRN
+    # with mscale_all_dim (the kq scale and cos/sin factors llama.cpp special-cases)
+    "deepseek2-lite": ("DeepseekV2ForCausalLM", "DeepseekV2Config", dict(
+        intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+        n_shared_experts=2, first_k_dense_replace=1, norm_topk_prob=False, routed_scaling_factor=1.0,
+        topk_method="greedy", q_lora_rank=None, kv_lora_rank=32, qk_rope_head_dim=8,
+        qk_nope_head_dim=16, v_head_dim=12, num_key_value_heads=4, num_hidden_layers=3,
+        max_position_embeddings=192,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                         "original_max_position_embeddings": 48, "mscale": 0.707,
+                         "mscale_all_dim": 0.707, "beta_fast": 32.0, "beta_slow": 1.0})),
+    # DeepSeek-V3-like: q low-rank, sigmoid routing with a selection bias, renormalized and scaled
+    "deepseek3": ("DeepseekV3ForCausalLM", "DeepseekV3Config", dict(
+        intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+        n_shared_experts=1, first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+        n_group=1, topk_group=1, scoring_func="sigmoid", topk_method="noaux_tc", q_lora_rank=24,
+        kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+        num_key_value_heads=4, num_hidden_layers=3, num_nextn_predict_layers=0,
+        max_position_embeddings=256, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
     "mixtral": ("MixtralForCausalLM", "MixtralConfig", dict(
         intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=256,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
@@ -85,6 +118,8 @@ def make_tokenizer(folder: Path):
     tok.train_from_iterator([TEXT], trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
                                    eos_token="<|endoftext|>")
+    # the special tokens the GLM vocabulary writer looks up, after the trained ids
+    fast.add_special_tokens({"additional_special_tokens": ["[gMASK]", "<|user|>", "<|observation|>"]})
     fast.save_pretrained(folder)
     return fast
 
@@ -93,6 +128,9 @@ def randomize(model, seed: int) -> None:
     import torch
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        for name, b in model.named_buffers():   # DeepSeek-V3/GLM's selection bias starts at 0
+            if "e_score_correction_bias" in name:
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
         for name, p in model.named_parameters():
             if p.ndim == 1 and "norm" in name:
                 p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
