@@ -166,13 +166,19 @@ def _rope(ex, n, b, x, pos, ff=None):
     return out
 
 
-def _soft_max(ex, n, b, x, mask):
+def _soft_max(ex, n, b, x, mask, sinks):
     z = as_f32(x).astype(np.float64) * n.attrs["scale"]
     if mask is not None:
         z = z + mask
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+    mx = z.max(axis=-1, keepdims=True)
+    if sinks is not None:     # one more logit per head (axis -3) in the max and the sum
+        sk = as_f32(sinks).astype(np.float64).reshape(-1, 1, 1)
+        mx = np.maximum(mx, sk)
+    e = np.exp(z - mx)
+    total = e.sum(axis=-1, keepdims=True)
+    if sinks is not None:
+        total = total + np.exp(sk - mx)
+    return (e / total).astype(np.float32)
 
 
 def _rms_norm(ex, n, b, x, w):
@@ -222,7 +228,8 @@ def _cast(ex, n, b, x):
 
 
 IMPL = {
-    "GET_ROWS": lambda ex, n, b, table, ids: np.take_along_axis(as_f32(table), ids[..., None].astype(np.intp), axis=-2)
+    "GET_ROWS": lambda ex, n, b, table, ids: np.take_along_axis(   # (a table is broadcast over ids' leading dims)
+        as_f32(table).reshape((1,) * (ids.ndim + 1 - np.ndim(table)) + np.shape(table)), ids[..., None].astype(np.intp), axis=-2)
     if table.ndim == ids.ndim + 1 else as_f32(table)[ids],
     "RMS_NORM": _rms_norm,
     "NORM": _norm,

@@ -397,9 +397,12 @@ def _state(shape, dtype):
 @defop("GET_ROWS", "table ids", kind=Kind.OPAQUE, rowwise=True)
 def _get_rows(table, ids):
     """out[..., i, :] = dequantize(table[..., ids[..., i], :]): embedding lookup and gathering
-    router weights. Batch dims of table and ids must agree; any table dtype; result F32."""
+    router weights. The table's batch dims are the trailing batch dims of ids (the table is
+    broadcast over the others: per-expert biases gathered by [T, k] expert ids, ggml's
+    add_id); any table dtype; result F32."""
     _need_i32("GET_ROWS", ids)
-    if table.rank < 2 or table.shape[:-2] != ids.shape[:-1]:
+    tb, ib = table.shape[:-2], ids.shape[:-1]
+    if table.rank < 2 or len(tb) > len(ib) or ib[len(ib) - len(tb):] != tb:
         _fail("GET_ROWS", f"table {list(table.shape)} and ids {list(ids.shape)} do not match "
                           "(table [..., rows, cols], ids [..., n])")
     return (*ids.shape, table.shape[-1]), F32
@@ -520,12 +523,24 @@ def _top_k(x, k):
     return (*x.shape[:-1], k), I32
 
 
-@defop("SOFT_MAX", "x mask?", kind=Kind.REDUCE, scale=1.0)
-def _soft_max(x, mask, scale):
+def _check_sinks(op: str, sinks, n_head) -> None:
+    if sinks is not None:
+        _need_f32(op, sinks)
+        if sinks.shape != (n_head,):
+            _fail(op, f"sinks {list(sinks.shape)} must be one value per head [{n_head}]")
+
+
+@defop("SOFT_MAX", "x mask? sinks?", kind=Kind.REDUCE, scale=1.0)
+def _soft_max(x, mask, sinks, scale):
     """softmax(x * scale + mask) over the last axis; mask (additive, -inf = masked) broadcasts
-    to x."""
+    to x. With sinks [H] (gpt-oss's attention sinks, ggml_soft_max_add_sinks), a row of head h =
+    the axis third from last takes an extra logit sinks[h] (not scaled) into its max and its sum,
+    without an output of its own."""
     _need_f32("SOFT_MAX", x)
     _optional_broadcast("SOFT_MAX", "mask", mask, x)
+    if sinks is not None and x.rank < 3:
+        _fail("SOFT_MAX", f"sinks need x [..., H, T, KV], got {list(x.shape)}")
+    _check_sinks("SOFT_MAX", sinks, x.shape[-3] if x.rank >= 3 else None)
     return x.shape, F32
 
 
@@ -693,18 +708,19 @@ def _set_rows(dst, src, idx):
 # Made by the lowering's fusion rules (backends/lower/fusion.py) for backends that have a kernel
 # for them; their meaning is their decomposition, which is what the reference backend runs.
 def _attention_decompose(g: "Graph", n: "Node") -> "Node":
-    q, k, v, mask = n.inputs
+    q, k, v, mask, sinks = n.inputs
     kq = g.mul_mat(g.permute(k, axes=(1, 0, 2)), g.permute(q, axes=(1, 0, 2)))     # [H, T, KV]
-    p = g.soft_max(kq, mask, scale=n.attrs["scale"])
+    p = g.soft_max(kq, mask, sinks, scale=n.attrs["scale"])
     return g.mul_mat(g.permute(v, axes=(1, 2, 0)), p)                              # [H, T, Dv]
 
 
-@defop("ATTENTION", "q k v mask", kind=Kind.FUSED, decompose=_attention_decompose, scale=REQUIRED)
-def _attention(q, k, v, mask, scale):
+@defop("ATTENTION", "q k v mask sinks?", kind=Kind.FUSED, decompose=_attention_decompose, scale=REQUIRED)
+def _attention(q, k, v, mask, sinks, scale):
     """out[h, t, :] = softmax(scale * q[t, h] . k[j, h/g] + mask[t, j]) . v[j, h/g] over the KV
     cells j, with g = H / Hkv query heads per KV head: q [T, H, D], k [KV, Hkv, D],
-    v [KV, Hkv, Dv], mask [T, KV] (additive), out [H, T, Dv]. q and the probabilities are rounded
-    to k's and v's vec_dot type (F16 for an F16 cache) as the two MUL_MATs of its decomposition."""
+    v [KV, Hkv, Dv], mask [T, KV] (additive), out [H, T, Dv]; sinks [H] as in SOFT_MAX. q and the
+    probabilities are rounded to k's and v's vec_dot type (F16 for an F16 cache) as the two
+    MUL_MATs of its decomposition."""
     _need_f32("ATTENTION", q, mask)
     if q.rank != 3 or k.rank != 3 or v.rank != 3:
         _fail("ATTENTION", f"want q [T,H,D], k [KV,Hkv,D], v [KV,Hkv,Dv]; got {list(q.shape)}, "
@@ -714,6 +730,7 @@ def _attention(q, k, v, mask, scale):
         _fail("ATTENTION", f"q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)} do not agree")
     if not _broadcastable(mask.shape, (H, T, KV)):
         _fail("ATTENTION", f"mask {list(mask.shape)} does not broadcast to [{H}, {T}, {KV}]")
+    _check_sinks("ATTENTION", sinks, H)
     return (H, T, v.shape[2]), F32
 
 

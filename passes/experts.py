@@ -44,11 +44,11 @@ class MoEBlock:
 
 
 ROUTER_LOGITS = Pat("MUL_MAT", Pat.weight("router"), Pat.any())
-ROUTER = Pat("TOP_K", Pat("SOFT_MAX", ROUTER_LOGITS, None), name="top_k")
+ROUTER = Pat("TOP_K", Pat("SOFT_MAX", ROUTER_LOGITS, None, None), name="top_k")
 ROUTER_SIGMOID = Pat("TOP_K", Pat("SIGMOID", ROUTER_LOGITS), name="top_k")
 # a selection bias picks the experts (the unbiased probabilities weight them)
 ROUTER_BIASED = [Pat("TOP_K", Pat("ADD", probs, Pat.weight("bias")), name="top_k")
-                 for probs in (Pat("SOFT_MAX", ROUTER_LOGITS, None), Pat("SIGMOID", ROUTER_LOGITS))]
+                 for probs in (Pat("SOFT_MAX", ROUTER_LOGITS, None, None), Pat("SIGMOID", ROUTER_LOGITS))]
 ANY_TOP_K = Pat("TOP_K", any_inputs=True, name="top_k")
 WEIGHTED_EXPERTS = Pat("MUL", Pat("MUL_MAT_ID", Pat.weight(), Pat.any(), Pat.any("ids"), name="mm"),
                        Pat.any("weights"))

@@ -41,13 +41,14 @@ class Pat:
     where: Callable[[Node], bool] | None = None
     commutative: bool = False
     users: int | None = None                          # required number of users (e.g. 1)
+    optional: bool = False                            # also matches an absent input (None)
 
     def __init__(self, op=None, *inputs, name=None, attrs=None, dtype=None, where=None,
-                 commutative=False, users=None, any_inputs=False):
+                 commutative=False, users=None, any_inputs=False, optional=False):
         self.op = op
         self.inputs = None if (any_inputs or (not inputs and op is None)) else list(inputs)
         self.name, self.attrs, self.dtype, self.where = name, attrs or {}, dtype, where
-        self.commutative, self.users = commutative, users
+        self.commutative, self.users, self.optional = commutative, users, optional
 
     # -- shorthands
     @staticmethod
@@ -70,7 +71,7 @@ class Pat:
 
     def _match(self, node: Node | None, m: Match, users) -> bool:
         if node is None:
-            return False
+            return self.optional
         ops = (self.op,) if isinstance(self.op, str) else self.op
         if ops is not None and node.op not in ops:
             return False

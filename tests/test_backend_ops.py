@@ -84,8 +84,12 @@ def _norms(g, rng):
 def _softmax(g, rng):
     x, mask = g.input("x", ("T", C), F32), g.input("mask", ("T", C), F32)
     p = g.soft_max(x, mask, scale=0.7)
+    # attention sinks: per head (axis -3) of [H, T, C] scores, one of them larger than any score
+    sinks = g.weight(WeightData.from_array("sinks", np.array([0.5, -1.0, 9.0], np.float32)))
+    xh = g.permute(g.reshape(x, shape=("T", 3, C // 3)), axes=(1, 0, 2))
     g.outputs.update(p=p, plain=g.soft_max(x), top=g.top_k(x, k=5),
-                     sum=g.sum(g.reshape(p, shape=("T", 4, C // 4)), axis=1))
+                     sum=g.sum(g.reshape(p, shape=("T", 4, C // 4)), axis=1),
+                     sinks=g.cont(g.soft_max(g.cont(xh), None, sinks, scale=0.7)))
 
     def inputs(rng, T):
         mask = np.where(rng.random((T, C)) < 0.2, -np.inf, 0).astype(np.float32)
@@ -139,6 +143,8 @@ def _attention(g, rng):
         vc = g.set_rows(g.state(f"v_{dt.name}", (N_CTX, Hkv, D), dt), vin, pos)
         kv = [g.slice(c, axis=0, start=0, stop="KV") for c in (kc, vc)]
         g.outputs[f"att_{dt.name}"] = g.cont(g.attention(q, *kv, mask, scale=D ** -0.5))
+        sinks = g.weight(WeightData.from_array(f"sinks_{dt.name}", np.array([0.3, -2.0, 4.0, 1.0], np.float32)))
+        g.outputs[f"att_sinks_{dt.name}"] = g.cont(g.attention(q, *kv, mask, sinks, scale=D ** -0.5))
 
     def inputs(rng, T):
         pos = np.arange(T, dtype=np.int32) + 3
@@ -158,7 +164,7 @@ def _products(dtype):
         xe = g.reshape(x, shape=("T", 1, K))
         # batched: one matrix per head on a strided view (MLA's k_b/v_b)
         wb, xh = g.weight(random_weight(rng, "wb", (3, N, K), dtype)), g.input("xh", ("T", 3, K), F32)
-        g.outputs.update(mm=g.mul_mat(w, x), mmid=g.mul_mat_id(gate, xe, ids), rows=g.get_rows(w, rid),
+        g.outputs.update(mm=g.mul_mat(w, x), mmid=g.mul_mat_id(gate, xe, ids), rows=g.get_rows(w, rid), rows_bcast=g.get_rows(w, ids),
                          batched=g.mul_mat(wb, g.permute(xh, axes=(1, 0, 2))),
                          swiglu=g.moe_swiglu(gate, up, xe, ids), swiglu_merged=g.moe_swiglu(merged, None, xe, ids))
         return lambda rng, T: {"x": x_input(rng, T, K), "xh": x_input(rng, T, 3, K),
@@ -284,9 +290,9 @@ def test_fused_ops_are_their_decomposition():
     from moegraph.backends.lower import lower
     g, make_inputs = build_case("attention")
     plain = g.copy()
-    assert plain.expand_fused() == 2 and not any(n.op == "ATTENTION" for n in plain.nodes)
+    assert plain.expand_fused() == 4 and not any(n.op == "ATTENTION" for n in plain.nodes)
     refused = lower(plain, TARGET)
-    assert sum(n.op == "ATTENTION" for n in refused.toposort()) == 2
+    assert sum(n.op == "ATTENTION" for n in refused.toposort()) == 4   # sinks or none
     inputs = make_inputs(np.random.default_rng(1), 5)
     a = get_backend("numpy").compile(g).run(inputs)
     b = get_backend("numpy").compile(plain).run(inputs)

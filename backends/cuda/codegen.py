@@ -232,7 +232,7 @@ def g_norm(plan: Plan, n: Node):
 def g_soft_max(plan: Plan, n: Node):
     k = KB(plan)
     out, ins = _views(plan, n)
-    x = ins[0]
+    x, sinks = ins[0], ins[2]
     mask = k.bview(ins[1], out.shape) if ins[1] is not None else None
     L = k.dim(out.shape[-1])
     k.lines.append(f"  const i64 total = {k.count(out.shape[:-1])};")
@@ -242,12 +242,14 @@ def g_soft_max(plan: Plan, n: Node):
     o = f"((float*){k.base(out)})"
     oo = lambda i: f"{o}[{k.offset(out, idx + [i])}]"
     mterm = f" + {k.load(mask, idx + ['i'])}" if mask is not None else ""
+    sink = k.load(sinks, [idx[-2]]) if sinks is not None else None     # the head: axis -3
     body.append("    float mx = NEG_INF;")
     body.append(f"    for (i64 i = threadIdx.x; i < {L}; i += blockDim.x) {{ float v = {k.load(x, idx + ['i'])} * {f32lit(n.attrs['scale'])}{mterm}; {oo('i')} = v; mx = fmaxf(mx, v); }}")
-    body.append("    mx = block_max(mx);")
+    body.append(f"    mx = {f'fmaxf(block_max(mx), {sink})' if sink else 'block_max(mx)'};")
     body.append("    double s = 0.0;")
     body.append(f"    for (i64 i = threadIdx.x; i < {L}; i += blockDim.x) {{ float e = expf({oo('i')} - mx); {oo('i')} = e; s += (double)e; }}")
-    body.append("    const float inv = (float)(1.0 / block_sum_d(s));")
+    sink_e = f" + (double)expf({sink} - mx)" if sink else ""
+    body.append(f"    const float inv = (float)(1.0 / (block_sum_d(s){sink_e}));")
     body.append(f"    for (i64 i = threadIdx.x; i < {L}; i += blockDim.x) {oo('i')} *= inv;")
     body.append("    __syncthreads();")
     k.lines = saved
@@ -376,7 +378,7 @@ def g_get_rows(plan: Plan, n: Node):
     k.lines, saved = body, k.lines
     oi = k.unflatten("it", out.shape, "o")
     body.append(f"    i64 row = {k.load(ids, oi[:-1])}; if (row < 0 || row >= {k.dim(R)}) row = 0;")
-    ti = oi[:-2] + ["row"]
+    ti = oi[len(oi) - 2 - (table.rank - 2):-2] + ["row"]    # the table's own batch dims
     if is_quantized(table.dtype):
         if table.dtype not in DOT_TYPES:
             raise MoeGraphError(f"cuda: GET_ROWS from {table.dtype.name} tables is not supported")
@@ -681,11 +683,12 @@ def g_attention(plan: Plan, n: Node):
     F16 matmuls do; masked cells (-inf) are skipped."""
     k = KB(plan)
     out = plan.views[n.id]
-    q, kc, vc, mask = (plan.views[x.id] for x in n.inputs)
+    q, kc, vc, mask, sinks = (plan.views[x.id] if x is not None else None for x in n.inputs)
     T, H, D = q.shape
     KV, Hkv, Dv = vc.shape
     g = H // Hkv
     mask = k.bview(mask, (T, KV))
+    sink = k.load(sinks, ["h"]) if sinks is not None else None       # gpt-oss: a logit per head
     kf16, vf16 = kc.dtype == F16, vc.dtype == F16
     k.lines.append(f"  const i64 total = {k.dim(T)} * {H};")
     k.lines.append("  extern __shared__ float sh[];")
@@ -707,10 +710,11 @@ def g_attention(plan: Plan, n: Node):
     body.append("    __syncthreads();")
     body.append("    float mx = NEG_INF;")
     body.append("    for (i64 j = threadIdx.x; j < nkv; j += blockDim.x) mx = fmaxf(mx, sc[j]);")
-    body.append("    mx = block_max(mx);")
+    body.append(f"    mx = {f'fmaxf(block_max(mx), {sink})' if sink else 'block_max(mx)'};")
     body.append("    double tot = 0.0;")
     body.append("    for (i64 j = threadIdx.x; j < nkv; j += blockDim.x) { float e = sc[j] == NEG_INF ? 0.0f : expf(sc[j] - mx); sc[j] = e; tot += (double)e; }")
-    body.append("    const float inv = (float)(1.0 / block_sum_d(tot));")
+    sink_e = f" + (double)expf({sink} - mx)" if sink else ""
+    body.append(f"    const float inv = (float)(1.0 / (block_sum_d(tot){sink_e}));")
     body.append("    __syncthreads();")
     body.append(f"    for (int i = threadIdx.x; i < {Dv}; i += blockDim.x) {{")
     body.append("      float acc = 0.0f;")

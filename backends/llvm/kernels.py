@@ -340,9 +340,18 @@ def k_norm(plan: Plan, n: Node, name: str):
     return [k], 0
 
 
-def _exp_in_place(f: Fn, row: str, n, mx: str) -> str:
-    """row[i] = exp(row[i] - mx) for i < n; returns 1 / sum (the sum taken in double, as ggml)."""
-    total = f.var("double", "0.0")
+def _sink_term(f: Fn, sink: str | None, mx: str) -> str:
+    """exp(sink - mx) in double (an attention sink's share of the softmax sum), or 0."""
+    if sink is None:
+        return "0.0"
+    e = f.call("float", "@exp_f", f"float {f.op(f'fsub float {sink}, {mx}')}")
+    return f.op(f"fpext float {e} to double")
+
+
+def _exp_in_place(f: Fn, row: str, n, mx: str, sink: str | None = None) -> str:
+    """row[i] = exp(row[i] - mx) for i < n; returns 1 / sum (the sum taken in double, as ggml),
+    the sum with exp(sink - mx) where a sink is given."""
+    total = f.var("double", _sink_term(f, sink, mx))
     with f.loop(0, n) as i:
         p = f.gep("float", row, i)
         x = f.load("float", p)
@@ -356,7 +365,7 @@ def k_soft_max(plan: Plan, n: Node, name: str):
     k = K(plan, name)
     f = k.f
     out, ins = _views(plan, n)
-    x = ins[0]
+    x, sinks = ins[0], ins[2]
     mask = k.bview(ins[1], out.shape) if ins[1] is not None else None
     L = k.dim(out.shape[-1])
     scale = f32(n.attrs["scale"])
@@ -365,14 +374,15 @@ def k_soft_max(plan: Plan, n: Node, name: str):
         idx = k.unflatten(r, outer) if outer else []
         px, po = k.ptr(x, idx + ["0"]), k.ptr(out, idx + ["0"])
         pm = k.ptr(mask, idx + ["0"]) if mask is not None else None
-        mx = f.var("float", f32(-math.inf))
+        sink = f.load("float", k.ptr(sinks, [idx[-2]])) if sinks is not None else None  # head: axis -3
+        mx = f.var("float", sink or f32(-math.inf))
         with f.loop(0, L) as i:
             v = f.op(f"fmul float {f.load('float', f.gep('float', px, i))}, {scale}")
             if pm is not None:
                 v = f.op(f"fadd float {v}, {f.load('float', f.gep('float', pm, i))}")
             f.store("float", v, f.gep("float", po, i), 4)
             mx.set(f.call("float", "@llvm.maxnum.f32", f"float {mx.get()}", f"float {v}"))   # a NaN flows through exp
-        inv = _exp_in_place(f, po, L, mx.get())
+        inv = _exp_in_place(f, po, L, mx.get(), sink)
         with f.loop(0, L) as i:
             p = f.gep("float", po, i)
             f.store("float", f.op(f"fmul float {f.load('float', p)}, {inv}"), p, 4)
@@ -544,7 +554,7 @@ def k_get_rows(plan: Plan, n: Node, name: str):
         row = f.op(f"sext i32 {f.load('i32', k.ptr(ids, oi))} to i64")
         ok = f.op(f"icmp ult i64 {row}, {k.dim(R)}")
         rowc = f.op(f"select i1 {ok}, i64 {row}, i64 0")   # out-of-range ids read row 0 (validated upstream)
-        ti = oi[:-1] + [rowc]
+        ti = oi[len(oi) - 1 - (table.rank - 2):-1] + [rowc]    # the table's own batch dims
         po = k.ptr(out, oi + ["0"])
         if is_quantized(t):
             pw = k.ptr(table, ti)
@@ -853,9 +863,10 @@ def k_mul_mat_id(plan: Plan, n: Node, name: str):
 V8F = "<8 x float>"
 
 
-def _exp8_in_place(f: Fn, row: str, n: str, mx: str) -> str:
+def _exp8_in_place(f: Fn, row: str, n: str, mx: str, sink: str | None = None) -> str:
     """row[i] = exp(row[i] - mx) for i < n, 8 lanes at a time (row has room for 8 more; lanes
-    past n become 0); returns 1 / sum, the sum taken in double (as ggml's soft_max)."""
+    past n become 0); returns 1 / sum, the sum taken in double (as ggml's soft_max), with
+    exp(sink - mx) where a sink is given."""
     def bcast(ty, x):
         one = f.op(f"insertelement <8 x {ty}> poison, {ty} {x}, i64 0")
         return f.op(f"shufflevector <8 x {ty}> {one}, <8 x {ty}> poison, <8 x i32> zeroinitializer")
@@ -872,6 +883,8 @@ def _exp8_in_place(f: Fn, row: str, n: str, mx: str) -> str:
         f.store(V8F, e, p, 4)
         total.set(f.op(f"fadd <8 x double> {total.get()}, {f.op(f'fpext <8 x float> {e} to <8 x double>')}"))
     tot = f.call("double", "@llvm.vector.reduce.fadd.v8f64", "double 0.0", f"<8 x double> {total.get()}")
+    if sink is not None:
+        tot = f.op(f"fadd double {tot}, {_sink_term(f, sink, mx)}")
     return f.op(f"fptrunc double {f.op(f'fdiv double 1.0, {tot}')} to float")
 
 
@@ -885,7 +898,7 @@ def k_attention(plan: Plan, n: Node, name: str):
     k = K(plan, name)
     f = k.f
     out = plan.views[n.id]
-    q, kc, vc, mask = (plan.views[x.id] for x in n.inputs)
+    q, kc, vc, mask, sinks = (plan.views[x.id] if x is not None else None for x in n.inputs)
     k.work = (q.shape[0], q.shape[1], "KV", q.shape[2])
     T, H, D = q.shape
     KV, Hkv, Dv = vc.shape
@@ -921,7 +934,9 @@ def k_attention(plan: Plan, n: Node, name: str):
             live = f.op(f"fcmp ogt float {f.load('float', f.gep('float', pm, j))}, {ninf}")
             end.set(f.op(f"select i1 {live}, i64 {f.add(j, 1)}, i64 {end.get()}"))
         kv_end = end.get()
-        mx = [f.var("float", ninf) for _ in range(g)]
+        sink = [f.load("float", k.ptr(sinks, [f.add(f.mul(hk, g), hh)])) if sinks is not None else None
+                for hh in range(g)]                   # gpt-oss: one more logit per head
+        mx = [f.var("float", sink[hh] or ninf) for hh in range(g)]
         with f.loop(0, kv_end, 4) as j0:
             keys = [f.op(f"select i1 {f.op(f'icmp slt i64 {f.add(j0, i)}, {kv_end}')}, i64 {f.add(j0, i)}, i64 {f.sub(kv_end, 1)}")
                     for i in range(4)]              # past the end: recompute the last key, unused
@@ -941,7 +956,8 @@ def k_attention(plan: Plan, n: Node, name: str):
                     f.store("float", sc, f.gep("float", scores, f.add(ji, hh * row)), 4)
                     ok = f.op(f"icmp slt i64 {ji}, {kv_end}")
                     mx[hh].set(f.op(f"select i1 {ok}, float {f.call('float', '@llvm.maxnum.f32', f'float {mx[hh].get()}', f'float {sc}')}, float {mx[hh].get()}"))
-        invs = [_exp8_in_place(f, f.gep("float", scores, hh * row), kv_end, mx[hh].get()) for hh in range(g)]
+        invs = [_exp8_in_place(f, f.gep("float", scores, hh * row), kv_end, mx[hh].get(), sink[hh])
+                for hh in range(g)]
         acc = [[f.var("<8 x float>", "zeroinitializer") for _ in range(Dv // 8)] for _ in range(g)]
         with f.loop(0, kv_end) as j:
             pv = k.ptr(vc, [j, hk, "0"])

@@ -32,11 +32,11 @@ ATTENTION = Pat("MUL_MAT",
                         Pat("PERMUTE", Pat.any("k"), attrs={"axes": lambda a: tuple(a) == (1, 0, 2)}),
                         Pat("PERMUTE", Pat.any("q"), attrs={"axes": lambda a: tuple(a) == (1, 0, 2)}),
                         users=1),
-                    Pat.any("mask"), name="p", users=1))
+                    Pat.any("mask"), Pat.any("sinks", optional=True), name="p", users=1))
 
 
 def _attention(g: Graph, m: Match) -> Node | None:
-    return g.attention(m.q, m.k, m.v, m.mask, scale=m.p.attrs["scale"], name=m.root.name)
+    return g.attention(m.q, m.k, m.v, m.mask, m.get("sinks"), scale=m.p.attrs["scale"], name=m.root.name)
 
 
 # silu(gate . x) * (up . x) over the chosen experts, from two tensors or a merged [gate; up] one
