@@ -64,6 +64,12 @@ class ModelConfig:
     head_dim_mla: int = 0              # q.k head size before absorption (nope + rope dims)
     head_dim_v_mla: int = 0            # value head size after decompression
     rope_yarn_log_mul: float = 0.0     # DeepSeek's mscale_all_dim (as llama.cpp reads it)
+    # sliding-window attention (gpt-oss): layer il attends to the last n_swa positions only where
+    # il % swa_pattern < swa_pattern - 1 (llama.cpp's set_swa_pattern; pattern 0: every layer),
+    # with RoPE base rope_freq_base_swa (0: the same base)
+    n_swa: int = 0
+    swa_pattern: int = 2
+    rope_freq_base_swa: float = 0.0
     qk_norm: str = ""                  # RMS norm of q and k: "head" (qwen3: per head), "full" (olmoe: the whole projection)
     # granite's multipliers (0 = none): embeddings, each block's output before its residual add,
     # the attention's kq scale (instead of 1/sqrt(head_dim)), and the logits (divided by it)
@@ -76,6 +82,10 @@ class ModelConfig:
     @property
     def is_moe(self) -> bool:
         return self.n_expert > 0
+
+    def is_swa(self, il: int) -> bool:
+        p = self.swa_pattern
+        return bool(self.n_swa) and (p == 0 or il % p < p - 1)
 
     def summary(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
@@ -92,6 +102,10 @@ class Arch:
     experts_n_ff: bool = False         # experts are feed_forward_length wide (llama, olmoe loaders)
     gating: str = "softmax"            # the expert gating when the file does not say
     ffn_norm: str = "ffn_norm"         # the FFN's pre-norm tensor (GLM: post_attention_norm)
+    sinks: bool = False                # attention sinks, one logit per head (gpt-oss)
+    # the experts' activation: "swiglu", or gpt-oss's clamped one (llama.cpp's swiglu_oai with
+    # its fixed alpha 1.702 and limit 7: (min(g, 7) sigmoid(1.702 min(g, 7))) (clamp(u, -7, 7) + 1))
+    expert_act: str = "swiglu"
     # (ARCH.* key, ModelConfig field[, kind]) read beyond KNOWN_KEYS; kind float unless given
     keys: tuple = ()
 
@@ -123,6 +137,12 @@ ARCHS: dict[str, Arch] = {a.name: a for a in (
                                    ("attention.key_length_mla", "head_dim_mla", int),
                                    ("attention.value_length_mla", "head_dim_v_mla", int),
                                    ("rope.scaling.yarn_log_multiplier", "rope_yarn_log_mul", float))),
+    # gpt-oss-20b/120b: sinks, sliding-window layers, biases everywhere, softmax over the chosen
+    Arch("gpt-oss", ROPE_NEOX, expert_weights_norm=False, gating="softmax_weight",
+         ffn_norm="post_attention_norm", sinks=True, expert_act="swiglu_oai",
+         keys=(("attention.sliding_window", "n_swa", int),
+               ("attention.sliding_window_pattern", "swa_pattern", int),
+               ("rope.freq_base_swa", "rope_freq_base_swa", float))),
 )}
 
 # The ARCH.* metadata keys the builders understand. Any other ARCH.* key is refused with its
@@ -192,6 +212,8 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
                          f"{arch} builder (refused rather than ignored: they may change what the model "
                          "computes)")
     for name, want in FIXED_KEYS.items():
+        if name == "expert_gating_func":   # not read: llama.cpp uses the architecture's own
+            want = {v: k for k, v in GATING_FUNCS.items()}[a.gating]
         v = f.get(f"{arch}.{name}", None) if name not in arch_keys else None
         if v is not None and v != want:
             raise ModelError(f"{f.path}: {arch}.{name} = {v!r}: llama.cpp does not read this key for "
@@ -242,6 +264,8 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
     else:
         raise ModelError(f"{f.path}: {arch}.expert_gating_func {gating} is not supported "
                          f"(1 softmax, 2 sigmoid, 3 softmax over the chosen experts)")
+    if a.sinks and not extra.get("n_swa"):    # llama.cpp requires it for gpt-oss
+        raise ModelError(f"{f.path}: missing metadata key {arch}.attention.sliding_window")
     if a.qk_norm.endswith("?"):   # optional: used where the file has the norms
         extra["qk_norm"] = a.qk_norm[:-1] if "blk.0.attn_q_norm.weight" in f else ""
     fields_ = dict(
@@ -337,6 +361,9 @@ class GraphBuilder:
         self.tokens = g.input("tokens", (T,), I32)
         self.pos = g.input("pos", (T,), I32)
         self.kq_mask = g.input("kq_mask", (T, KV), F32)
+        if cfg.n_swa:   # the sliding-window layers' mask (the session fills it from meta n_swa)
+            self.kq_mask_swa = g.input("kq_mask_swa", (T, KV), F32)
+            self.g.meta["n_swa"] = cfg.n_swa
         self.out_rows = g.input("out_rows", (O,), I32)
 
     # -- weights
@@ -391,31 +418,36 @@ class GraphBuilder:
         if c.qk_norm == "head":                     # qwen3: each head
             q = self.norm(q, f"{p}.attn_q_norm.weight")
             k = self.norm(k, f"{p}.attn_k_norm.weight")
-        q, k = self.rope(q), self.rope(k)
+        swa = c.is_swa(il)
+        base = c.rope_freq_base_swa if swa and c.rope_freq_base_swa else None
+        q, k = self.rope(q, base), self.rope(k, base)
         # KV cache: cell = position (one sequence); attention reads cells [0, KV) and the mask
-        # hides those in each token's future.
+        # hides those in each token's future (and, in a sliding-window layer, its far past).
         kc = g.set_rows(g.state(f"cache_k.{il}", (self.n_ctx, c.n_head_kv, c.head_dim), self.kv_dtype), k, self.pos)
         vc = g.set_rows(g.state(f"cache_v.{il}", (self.n_ctx, c.n_head_kv, c.head_dim_v), self.kv_dtype), v, self.pos)
         kc, vc = (g.slice(kc, axis=0, start=0, stop=KV), g.slice(vc, axis=0, start=0, stop=KV))
-        o = self.attend(q, kc, vc, c.attention_scale or c.head_dim ** -0.5)      # [H, T, Dv]
+        sinks = self.w(f"{p}.attn_sinks.weight", (c.n_head,)) if ARCHS[c.arch].sinks else None
+        o = self.attend(q, kc, vc, c.attention_scale or c.head_dim ** -0.5,
+                        self.kq_mask_swa if swa else self.kq_mask, sinks)            # [H, T, Dv]
         o = g.reshape(g.cont(g.permute(o, axes=(1, 0, 2))), shape=(T, c.n_head * c.head_dim_v))
         return self.linear(o, f"{p}.attn_output", c.n_embd, c.n_head * c.head_dim_v)
 
-    def rope(self, x: Node) -> Node:
+    def rope(self, x: Node, freq_base: float | None = None) -> Node:
         c = self.cfg
-        attrs = dict(n_dims=c.rope_dims, mode=c.rope_mode, freq_base=c.rope_freq_base,
+        attrs = dict(n_dims=c.rope_dims, mode=c.rope_mode, freq_base=freq_base or c.rope_freq_base,
                      freq_scale=c.rope_freq_scale, attn_factor=c.rope_attn_factor)
         if c.rope_ext_factor:
             attrs.update(ext_factor=c.rope_ext_factor, n_ctx_orig=c.rope_n_ctx_orig)
         ff = self.opt("rope_freqs.weight", (c.rope_dims // 2,)) if ARCHS[c.arch].rope_freqs else None
         return self.g.rope(x, self.pos, ff, **attrs)
 
-    def attend(self, q: Node, kc: Node, vc: Node, scale: float) -> Node:
+    def attend(self, q: Node, kc: Node, vc: Node, scale: float, mask: Node | None = None,
+               sinks: Node | None = None) -> Node:
         """softmax(scale q k^T + mask) v per head: q [T, H, D], the cache's k [KV, Hkv, D] and
         v [KV, Hkv, Dv] -> [H, T, Dv]."""
         g = self.g
         kq = g.mul_mat(g.permute(kc, axes=(1, 0, 2)), g.permute(q, axes=(1, 0, 2)))  # [H, T, KV]
-        kq = g.soft_max(kq, self.kq_mask, scale=scale)
+        kq = g.soft_max(kq, self.kq_mask if mask is None else mask, sinks, scale=scale)
         return g.mul_mat(g.permute(vc, axes=(1, 2, 0)), kq)
 
     def attention_mla(self, x: Node, il: int) -> Node:
@@ -470,6 +502,9 @@ class GraphBuilder:
         p, E, n, nf = f"blk.{il}", c.n_expert, c.n_embd, c.n_ff_exp
         k = n_expert_used or c.n_expert_used
         logits = g.mul_mat(self.w(f"{p}.ffn_gate_inp.weight", (E, n)), x)           # [T, E]
+        router_b = self.opt(f"{p}.ffn_gate_inp.bias", (E,))
+        if router_b is not None:
+            logits = g.add(logits, router_b)
         probs = {"softmax": g.soft_max, "sigmoid": g.sigmoid}.get(c.expert_gating, lambda l: l)(logits)
         # DeepSeek-V3's selection bias: it picks the experts, the unbiased probs weight them
         bias = self.opt(f"{p}.exp_probs_b.bias", (E,))
@@ -483,14 +518,21 @@ class GraphBuilder:
         if c.expert_weights_scale != 1.0:
             weights = g.scale(weights, scale=c.expert_weights_scale)
         xe = g.reshape(x, shape=(T, 1, n))
+
+        def biased(y: Node, name: str, width: int) -> Node:   # + the chosen experts' biases (ggml's add_id)
+            b = self.opt(f"{p}.{name}.bias", (E, width))
+            return g.add(y, g.get_rows(b, ids)) if b is not None else y
+        oai = ARCHS[c.arch].expert_act == "swiglu_oai"
         if self.has(f"{p}.ffn_gate_up_exps.weight"):  # merged ahead of time: gate rows, then up
-            gu = g.mul_mat_id(self.w(f"{p}.ffn_gate_up_exps.weight", (E, 2 * nf, n)), xe, ids)
-            par = g.swiglu(gu)
+            gu = biased(g.mul_mat_id(self.w(f"{p}.ffn_gate_up_exps.weight", (E, 2 * nf, n)), xe, ids),
+                        "ffn_gate_up_exps", 2 * nf)
+            par = self.swiglu_oai(g.slice(gu, axis=-1, start=0, stop=nf),
+                                  g.slice(gu, axis=-1, start=nf, stop=2 * nf)) if oai else g.swiglu(gu)
         else:
-            gate = g.mul_mat_id(self.w(f"{p}.ffn_gate_exps.weight", (E, nf, n)), xe, ids)
-            up = g.mul_mat_id(self.w(f"{p}.ffn_up_exps.weight", (E, nf, n)), xe, ids)
-            par = g.swiglu(gate, up)
-        experts = g.mul_mat_id(self.w(f"{p}.ffn_down_exps.weight", (E, n, nf)), par, ids)
+            gate = biased(g.mul_mat_id(self.w(f"{p}.ffn_gate_exps.weight", (E, nf, n)), xe, ids), "ffn_gate_exps", nf)
+            up = biased(g.mul_mat_id(self.w(f"{p}.ffn_up_exps.weight", (E, nf, n)), xe, ids), "ffn_up_exps", nf)
+            par = self.swiglu_oai(gate, up) if oai else g.swiglu(gate, up)
+        experts = biased(g.mul_mat_id(self.w(f"{p}.ffn_down_exps.weight", (E, n, nf)), par, ids), "ffn_down_exps", n)
         out = g.sum(g.mul(experts, weights), axis=1)                                # [T, n]
         if c.n_ff_shexp:
             shared = self.dense_ffn(x, p, c.n_ff_shexp, suffix="_shexp")
@@ -503,6 +545,14 @@ class GraphBuilder:
                 shared = g.mul(shared, g.sigmoid(g.mul_mat(gate_w, x)))           # [T,n]*[T,1]
             out = g.add(out, shared)
         return out
+
+    def swiglu_oai(self, gate: Node, up: Node, alpha: float = 1.702, limit: float = 7.0) -> Node:
+        """gpt-oss's clamped SwiGLU (ggml_swiglu_oai): x = min(gate, limit), y = clamp(up, -limit,
+        limit), x sigmoid(alpha x) (y + 1); made of elementwise ops the lowering fuses."""
+        g = self.g
+        x = g.clamp(gate, max=limit)
+        y = g.scale(g.clamp(up, min=-limit, max=limit), scale=1.0, bias=1.0)
+        return g.mul(g.mul(x, g.sigmoid(g.scale(x, scale=alpha))), y)
 
     def output(self, x: Node) -> Node:
         g, c = self.g, self.cfg

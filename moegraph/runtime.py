@@ -260,10 +260,14 @@ class Session:
         n = len(ids)
         pos = np.arange(self.n_past, self.n_past + n, dtype=np.int32)
         n_kv = self.n_past + n
-        mask = np.where(np.arange(n_kv)[None, :] <= pos[:, None], 0.0, -np.inf).astype(np.float32)
+        cells = np.arange(n_kv)[None, :]
+        mask = np.where(cells <= pos[:, None], 0.0, -np.inf).astype(np.float32)
         rows = np.array([n - 1], np.int32) if last_only else np.arange(n, dtype=np.int32)
-        out = self.executable.run({"tokens": ids.astype(np.int32), "pos": pos, "kq_mask": mask,
-                                   "out_rows": rows})
+        inputs = {"tokens": ids.astype(np.int32), "pos": pos, "kq_mask": mask, "out_rows": rows}
+        n_swa = self.graph.meta.get("n_swa")
+        if n_swa:   # sliding-window layers also hide cells n_swa or more positions back (llama.cpp's standard SWA)
+            inputs["kq_mask_swa"] = np.where(pos[:, None] - cells >= n_swa, -np.inf, mask).astype(np.float32)
+        out = self.executable.run(inputs)
         self.n_past += n
         logits = out.get("logits")
         if logits is not None and not np.isfinite(logits).all():

@@ -33,7 +33,7 @@ def _rel(ours: np.ndarray, ref: np.ndarray) -> float:
 
 def test_fixtures_present():
     assert {"llama3-ropefreqs", "llama-yarn", "llama-linear", "qwen2moe", "qwen3moe", "mixtral", "olmoe",
-            "granitemoe", "granitemoeshared", "glm4moe", "glm4moe-qknorm", "deepseek2-lite", "deepseek3"} <= set(MODELS)
+            "granitemoe", "granitemoeshared", "glm4moe", "glm4moe-qknorm", "deepseek2-lite", "deepseek3", "gpt-oss"} <= set(MODELS)
 
 
 @pytest.mark.parametrize("backend", ["numpy", "llvm"])
@@ -145,7 +145,7 @@ def test_deepseek_family_keys(tmp_path):
         moegraph.load(p)
 
 
-@pytest.mark.parametrize("name", ["glm4moe", "deepseek3"])
+@pytest.mark.parametrize("name", ["glm4moe", "deepseek3", "gpt-oss"])
 def test_quantized_files_agree_across_backends(name, tmp_path):
     """The converter's file quantized as llama-quantize does (byte-identical; MLA's k_b rows of 16
     fall back to F16): LLVM's products on the raw blocks, the batched per-head k_b/v_b ones

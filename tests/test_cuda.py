@@ -37,7 +37,7 @@ def _models():
     for t in TINY_TYPES:
         yield f"tiny-{t}", (lambda t=t: str(tiny_path(t)))
     yield "smollm2", lambda: str(smollm2_path())
-    for name in ("deepseek3", "glm4moe"):    # MLA, sigmoid routing with a selection bias
+    for name in ("deepseek3", "glm4moe", "gpt-oss"):    # MLA, selection bias, sinks and windows
         yield f"converted-{name}", (lambda name=name: str(Path(__file__).parent / "converted" / f"{name}.gguf"))
 
 

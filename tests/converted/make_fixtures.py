@@ -101,6 +101,14 @@ MODELS = {
         kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
         num_key_value_heads=4, num_hidden_layers=3, num_nextn_predict_layers=0,
         max_position_embeddings=256, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # gpt-oss: attention sinks, sliding-window layers (window 8 < the 100 tokens), YaRN, Q/K/V/O
+    # and router and expert biases, the clamped SwiGLU, softmax over the chosen experts' logits
+    "gpt-oss": ("GptOssForCausalLM", "GptOssConfig", dict(
+        intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, head_dim=16,
+        num_hidden_layers=3, sliding_window=8, max_position_embeddings=192,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                         "original_max_position_embeddings": 48, "beta_fast": 32.0, "beta_slow": 1.0})),
     "mixtral": ("MixtralForCausalLM", "MixtralConfig", dict(
         intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=256,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
@@ -132,7 +140,9 @@ def randomize(model, seed: int) -> None:
             if "e_score_correction_bias" in name:
                 b.copy_(0.1 * torch.randn(b.shape, generator=g))
         for name, p in model.named_parameters():
-            if p.ndim == 1 and "norm" in name:
+            if "sinks" in name:                     # gpt-oss's sinks: logits of O(1)
+                p.copy_(torch.randn(p.shape, generator=g))
+            elif p.ndim == 1 and "norm" in name:
                 p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
             elif p.ndim == 1:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
