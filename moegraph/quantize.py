@@ -73,6 +73,7 @@ FTYPES: dict[str, tuple[int, str]] = {
     "Q4_K_S": (14, "Q4_K"), "Q4_K_M": (15, "Q4_K"),
     "Q5_K_S": (16, "Q5_K"), "Q5_K_M": (17, "Q5_K"),
     "Q6_K": (18, "Q6_K"),
+    "MXFP4_MOE": (38, "MXFP4"),       # 3-D (expert) tensors MXFP4, the others Q8_0
 }
 # llama-quantize's aliases
 ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
@@ -80,7 +81,7 @@ ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 _NOT_SUPPORTED = {"Q2_K_S": "needs an importance matrix (imatrix), which moegraph does not use",
                   "IQ1_S": "", "IQ1_M": "", "IQ2_XXS": "", "IQ2_XS": "", "IQ2_S": "", "IQ2_M": "",
                   "IQ3_XXS": "", "IQ3_XS": "", "IQ3_S": "", "IQ3_M": "", "IQ4_NL": "",
-                  "IQ4_XS": "", "TQ1_0": "", "TQ2_0": "", "MXFP4_MOE": "", "NVFP4": "",
+                  "IQ4_XS": "", "TQ1_0": "", "TQ2_0": "", "NVFP4": "",
                   "Q1_0": "", "Q2_0": ""}
 GGML_QNT_VERSION = 2
 _SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
@@ -248,17 +249,21 @@ class _TypeRules:
             return i, n_layer
         return counter, n_layer
 
-    def _impl(self, t: str, name: str, ne0: int, cat: str) -> tuple[str, str]:
+    def _impl(self, t: str, name: str, shape: tuple[int, ...], cat: str) -> tuple[str, str]:
         from .quants import block_size
-        ft, hp, arch = self.ftype, self.hp, self.hp.arch
+        ft, hp, arch, ne0 = self.ftype, self.hp, self.hp.arch, shape[-1]
         if cat == "output" or (self.tied and cat == "token_embd"):
             if self.output_type:
                 return self.output_type, "output type"
+            if ft == "MXFP4_MOE":
+                return "Q8_0", "output tensor"
             if arch == "falcon" or ne0 % block_size(t) != 0:
                 return "Q8_0", "output tensor"
             if t != "Q8_0":
                 return "Q6_K", "output tensor"
             return t, ""
+        if ft == "MXFP4_MOE":   # (llama.cpp: any 3-D tensor with more than one matrix, MLA's too)
+            return ("MXFP4", "") if len(shape) == 3 and shape[0] > 1 else ("Q8_0", "MXFP4_MOE: not an expert tensor")
         if cat == "token_embd":
             return t, ""
         new, note = t, ""
@@ -354,7 +359,7 @@ class _TypeRules:
         t, note = self.default, ""
         if is_quantized(GGMLType[t]):
             if not self.pure:
-                t, note = self._impl(t, name, shape[-1], cat)
+                t, note = self._impl(t, name, shape, cat)
             t, fb_note = self._fallback(t, name, shape[-1])
             note = fb_note or note
         return t, note

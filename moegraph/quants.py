@@ -52,6 +52,7 @@ class GGMLType(enum.IntEnum):
     I64 = 27
     F64 = 28
     BF16 = 30
+    MXFP4 = 39
 
 
 QK_K = 256  # super-block size of the K-quants
@@ -77,7 +78,12 @@ _BLOCK_DTYPES: dict[GGMLType, np.dtype] = {
                         ("qs", "u1", 128)),
     GGMLType.Q6_K: _blk(("ql", "u1", 128), ("qh", "u1", 64), ("scales", "i1", 16), ("d", "<f2")),
     GGMLType.Q8_K: _blk(("d", "<f4"), ("qs", "i1", 256), ("bsums", "<i2", 16)),
+    # OCP microscaling FP4 (gpt-oss's experts): an E8M0 exponent, 32 E2M1 values as nibbles
+    # (value j low, j + 16 high); value = KVALUES_MXFP4[nibble] * 2^(e - 128) (the table is
+    # E2M1 doubled, the scale halved: ggml's GGML_E8M0_TO_FP32_HALF)
+    GGMLType.MXFP4: _blk(("e", "u1"), ("qs", "u1", 16)),
 }
+KVALUES_MXFP4 = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=np.int8)
 
 # ---------------------------------------------------------------------------------------------
 # Dequantization: structured blocks [nb] -> float32 [nb, block_size]. All arithmetic in float32,
@@ -130,6 +136,17 @@ def _deq_q5_1(b):
 
 def _deq_q8_0(b):
     return b["qs"].astype(_F32) * _f(b["d"])
+
+
+def e8m0_half(e: np.ndarray) -> np.ndarray:
+    """GGML_E8M0_TO_FP32_HALF: 2^(e - 128) as float32, from its bits (denormal for e < 2)."""
+    e = e.astype(np.uint32)
+    return np.where(e < 2, np.uint32(0x00200000) << e, (e - 1) << 23).astype(np.uint32).view(_F32)
+
+
+def _deq_mxfp4(b):
+    with np.errstate(over="ignore"):     # e = 255 with |value| 12: inf, as in ggml
+        return KVALUES_MXFP4[_nibbles(b["qs"])].astype(_F32) * e8m0_half(b["e"])[:, None]
 
 
 def _crumbs(qs: np.ndarray) -> np.ndarray:
@@ -326,6 +343,7 @@ _TRAITS: dict[GGMLType, TypeTraits] = {tr.type: tr for tr in [
     _quant(T.Q5_K, QK_K, _deq_q5_k, vdt=T.Q8_K),
     _quant(T.Q6_K, QK_K, _deq_q6_k, vdt=T.Q8_K),
     _quant(T.Q8_K, QK_K, None, _act_q8_k_blocks),
+    _quant(T.MXFP4, 32, _deq_mxfp4, vdt=T.Q8_0),
 ]}
 del T
 
@@ -1155,12 +1173,28 @@ def _wq_q6_k(x):
     return _q6_k_pack(out, nb, L, sc, d16)
 
 
+def _wq_mxfp4(x):
+    """quantize_row_mxfp4_ref: e from floor(log2f(amax)) - 2 (float32 log2, correctly rounded as
+    glibc's log2f is), each value the nearest table entry (the first of equals)."""
+    out = _blocks_out(GGMLType.MXFP4, len(x))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        amax = np.where(np.isnan(x), 0, np.abs(x)).max(axis=1)    # NaN never wins `amax < |v|`
+        lg = np.floor(np.log2(amax.astype(np.float64)).astype(_F32))
+        e = np.where(amax > 0, (lg - 2 + 127).astype(np.int64) & 0xFF, 0).astype(np.uint8)
+        d = e8m0_half(e)
+        err = np.abs(KVALUES_MXFP4.astype(_F32)[None, None, :] * d[:, None, None] - x[:, :, None])
+    idx = np.argmin(np.where(np.isnan(err), np.inf, err), axis=2).astype(np.uint8)   # (NaN: index 0)
+    out["e"] = e
+    out["qs"] = idx[:, :16] | (idx[:, 16:] << 4)
+    return out
+
+
 def _with_weight_quantizers() -> None:
     import dataclasses
     for t, fn in {GGMLType.Q4_0: _wq_q4_0, GGMLType.Q4_1: _wq_q4_1, GGMLType.Q5_0: _wq_q5_0,
                   GGMLType.Q5_1: _wq_q5_1, GGMLType.Q8_0: _wq_q8_0, GGMLType.Q2_K: _wq_q2_k,
                   GGMLType.Q3_K: _wq_q3_k, GGMLType.Q4_K: _wq_q4_k, GGMLType.Q5_K: _wq_q5_k,
-                  GGMLType.Q6_K: _wq_q6_k}.items():
+                  GGMLType.Q6_K: _wq_q6_k, GGMLType.MXFP4: _wq_mxfp4}.items():
         _TRAITS[t] = dataclasses.replace(_TRAITS[t], quantize_blocks=fn)
 
 

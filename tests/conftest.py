@@ -18,7 +18,7 @@ TINY_TYPES = ["F32", "F16", "Q8_0", "Q4_0", "Q4_K_M"]
 
 
 WEIGHT_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
-                "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+                "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "MXFP4"]
 
 
 def random_weight(rng, name: str, shape: tuple[int, ...], dtype: str):

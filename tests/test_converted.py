@@ -164,6 +164,52 @@ def test_quantized_files_agree_across_backends(name, tmp_path):
         assert np.median(rows) <= 1e-5 and kl < 1e-4 and agree >= len(tokens) - 1, (ftype, max(rows), kl, agree)
 
 
+def test_mxfp4_moe_gpt_oss(tmp_path):
+    """gpt-oss's own expert format: the converter file quantized to MXFP4_MOE (experts MXFP4,
+    the rest Q8_0, as llama-quantize writes it); LLVM's MXFP4 products (nibbles through the E2M1
+    table, E8M0 scales) against the reference (KL and arg-max as for the other quantized files:
+    an activation on the other side of a Q8_0 rounding step moves one row and its successors)."""
+    from moegraph.quantize import quantize
+    quantize(HERE / "gpt-oss.gguf", tmp_path / "mx.gguf", "MXFP4_MOE", threads=2)
+    m = moegraph.load(tmp_path / "mx.gguf")
+    assert {t.dtype.name for n, t in m.file.tensors.items() if n.endswith("_exps.weight")} == {"MXFP4"}
+    tokens = np.load(HERE / "gpt-oss.npz")["tokens"]
+    ref = m.compile(backend="numpy", n_ctx=128).forward(tokens).astype(np.float64)
+    s = m.compile(backend="llvm", n_ctx=128, n_threads=2)
+    got = s.forward(tokens).astype(np.float64)
+    s.reset()
+    steps = np.concatenate([s.forward(tokens[:60])] + [s.forward([t]) for t in tokens[60:]]).astype(np.float64)
+    for out in (got, steps):
+        kl, agree = kl_and_argmax(ref, out)
+        assert kl < 1e-4 and agree >= len(tokens) - 1, (kl, agree)
+
+
+@pytest.mark.oracle
+@pytest.mark.skipif(not HAVE_LLAMA_CPP, reason=NO_LLAMA_CPP)
+def test_mxfp4_moe_is_llama_quantize_and_llama_cpp_logits(tmp_path):
+    """MXFP4_MOE files byte-identical to llama-quantize's; their logits as llama.cpp computes them
+    (measured: relative error 1.2e-7, KL 3e-15)."""
+    import ctypes
+    import filecmp
+
+    import llama_cpp
+
+    from moegraph.quantize import quantize
+    for name in ("gpt-oss", "deepseek3"):
+        p = llama_cpp.llama_model_quantize_default_params()
+        p.ftype, p.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_MXFP4_MOE, 2
+        assert llama_cpp.llama_model_quantize(str(HERE / f"{name}.gguf").encode(),
+                                              str(tmp_path / "lc.gguf").encode(), ctypes.byref(p)) == 0
+        quantize(HERE / f"{name}.gguf", tmp_path / "mg.gguf", "MXFP4_MOE", threads=2)
+        assert filecmp.cmp(tmp_path / "lc.gguf", tmp_path / "mg.gguf", shallow=False), name
+    tokens = np.load(HERE / "gpt-oss.npz")["tokens"].tolist()
+    quantize(HERE / "gpt-oss.gguf", tmp_path / "mx.gguf", "MXFP4_MOE", threads=2)
+    ref = llama_cpp_logits(tmp_path / "mx.gguf", tokens)
+    ours = moegraph.load(tmp_path / "mx.gguf").compile(backend="numpy", n_ctx=128, kv_type="f32") \
+        .forward(tokens).astype(np.float64)
+    assert _rel(ours, ref) <= 1e-5 and np.array_equal(ours.argmax(-1), ref.argmax(-1))
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_passes_keep_the_logits(name):
     """fuse_qkv, fuse_up_gate, fuse_norm and cse on the converter's files (biases, shared experts,

@@ -48,7 +48,7 @@ def test_single_ops_match_numpy(dtype, T):
     assert all(e < 1e-5 for e in errs.values()), (dtype, T, errs)
 
 
-@pytest.mark.parametrize("dtype", ["Q8_0", "Q4_K", "Q5_K", "Q4_1", "Q5_0", "Q3_K", "Q6_K", "BF16"])
+@pytest.mark.parametrize("dtype", ["Q8_0", "Q4_K", "Q5_K", "Q4_1", "Q5_0", "Q3_K", "Q6_K", "BF16", "MXFP4"])
 def test_portable_ir_without_avx2(dtype, monkeypatch):
     """CPUs without AVX2 get the same sums from portable IR (checked here on this CPU; 40 rows,
     so Q8_0 and Q4_K expert weights take the x8 layout)."""
@@ -62,7 +62,8 @@ def test_portable_ir_without_avx2(dtype, monkeypatch):
               "rid": rng.integers(0, 40, 9).astype(np.int32)}
     ref = get_backend("numpy").compile(g).run(inputs)
     ex = get_backend("llvm", n_threads=2, max_tokens=16, use_cache=False).compile(g)
-    assert "call <8 x i32> @llvm.x86.avx2" not in ex.ir_text and "call <16 x i16> @llvm.x86" not in ex.ir_text
+    assert "call <8 x i32> @llvm.x86.avx2" not in ex.ir_text and "call <16 x i16> @llvm.x86" not in ex.ir_text \
+        and "call <32 x i8> @llvm.x86" not in ex.ir_text
     got = ex.run(inputs)
     for k in ref:
         assert np.abs(got[k] - ref[k]).max() <= 1e-5 * np.abs(ref[k]).max(), (dtype, k)

@@ -28,7 +28,7 @@ MODELS = FIXTURES / "models"
 # in a block may be arbitrary bits
 F16_FIELDS = {
     T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q8_0: [0],
-    T.Q2_K: [80, 82], T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208],
+    T.Q2_K: [80, 82], T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208], T.MXFP4: [],   # MXFP4: every E8M0 exponent, denormal scales included
 }
 
 
@@ -83,7 +83,7 @@ def test_row_bytes_rejects_partial_block():
 def test_vec_dot_type():
     expected = {T.F32: T.F32, T.F16: T.F16, T.BF16: T.BF16,
                 T.Q4_0: T.Q8_0, T.Q5_0: T.Q8_0, T.Q8_0: T.Q8_0, T.Q4_1: T.Q8_1, T.Q5_1: T.Q8_1,
-                T.Q2_K: T.Q8_K, T.Q3_K: T.Q8_K, T.Q4_K: T.Q8_K, T.Q5_K: T.Q8_K, T.Q6_K: T.Q8_K}
+                T.Q2_K: T.Q8_K, T.Q3_K: T.Q8_K, T.Q4_K: T.Q8_K, T.Q5_K: T.Q8_K, T.Q6_K: T.Q8_K, T.MXFP4: T.Q8_0}
     assert {t: vec_dot_type(t) for t in expected} == expected
     with pytest.raises(NotImplementedError, match="I32"):
         vec_dot_type(T.I32)
@@ -358,3 +358,21 @@ def test_activation_errors():
     with pytest.raises(ValueError):
         quantize_roundtrip(np.float32(1), T.F32)
     assert set(ACTIVATION_TYPES) == {T.F32, T.F16, T.BF16, T.Q8_0, T.Q8_1, T.Q8_K}
+
+
+def test_mxfp4_quantizer_matches_gguf_py():
+    """MXFP4 blocks as ggml's quantize_row_mxfp4_ref writes them (gguf-py transcribes it): the
+    exponent from floor(log2 amax) - 2 (amax just under a power of two included, where float32
+    log2 rounds up), the nearest table entry with the first of equals (halfway values), zeros,
+    denormals and huge values."""
+    from moegraph.quants import quantize_weights
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((64, 64)).astype(np.float32) * np.exp2(rng.integers(-30, 30, (64, 1))).astype(np.float32)
+    x[0] = 0
+    x[1, :32] = np.float32(4.0) * (1 - np.float32(2) ** -24)     # amax just below 4
+    x[2] = np.arange(64, dtype=np.float32) * 0.25                 # many exact halfway points
+    x[3] = np.float32(1e-40) * np.arange(64)                      # denormals
+    x[4] = np.float32(3e38) * np.sign(rng.standard_normal(64))
+    ref = gguf.quants.quantize(x, GQ.MXFP4)
+    assert np.array_equal(quantize_weights(x, T.MXFP4), ref)
+    assert_bits_equal(dequantize(ref, T.MXFP4, x.shape), gguf.quants.dequantize(ref, GQ.MXFP4))

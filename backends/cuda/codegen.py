@@ -26,7 +26,7 @@ from ..lower import SYMBOLS, Plan, Target, View, elem_size, graph_n_ctx, lower
 
 HEADER = (Path(__file__).with_name("header.cu")).read_text()
 CTYPE = {F32: "float", F16: "u16", BF16: "u16", I32: "int"}
-DOT_TYPES = (G.Q8_0, G.Q4_0, G.Q4_1, G.Q5_0, G.Q5_1, G.Q4_K, G.Q5_K, G.Q6_K)
+DOT_TYPES = (G.Q8_0, G.Q4_0, G.Q4_1, G.Q5_0, G.Q5_1, G.Q4_K, G.Q5_K, G.Q6_K, G.MXFP4)
 FLOAT_W = (F32, F16, BF16)
 ACT_BYTES = {t: (block_size(t), type_size(t)) for t in (G.Q8_0, G.Q8_1, G.Q8_K)}   # activation blocks
 WARPS_PER_BLOCK = 4

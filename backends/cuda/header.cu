@@ -124,6 +124,18 @@ __device__ __forceinline__ void scale_min_k4(const u8* s, int j, int* sc, int* m
     else { *sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4); *mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4); }
 }
 __device__ __forceinline__ short ldi16(const u8* p) { return *(const short*)p; }
+__device__ __forceinline__ int ld4b(const u8* p) { return p[0] | (p[1] << 8) | (p[2] << 16) | (p[3] << 24); }   // 1-aligned
+// MXFP4: GGML_E8M0_TO_FP32_HALF, and 4 nibbles (one per byte) -> 4 int8 of the doubled E2M1 table
+// (0 1 2 3 4 6 8 12, negated where bit 3 is set)
+__device__ __forceinline__ float e8m0_half(u8 e) { return __uint_as_float(e < 2 ? 0x00200000u << e : (unsigned)(e - 1) << 23); }
+__device__ __forceinline__ int mxfp4_word(int v) {
+    const int m = v & 0x07070707;
+    const int sel = (m & 0xF) | ((m >> 4) & 0xF0) | ((m >> 8) & 0xF00) | ((m >> 12) & 0xF000);
+    const int mag = __byte_perm(0x03020100, 0x0C080604, sel);
+    const int neg = ((v >> 3) & 0x01010101) * 0xFF;
+    return (__vsub4(0, mag) & neg) | (mag & ~neg);
+}
+__device__ __forceinline__ int mxfp4_value(int n) { return (int)(signed char)(mxfp4_word(n) & 0xFF); }
 
 // ------------------------------------------------------------------ dequantize element i of a row
 __device__ float deq_Q8_0(const u8* r, long long i) { const u8* b = r + 34 * (i >> 5); return __fmul_rn((float)(i8)b[2 + (i & 31)], ldh(b)); }
@@ -131,6 +143,11 @@ __device__ float deq_Q4_0(const u8* r, long long i) {
     const u8* b = r + 18 * (i >> 5); int l = i & 31;
     int q = (l < 16 ? b[2 + l] & 15 : b[2 + l - 16] >> 4) - 8;
     return __fmul_rn(ldh(b), (float)q);
+}
+__device__ float deq_MXFP4(const u8* r, long long i) {
+    const u8* b = r + 17 * (i >> 5); int l = i & 31;
+    int n = l < 16 ? b[1 + l] & 15 : b[1 + l - 16] >> 4;
+    return __fmul_rn((float)mxfp4_value(n), e8m0_half(b[0]));
 }
 __device__ float deq_Q4_1(const u8* r, long long i) {
     const u8* b = r + 20 * (i >> 5); int l = i & 31;
@@ -186,6 +203,14 @@ __device__ __forceinline__ void wchunk_Q4_0(const u8* w, int c, WChunk& o) {
         o.q[i] = __vsub4(v & 0x0F0F0F0F, 0x08080808); o.q[i + 4] = __vsub4((v >> 4) & 0x0F0F0F0F, 0x08080808);
     }
     o.dw = ldh(x); o.mw = 0.0f;
+}
+__device__ __forceinline__ void wchunk_MXFP4(const u8* w, int c, WChunk& o) {
+    const u8* x = w + 17 * c;
+    for (int i = 0; i < 4; i++) {
+        int v = ld4b(x + 1 + 4 * i);
+        o.q[i] = mxfp4_word(v & 0x0F0F0F0F); o.q[i + 4] = mxfp4_word((v >> 4) & 0x0F0F0F0F);
+    }
+    o.dw = e8m0_half(x[0]); o.mw = 0.0f;
 }
 __device__ __forceinline__ void wchunk_Q4_1(const u8* w, int c, WChunk& o) {
     const u8* x = w + 20 * c;
@@ -292,14 +317,14 @@ __device__ __forceinline__ float rowdot_Q8_0(const u8* w, const u8* a, int nb, i
 }
 // 32-blocks of 16 nibble bytes: 8 blocks per step, 4 lanes a block, lane word wd holds values
 // 4wd..4wd+3 (low nibbles) and 16+4wd.. (high nibbles)
-#define ROWDOT_NIBBLES(NAME, WB, QS, YB, HIGH, BODY_END)                                         \
+#define ROWDOT_NIBBLES(NAME, WB, QS, YB, LD, HIGH, BODY_END)                                       \
 __device__ __forceinline__ float rowdot_##NAME(const u8* w, const u8* a, int nb, int lane) {                      \
     float s = 0.0f; const int wd = lane & 3;                                                      \
     for (int b0 = 0; b0 < nb; b0 += 8) {                                                          \
         const int b = b0 + (lane >> 2); int is = 0, sa = 0;                                       \
         const u8* x = w + WB * b; const u8* y = a + YB * b;                                       \
         if (b < nb) {                                                                             \
-            const int v = ld4h(x + QS + 4 * wd);                                                  \
+            const int v = LD(x + QS + 4 * wd);                                                    \
             int lo = v & 0x0F0F0F0F, hi = (v >> 4) & 0x0F0F0F0F;                                  \
             HIGH                                                                                  \
             const int ya = ld4h(y + (YB - 32) + 4 * wd), yb = ld4h(y + (YB - 16) + 4 * wd);       \
@@ -311,10 +336,12 @@ __device__ __forceinline__ float rowdot_##NAME(const u8* w, const u8* a, int nb,
     return s;                                                                                     \
 }
 #define Q5_HIGH(OFF) { const int qh = ld4h(x + OFF); lo |= q5_bits(qh, 4 * wd); hi |= q5_bits(qh, 16 + 4 * wd); }
-ROWDOT_NIBBLES(Q4_0, 18, 2, 34, , s += (float)(is - 8 * sa) * (ldh(x) * ldh(y));)
-ROWDOT_NIBBLES(Q4_1, 20, 4, 36, , s += (float)is * (ldh(x) * ldh(y)) + ldh(x + 2) * ldh(y + 2);)
-ROWDOT_NIBBLES(Q5_0, 22, 6, 34, Q5_HIGH(2), s += (float)(is - 16 * sa) * (ldh(x) * ldh(y));)
-ROWDOT_NIBBLES(Q5_1, 24, 8, 36, Q5_HIGH(4), s += (float)is * (ldh(x) * ldh(y)) + ldh(x + 2) * ldh(y + 2);)
+ROWDOT_NIBBLES(Q4_0, 18, 2, 34, ld4h, , s += (float)(is - 8 * sa) * (ldh(x) * ldh(y));)
+// MXFP4's 17-byte blocks are byte-aligned: the words are loaded byte by byte
+ROWDOT_NIBBLES(MXFP4, 17, 1, 34, ld4b, lo = mxfp4_word(lo); hi = mxfp4_word(hi);, s += (float)is * (e8m0_half(x[0]) * ldh(y));)
+ROWDOT_NIBBLES(Q4_1, 20, 4, 36, ld4h, , s += (float)is * (ldh(x) * ldh(y)) + ldh(x + 2) * ldh(y + 2);)
+ROWDOT_NIBBLES(Q5_0, 22, 6, 34, ld4h, Q5_HIGH(2), s += (float)(is - 16 * sa) * (ldh(x) * ldh(y));)
+ROWDOT_NIBBLES(Q5_1, 24, 8, 36, ld4h, Q5_HIGH(4), s += (float)is * (ldh(x) * ldh(y)) + ldh(x + 2) * ldh(y + 2);)
 
 // Q4_K / Q5_K: a super-block per step; lane l holds qs word l: sub-blocks j0 = 2(l/8) (low
 // nibbles) and j0+1 (high), values 4(l%8)..+3. Mins use this lane's own activation sums.

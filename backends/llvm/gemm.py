@@ -8,7 +8,8 @@ dot product lacks. Integer sums are exact and the activations are rounded as ggm
 so results equal ggml's up to the order of float additions.
 
 Per block class (x86 with AVX2: vpmaddubsw/vpmaddwd; other CPUs: the same sums in portable IR):
-  Q8_0 acts (Q8_0, Q4_0, Q5_0): signed quants w;  acc += dw*da * sum(w*a)            (sign trick)
+  Q8_0 acts (Q8_0, Q4_0, Q5_0, MXFP4): signed quants w;  acc += dw*da * sum(w*a)     (sign trick)
+      (MXFP4: w = the doubled E2M1 table at the nibble, dw = 2^(e - 128))
   Q8_1 acts (Q4_1, Q5_1):       unsigned u, min m; acc += dw*da * sum(u*a) + m*sa
   Q8_K acts (Q2_K .. Q6_K):     unsigned u in 32-value chunks, an int scale per 16 values, and a
       per-16 offset term: acc += da * (d * sum_j sc_j*sum(u*a)_j - c * sum_g m_g*bsum_g), where
@@ -23,11 +24,11 @@ from typing import Callable
 import numpy as np
 
 from moegraph.ir import BF16, F16, F32
-from moegraph.quants import GGMLType as G, type_size
+from moegraph.quants import KVALUES_MXFP4, GGMLType as G, type_size
 
 from .irgen import I32, Fn, f32
 
-LEGACY = {t: type_size(t) for t in (G.Q8_0, G.Q4_0, G.Q5_0, G.Q4_1, G.Q5_1)}     # block bytes
+LEGACY = {t: type_size(t) for t in (G.Q8_0, G.Q4_0, G.Q5_0, G.Q4_1, G.Q5_1, G.MXFP4)}     # block bytes
 KQUANT = {t: type_size(t) for t in (G.Q2_K, G.Q3_K, G.Q4_K, G.Q5_K, G.Q6_K)}
 FLOAT = {F32: ("float", 4), F16: ("half", 2), BF16: ("i16", 2)}
 
@@ -40,6 +41,7 @@ declare <16 x i16> @llvm.x86.avx2.pmadd.ub.sw(<32 x i8>, <32 x i8>)
 declare <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16>, <16 x i16>)
 declare <32 x i8> @llvm.x86.avx2.psign.b(<32 x i8>, <32 x i8>)
 declare <32 x i8> @llvm.abs.v32i8(<32 x i8>, i1)
+declare <32 x i8> @llvm.x86.avx2.pshuf.b(<32 x i8>, <32 x i8>)
 declare void @llvm.prefetch.p0(ptr, i32, i32, i32)
 """
 
@@ -134,7 +136,36 @@ class LegacyBlock:
     m: str | None     # float min (Q4_1/Q5_1)
 
 
-def decode_legacy(f: Fn, t: G, blk: str) -> LegacyBlock:
+def _mxfp4_values(f: Fn, n: str, avx2: bool) -> str:
+    """Nibbles 0..15 -> KVALUES_MXFP4 (0 1 2 3 4 6 8 12, then negated): one vpshufb on AVX2,
+    else m = n & 7: m < 4 ? m : (2 + (m & 1)) << (1 + (m >> 1 & 1)), negated where n & 8."""
+    if avx2:
+        table = _v(32, "i8", [int(v) for v in KVALUES_MXFP4] * 2)
+        return f.op(f"call <32 x i8> @llvm.x86.avx2.pshuf.b(<32 x i8> {table}, <32 x i8> {n})")
+    op = lambda o, a, k: f.op(f"{o} <32 x i8> {a}, {_sp(32, 'i8', k)}")   # noqa: E731
+    m = op("and", n, 7)
+    base, shift = op("add", op("and", m, 1), 2), op("add", op("and", op("lshr", m, 1), 1), 1)
+    big = f.op(f"shl <32 x i8> {base}, {shift}")
+    small = op("icmp ult", m, 4)
+    v = f.op(f"select <32 x i1> {small}, <32 x i8> {m}, <32 x i8> {big}")
+    neg = f.op(f"icmp ne <32 x i8> {op('and', n, 8)}, zeroinitializer")
+    minus = f.op(f"sub <32 x i8> zeroinitializer, {v}")
+    return f.op(f"select <32 x i1> {neg}, <32 x i8> {minus}, <32 x i8> {v}")
+
+
+def e8m0_half(f: Fn, blk: str) -> str:
+    """GGML_E8M0_TO_FP32_HALF of the block's first byte: 2^(e - 128), denormal below e = 2."""
+    e = f.op(f"zext i8 {f.load('i8', blk)} to i32")
+    small, denormal = f.op(f"icmp ult i32 {e}, 2"), f.op(f"shl i32 2097152, {e}")
+    e1 = f.op(f"sub i32 {e}, 1")
+    normal = f.op(f"shl i32 {e1}, 23")
+    bits = f.op(f"select i1 {small}, i32 {denormal}, i32 {normal}")
+    return f.op(f"bitcast i32 {bits} to float")
+
+
+def decode_legacy(f: Fn, t: G, blk: str, avx2: bool = False) -> LegacyBlock:
+    if t == G.MXFP4:
+        return LegacyBlock(_mxfp4_values(f, _nibbles(f, blk, 1), avx2), e8m0_half(f, blk), None)
     d = _half(f, blk, 0)
     if t == G.Q8_0:
         return LegacyBlock(f.load("<32 x i8>", f.gep("i8", blk, 2)), d, None)
@@ -636,7 +667,7 @@ def tile_fn(t, RW: int, RA: int, avx2: bool) -> str:
         ones = _sp(16, "i16", 1)
         with f.loop(0, f.udiv("%K", 32)) as b:
             _prefetch(f, rows, f.mul(b, size))
-            wbs = [decode_legacy(f, t, f.gep("i8", rows[r], f.mul(b, size))) for r in range(RW)]
+            wbs = [decode_legacy(f, t, f.gep("i8", rows[r], f.mul(b, size)), avx2) for r in range(RW)]
             absw = [simd.abs(w.q) if (avx2 and not q81) else None for w in wbs]
             dws = [_splat8(f, w.d) for w in wbs]
             for c in range(RA):

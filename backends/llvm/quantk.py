@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from moegraph.quants import GGMLType as G, row_bytes, traits
 
+from .gemm import e8m0_half
 from .irgen import I32, Fn, f32
 
 
@@ -34,7 +35,7 @@ def _layout(t: G, sub: int) -> Layout:
 
 
 LAYOUTS = {t: _layout(t, sub) for t, sub in [
-    (G.Q4_0, 32), (G.Q4_1, 32), (G.Q5_0, 32), (G.Q5_1, 32), (G.Q8_0, 32),
+    (G.Q4_0, 32), (G.Q4_1, 32), (G.Q5_0, 32), (G.Q5_1, 32), (G.Q8_0, 32), (G.MXFP4, 32),
     (G.Q2_K, 16), (G.Q3_K, 16), (G.Q4_K, 32), (G.Q5_K, 32), (G.Q6_K, 16)]}
 # Activation blocks in this backend's scratch: ggml's values, but the fp16 scales d (and Q8_1's s)
 # stored widened to float32, so products load them without conversion: Q8_0 = d, qs[32];
@@ -163,6 +164,16 @@ def _unpacked_arrays(f: Fn, L: Layout, K: str = "%K") -> tuple[str, str, str, st
 
 
 # --------------------------------------------------------------------------- weight unpacking
+def _mxfp4_value(f: Fn, n: str) -> str:
+    """KVALUES_MXFP4[n] for an i32 nibble: m = n & 7 is m (m < 4) or (2 + (m & 1)) << (1 + (m >> 1 & 1)),
+    negated where n & 8 (the table's E2M1 values, doubled)."""
+    m = f.and_(n, 7, I32)
+    big = f.shl(f.add(f.and_(m, 1, I32), 2, I32), f.add(f.and_(f.lshr(m, 1, I32), 1, I32), 1, I32), I32)
+    v = f.op(f"select i1 {f.op(f'icmp ult i32 {m}, 4')}, i32 {m}, i32 {big}")
+    neg = f.op(f"icmp ne i32 {f.and_(n, 8, I32)}, 0")
+    return f.op(f"select i1 {neg}, i32 {f.op(f'sub i32 0, {v}')}, i32 {v}")
+
+
 def unpack_fn(t: G) -> str:
     """@unpack_<T>(ptr row, ptr dst, i64 K): one weight row to the common unpacked form."""
     L = LAYOUTS[t]
@@ -189,7 +200,15 @@ def unpack_fn(t: G) -> str:
     with f.loop(0, nb) as b:
         blk = f.gep("i8", "%w", f.op(f"mul i64 {b}, {L.size}"))
         base = f.op(f"mul i64 {b}, {L.block}")
-        if t in (G.Q4_0, G.Q4_1, G.Q5_0, G.Q5_1, G.Q8_0):
+        if t == G.MXFP4:     # the doubled E2M1 table at each nibble, the halved E8M0 scale
+            put_f(dd, b, e8m0_half(f, blk))
+            put_i32(sc, b, "1")
+            put_i32(mn, b, "0")
+            with f.loop(0, 16) as j:
+                byte = byte_at(blk, f.op(f"add i64 {j}, 1"))
+                put_q(base, j, _mxfp4_value(f, f.op(f"and i32 {byte}, 15")))
+                put_q(base, f.op(f"add i64 {j}, 16"), _mxfp4_value(f, f.op(f"lshr i32 {byte}, 4")))
+        elif t in (G.Q4_0, G.Q4_1, G.Q5_0, G.Q5_1, G.Q8_0):
             put_f(dd, b, half_at(blk, 0))
             put_i32(sc, b, "1")
             put_i32(mn, b, "0")
