@@ -68,29 +68,73 @@ def fuse_qkv(graph: Graph) -> Graph:
     return graph
 
 
-DENSE_GATE_UP = Pat("SWIGLU", Pat("MUL_MAT", Pat.weight("wg"), Pat.any("x"), name="g"),
-                    Pat("MUL_MAT", Pat.weight("wu"), Pat.any("x"), name="u"))
-EXPERT_GATE_UP = Pat("SWIGLU", Pat("MUL_MAT_ID", Pat.weight("wg"), Pat.any("x"), Pat.any("ids"), name="g"),
-                     Pat("MUL_MAT_ID", Pat.weight("wu"), Pat.any("x"), Pat.any("ids"), name="u"))
+GATE_UP_WEIGHT = re.compile(r"^(?P<base>.*)\.ffn_(?P<which>gate|up)(?P<suffix>_exps|_shexp)?\.weight$")
+# SWIGLU over the two halves of one merged product: the single-input SWIGLU (the MOE_SWIGLU
+# fusion's form)
+HALVES = Pat("SWIGLU", Pat("SLICE", Pat.any("y"), name="a"), Pat("SLICE", Pat.any("y"), name="b"))
 
 
 def _merged_name(gate_name: str) -> str:
     return gate_name.replace("ffn_gate", "ffn_gate_up", 1)
 
 
+def _bias_of(mm: Node, users) -> tuple[Node, Node] | None:
+    """(ADD node, bias WEIGHT) where mm's only use adds a bias: a [F] weight, or per expert
+    GET_ROWS([E, F] weight, the same ids) (gpt-oss's expert biases)."""
+    us = users.get(mm, [])
+    if len(us) != 1 or us[0].op != "ADD" or us[0].inputs[0] is not mm:
+        return None
+    b = us[0].inputs[1]
+    if b.op == "WEIGHT" and b.dtype == F32 and mm.op == "MUL_MAT":
+        return us[0], b
+    if (b.op == "GET_ROWS" and mm.op == "MUL_MAT_ID" and b.inputs[1] is mm.inputs[2]
+            and b.inputs[0].op == "WEIGHT" and b.inputs[0].dtype == F32):
+        return us[0], b.inputs[0]
+    return None
+
+
 @register_pass("fuse_up_gate")
 def fuse_up_gate(graph: Graph) -> Graph:
-    """SWIGLU(W_gate x, W_up x) -> SWIGLU(W_[gate;up] x), the merge llama.cpp's converter does
-    ahead of time (--fuse_gate_up_exps), here at compile time from an ordinary GGUF."""
-    def merge(g: Graph, m):
-        if m.wg.dtype != m.wu.dtype:
+    """The gate and up products of an FFN (dense, shared expert or experts: MUL_MAT or
+    MUL_MAT_ID on the same input and ids) -> one product on [gate; up] (per expert: gate rows then
+    up rows, the layout of llama.cpp's ffn_gate_up_exps) and two SLICEs, their biases merged the
+    same way; a SWIGLU of the two halves becomes the one-input SWIGLU. The merge llama.cpp's
+    converter does ahead of time (--fuse_gate_up_exps), here at compile time from an ordinary
+    GGUF, whatever activation follows (gpt-oss's clamped one included)."""
+    pairs: dict[tuple, dict[str, Node]] = defaultdict(dict)
+    for n in graph.toposort():
+        if n.op in ("MUL_MAT", "MUL_MAT_ID") and n.inputs[0].op == "WEIGHT":
+            m = GATE_UP_WEIGHT.match(n.inputs[0].name)
+            if m:
+                ids = n.inputs[2].id if n.op == "MUL_MAT_ID" else None
+                pairs[(m["base"], m["suffix"] or "", n.op, n.inputs[1].id, ids)][m["which"]] = n
+    users = graph.users()
+    for d in pairs.values():
+        if set(d) != {"gate", "up"}:
+            continue
+        gate, up = d["gate"], d["up"]
+        wg, wu = gate.inputs[0], up.inputs[0]
+        if wg.dtype != wu.dtype or wg.shape != wu.shape:
+            continue
+        F, name = wg.shape[-2], _merged_name(wg.name).removesuffix(".weight")
+        w = graph.weight(concat_weights(_merged_name(wg.name), [wg.data, wu.data], axis=-2))
+        y = graph.node(gate.op, w, *gate.inputs[1:], name=name)
+        outs = (gate, up)
+        bg, bu = _bias_of(gate, users), _bias_of(up, users)
+        if bg and bu:
+            b = np.concatenate([bg[1].data.dequantize(), bu[1].data.dequantize()], axis=-1)
+            bw = graph.weight(WeightData.from_array(f"{name}.bias", b))
+            y = graph.add(y, graph.get_rows(bw, gate.inputs[2]) if gate.op == "MUL_MAT_ID" else bw)
+            outs = (bg[0], bu[0])
+        for out, start in zip(outs, (0, F)):
+            graph.replace_all_uses(out, graph.slice(y, axis=-1, start=start, stop=start + F))
+
+    def one_input(g: Graph, m):
+        n2 = m.y.shape[-1]
+        if not (isinstance(n2, int) and m.a.attrs["axis"] in (-1, m.y.rank - 1) and m.b.attrs["axis"] == m.a.attrs["axis"]
+                and (m.a.attrs["start"], m.a.attrs["stop"], m.b.attrs["start"], m.b.attrs["stop"]) == (0, n2 // 2, n2 // 2, n2)):
             return None
-        w = g.weight(concat_weights(_merged_name(m.wg.name), [m.wg.data, m.wu.data], axis=-2))
-        name = _merged_name(m.wg.name).removesuffix(".weight")
-        if m.root.inputs[0].op == "MUL_MAT_ID":
-            gu = g.mul_mat_id(w, m.x, m.ids, name=name)
-        else:
-            gu = g.mul_mat(w, m.x, name=name)
-        return g.swiglu(gu, name=m.root.name)
-    rewrite(graph, [(DENSE_GATE_UP, merge), (EXPERT_GATE_UP, merge)])
+        return g.swiglu(m.y, name=m.root.name)
+    rewrite(graph, [(HALVES, one_input)])
+    graph.remove_dead()
     return graph

@@ -8,8 +8,9 @@ UPat and torch.fx's subgraph_rewriter.
     rewrite(graph, [(norm_mul, fuse)])
 
 A Pat matches a Node when its op is one of `op`, its inputs match `inputs` in order (or in any
-order with commutative=True), its attrs equal `attrs` (values may be predicates), `dtype` and
-`where(node)` hold, and a repeated capture name binds the same node each time.
+order with commutative=True; optional inputs left off the end must be absent), its attrs equal
+`attrs` (values may be predicates), `dtype` and `where(node)` hold, and a repeated capture name
+binds the same node each time. `Pat(..., optional=True)` also matches an absent input.
 """
 from __future__ import annotations
 
@@ -91,7 +92,9 @@ class Pat:
             if self.name in m and m[self.name] is not node:
                 return False
         if self.inputs is not None:
-            if len(self.inputs) != len(node.inputs):
+            # trailing optional inputs the pattern does not list must be absent (so a pattern
+            # written before an op gained an optional input still means what it meant)
+            if len(self.inputs) > len(node.inputs) or any(i is not None for i in node.inputs[len(self.inputs):]):
                 return False
             orders = itertools.permutations(range(len(self.inputs))) if self.commutative else [range(len(self.inputs))]
             for order in orders:
