@@ -511,7 +511,7 @@ class GraphBuilder:
         ids = g.top_k(g.add(probs, bias) if bias is not None else probs, k=k, name=f"{p}.expert_ids")
         weights = g.get_rows(g.reshape(probs, shape=(T, -1, 1)), ids)             # [T, k, 1]
         if c.expert_gating == "softmax_weight":   # softmax over the chosen experts' logits
-            weights = g.reshape(g.soft_max(g.reshape(weights, shape=(T, k))), shape=(T, k, 1))
+            weights = g.reshape(g.soft_max(g.reshape(weights, shape=(T, -1))), shape=(T, -1, 1))   # (-1: k may be sliced)
         if c.expert_weights_norm:   # llama.cpp clamps the sum at 2^-14 before dividing
             total = g.reshape(g.sum(weights, axis=1), shape=(T, 1, 1))
             weights = g.div(weights, g.clamp(total, min=6.103515625e-5))

@@ -30,12 +30,15 @@ LAYER = re.compile(r"blk\.(\d+)\.")
 
 @dataclass
 class MoEBlock:
-    """The nodes of one MoE FFN that the expert passes edit."""
+    """The nodes of one MoE FFN that the expert passes edit, found by what they compute."""
     layer: int
-    top_k: Node                                   # TOP_K over the router probabilities: ids
+    top_k: Node                                   # TOP_K over the routing scores: ids
     router: Node | None                           # the router WEIGHT [E, n_embd]
-    selection_bias: Node | None = None            # DeepSeek-V3/GLM's exp_probs_b WEIGHT [E]
+    # [E] weights on the way from the router to TOP_K: a router bias (gpt-oss), a selection
+    # bias (DeepSeek-V3/GLM's exp_probs_b)
+    router_biases: list[Node] = field(default_factory=list)
     expert_matmuls: list[Node] = field(default_factory=list)   # MUL_MAT_ID nodes using ids
+    expert_tables: list[Node] = field(default_factory=list)    # GET_ROWS of [E, ...] weights by ids (expert biases)
     weighting: list[tuple[Node, int]] = field(default_factory=list)  # (MUL node, input slot) of the expert weights
 
     @property
@@ -43,15 +46,34 @@ class MoEBlock:
         return self.top_k.attrs["k"]
 
 
-ROUTER_LOGITS = Pat("MUL_MAT", Pat.weight("router"), Pat.any())
-ROUTER = Pat("TOP_K", Pat("SOFT_MAX", ROUTER_LOGITS, None, None), name="top_k")
-ROUTER_SIGMOID = Pat("TOP_K", Pat("SIGMOID", ROUTER_LOGITS), name="top_k")
-# a selection bias picks the experts (the unbiased probabilities weight them)
-ROUTER_BIASED = [Pat("TOP_K", Pat("ADD", probs, Pat.weight("bias")), name="top_k")
-                 for probs in (Pat("SOFT_MAX", ROUTER_LOGITS, None, None), Pat("SIGMOID", ROUTER_LOGITS))]
 ANY_TOP_K = Pat("TOP_K", any_inputs=True, name="top_k")
-WEIGHTED_EXPERTS = Pat("MUL", Pat("MUL_MAT_ID", Pat.weight(), Pat.any(), Pat.any("ids"), name="mm"),
-                       Pat.any("weights"))
+ROUTING_OPS = ("SOFT_MAX", "SIGMOID", "ADD", "SCALE")   # what lies between the router and TOP_K
+
+
+def _routing(topk: Node) -> tuple[Node | None, list[Node]]:
+    """The router weight (a MUL_MAT of E rows) and the [E] weights the scores pass on their way
+    to TOP_K, whichever gating, biases and activations lie between."""
+    E = topk.inputs[0].shape[-1]
+    router, biases, todo, seen = None, [], [topk.inputs[0]], set()
+    while todo:
+        n = todo.pop()
+        if n is None or n.id in seen:
+            continue
+        seen.add(n.id)
+        if n.op == "MUL_MAT" and n.inputs[0].op == "WEIGHT" and n.inputs[0].shape[0] == E and router is None:
+            router = n.inputs[0]
+        elif n.op == "WEIGHT" and n.shape == (E,):
+            biases.append(n)
+        elif n.op in ROUTING_OPS:
+            todo += [i for i in n.inputs if i is not None]
+    return router, biases
+
+
+def _unbiased(n: Node, id_nodes) -> Node:
+    """n without an added per-expert bias (ADD(y, GET_ROWS(table, ids)) -> y)."""
+    if n.op == "ADD" and n.inputs[1].op == "GET_ROWS" and any(n.inputs[1].inputs[1] is i for i in id_nodes):
+        return n.inputs[0]
+    return n
 
 
 def moe_blocks(graph: Graph) -> list[MoEBlock]:
@@ -65,14 +87,17 @@ def moe_blocks(graph: Graph) -> list[MoEBlock]:
         mms = [u for i in id_nodes for u in users[i] if u.op == "MUL_MAT_ID" and u.inputs[2] is i]
         if not mms:
             continue
-        full = next((m for p in (ROUTER, ROUTER_SIGMOID, *ROUTER_BIASED) if (m := p.match(topk))), None)
+        router, biases = _routing(topk)
         named = LAYER.match(topk.name or "") or next(
             (LAYER.match(u.inputs[0].name) for u in mms if LAYER.match(u.inputs[0].name)), None)
-        b = MoEBlock(int(named.group(1)) if named else i, topk, full.router if full else None,
-                     full.get("bias") if full else None, mms)
-        for w in find(graph, WEIGHTED_EXPERTS):
-            if any(w.ids is i for i in id_nodes):
-                b.weighting.append((w.root, 1 if w.root.inputs[0] is w.mm else 0))
+        tables = [u for i in id_nodes for u in users[i] if u.op == "GET_ROWS" and u.inputs[1] is i
+                  and u.inputs[0].op == "WEIGHT"]
+        b = MoEBlock(int(named.group(1)) if named else i, topk, router, biases, mms, tables)
+        for n in graph.toposort():   # expert outputs (bias added or not) times their weights
+            if n.op == "MUL":
+                for slot in (0, 1):
+                    if _unbiased(n.inputs[slot], id_nodes) in mms and n.inputs[1 - slot].shape[-1] == 1:
+                        b.weighting.append((n, 1 - slot))
         blocks.append(b)
     return blocks
 
@@ -116,6 +141,8 @@ def slice_experts(graph: Graph, n_expert_used=None, mode: str = "soft") -> Graph
         ids = graph.slice(b.top_k, axis=1, start=0, stop=k, name=f"blk.{b.layer}.expert_ids_hard")
         for mm in b.expert_matmuls:
             mm.inputs = (mm.inputs[0], mm.inputs[1], ids)
+        for t in b.expert_tables:      # the chosen experts' biases
+            t.inputs = (t.inputs[0], ids)
         for mul, slot in b.weighting:
             w = graph.slice(mul.inputs[slot], axis=1, start=0, stop=k)
             mul.inputs = tuple(w if i == slot else x for i, x in enumerate(mul.inputs))
@@ -127,8 +154,9 @@ def slice_experts(graph: Graph, n_expert_used=None, mode: str = "soft") -> Graph
 
 @register_pass("prune_experts")
 def prune_experts(graph: Graph, keep: dict[int, Sequence[int]] | None = None) -> Graph:
-    """Keeps only the listed experts of each layer: the expert tensors (axis 0) and the router's
-    rows are sliced, so ids index the kept experts."""
+    """Keeps only the listed experts of each layer: the expert tensors and biases (axis 0), the
+    router's rows and the [E] biases on the routing path are sliced, so ids index the kept
+    experts."""
     if not keep:
         raise MoeGraphError("prune_experts needs keep={layer: [expert ids]} (see expert_usage)")
     for b in moe_blocks(graph):
@@ -144,11 +172,9 @@ def prune_experts(graph: Graph, keep: dict[int, Sequence[int]] | None = None) ->
             raise MoeGraphError(f"layer {b.layer}: keeping {len(kept)} experts is fewer than the "
                                 f"{b.k} used per token; slice_experts first")
         _swap_weight(graph, b.router, b.router.data.select(kept))
-        if b.selection_bias is not None:
-            bias = b.selection_bias.data   # [E] F32: one value per expert
-            _swap_weight(graph, b.selection_bias, WeightData.from_array(bias.name, bias.dequantize()[kept]))
-        for mm in b.expert_matmuls:
-            w = mm.inputs[0]
+        for bias in b.router_biases:   # [E] F32: one value per expert
+            _swap_weight(graph, bias, WeightData.from_array(bias.name, bias.data.dequantize()[kept]))
+        for w in {n.inputs[0] for n in b.expert_matmuls + b.expert_tables}:   # experts, their biases
             if w.op == "WEIGHT" and w.shape[0] == n_expert:
                 _swap_weight(graph, w, w.data.select(kept))
         graph.meta.setdefault("pruned_experts", {})[b.layer] = kept

@@ -99,15 +99,18 @@ def test_unknown_metadata_and_tensors_are_refused(tmp_path):
         moegraph.load(p).compile(backend="numpy", n_ctx=16)
 
 
-@pytest.mark.parametrize("name", ["glm4moe", "deepseek3"])
-def test_pruning_keeps_the_selection_bias_aligned(name):
-    """With sigmoid routing each expert's probability is its own, so pruning the experts no token
-    chose must leave the logits unchanged, if the selection bias (exp_probs_b) is pruned with the
-    router (a bias left unpruned shifts every expert's bias to another expert)."""
+@pytest.mark.parametrize("name", ["glm4moe", "deepseek3", "gpt-oss"])
+def test_pruning_keeps_the_biases_aligned(name):
+    """With sigmoid routing (and gpt-oss's softmax over the chosen logits) each expert's score is
+    its own, so pruning the experts no token chose must leave the logits unchanged, if the
+    selection bias (exp_probs_b), the router bias and the per-expert biases are pruned with the
+    router and the experts (a bias left unpruned shifts to another expert)."""
     from moegraph.passes.experts import expert_usage, moe_blocks
     m = moegraph.load(HERE / f"{name}.gguf")
     tokens = np.load(HERE / f"{name}.npz")["tokens"][:3].tolist()
-    assert all(b.selection_bias is not None for b in moe_blocks(m.graph(n_ctx=8)))
+    blocks = moe_blocks(m.graph(n_ctx=8))
+    assert all(b.router is not None and len(b.router_biases) == 1 for b in blocks)
+    assert all(len(b.expert_tables) == (3 if name == "gpt-oss" else 0) for b in blocks)
     used = expert_usage(m, tokens, ctx=3, backend="numpy").counts
     keep = {layer: np.flatnonzero(c).tolist() for layer, c in used.items()}
     assert all(len(k) < 8 for k in keep.values())          # something is pruned
@@ -115,6 +118,25 @@ def test_pruning_keeps_the_selection_bias_aligned(name):
     pruned = m.compile(backend="numpy", n_ctx=8, kv_type="f32",
                        passes=[("prune_experts", {"keep": keep})]).forward(tokens)
     np.testing.assert_allclose(pruned, base, rtol=0, atol=1e-5 * np.abs(base).max())
+
+
+@pytest.mark.parametrize("name", ["glm4moe", "deepseek3", "gpt-oss", "qwen2moe"])
+def test_expert_slicing_on_every_gating(name):
+    """slice_experts soft and hard with sigmoid + selection bias, softmax over the chosen logits
+    (with expert biases) and softmax: the model's own k changes nothing, k = 1 changes the
+    logits, and the LLVM backend agrees with the reference on the sliced graphs."""
+    m = moegraph.load(HERE / f"{name}.gguf")
+    tokens = np.load(HERE / f"{name}.npz")["tokens"][:16]
+    k = m.config.n_expert_used
+    run = lambda backend, *passes: m.compile(backend=backend, n_ctx=16, kv_type="f32", passes=list(passes),   # noqa: E731
+                                             **({"n_threads": 2} if backend == "llvm" else {})).forward(tokens)
+    base = run("numpy")
+    for mode in ("soft", "hard"):
+        assert np.array_equal(run("numpy", ("slice_experts", {"n_expert_used": k, "mode": mode})), base)
+        one = run("numpy", ("slice_experts", {"n_expert_used": 1, "mode": mode}))
+        assert np.abs(one - base).max() > 1e-3 * np.abs(base).max()
+        got = run("llvm", ("slice_experts", {"n_expert_used": 1, "mode": mode}), "fuse_up_gate")
+        assert _rel(got, one) <= 1e-5, (mode, _rel(got, one))
 
 
 def test_mla_caches_the_compressed_kv_once():
