@@ -3,7 +3,8 @@
 ``write_random_model(path, arch, ...)`` writes a complete, loadable model of one of the supported
 architectures -- ``llama`` (dense, or with Mixtral-style experts), ``qwen2moe`` (shared expert with a
 sigmoid gate, Q/K/V biases), ``qwen3moe`` (per-head Q/K RMS norms) -- with random weights, correct
-``{arch}.*`` metadata and a small byte-level ``gpt2`` tokenizer, in any of several tensor types. The
+``{arch}.*`` metadata and a small byte-level ``gpt2`` tokenizer, in any of several tensor types
+(and layer stacks of ``gpt-oss`` and ``deepseek2`` at real shapes, for benchmarks). The
 files load in llama.cpp as well as in moegraph (tensor names and GGUF dims as in llama.cpp's
 ``src/llama-arch.cpp`` and ``src/models/<arch>.cpp``).
 
@@ -70,7 +71,7 @@ __all__ = [
     "write_random_model",
 ]
 
-ARCHS = ("llama", "qwen2moe", "qwen3moe")
+ARCHS = ("llama", "qwen2moe", "qwen3moe", "gpt-oss", "deepseek2")
 
 # name -> (file type id as gguf.LlamaFileType, base tensor type, mix rule)
 _FILE_TYPES: dict[str, tuple[int, str, str | None]] = {
@@ -80,12 +81,13 @@ _FILE_TYPES: dict[str, tuple[int, str, str | None]] = {
     "Q4_K": (14, "Q4_K", None), "Q4_K_S": (14, "Q4_K", None), "Q4_K_M": (15, "Q4_K", "M"),
     "Q5_K": (16, "Q5_K", None), "Q5_K_S": (16, "Q5_K", None), "Q5_K_M": (17, "Q5_K", "M"),
     "Q6_K": (18, "Q6_K", None),
+    "MXFP4_MOE": (38, "Q8_0", "MXFP4"),      # 3-D (expert) tensors MXFP4, the rest Q8_0
 }
 DTYPES = tuple(_FILE_TYPES)
 
 # GGML type -> (block size, bytes per block)
 # the tensor types random models are written in (block layouts: moegraph.quants, their one home)
-_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "MXFP4")
 _BLOCK = {t: (block_size(GGMLType[t]), type_size(GGMLType[t])) for t in _TYPES}
 # llama-quantize's fallback when a row is not a multiple of the K-quant super-block (256)
 _FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
@@ -105,6 +107,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                          n_expert=0, n_vocab=49152, n_ctx=8192, rope_freq_base=1e5),
     "tiny": dict(arch="qwen3moe", n_layer=2, n_embd=64, n_head=4, n_head_kv=2, n_ff=128,
                  n_expert=8, n_expert_used=2, n_ff_exp=32, n_vocab=300, n_ctx=256),
+    "gpt-oss-20b": dict(arch="gpt-oss", n_layer=24, n_embd=2880, n_head=64, n_head_kv=8, head_dim=64,
+                        n_ff=2880, n_expert=32, n_expert_used=4, n_ff_exp=2880, n_vocab=201088,
+                        n_ctx=131072, rope_freq_base=150000.0, n_swa=128),
+    "deepseek-v2-lite": dict(arch="deepseek2", n_layer=27, n_embd=2048, n_head=16, n_head_kv=1,
+                             n_ff=10944, n_expert=64, n_expert_used=6, n_ff_exp=1408, n_vocab=102400,
+                             n_ctx=163840, kv_lora_rank=512, qk_rope_dim=64, qk_nope_dim=128,
+                             v_head_dim=128, n_expert_shared=2, n_layer_dense_lead=1),
 }
 
 _CHUNK_VALUES = 1 << 22   # about this many values per generated/quantized piece of a 2-D tensor
@@ -318,6 +327,8 @@ def _tensor_type(name: str, shape: tuple[int, ...], base: str, mix: str | None, 
                  overrides: dict[str, str] | None) -> str:
     if sum(d > 1 for d in shape) <= 1 or name.endswith(".bias") or ".ffn_gate_inp." in name:
         t = "F32"           # norms, biases, routers, the [1, n] shared gate (ggml_n_dims 1)
+    elif mix == "MXFP4":    # llama-quantize's MXFP4_MOE: any 3-D tensor of several matrices
+        t = "MXFP4" if len(shape) == 3 and shape[0] > 1 else base
     else:
         t = base
         if base.endswith("_K") and name == "output.weight":
@@ -331,7 +342,7 @@ def _tensor_type(name: str, shape: tuple[int, ...], base: str, mix: str | None, 
     if t not in _BLOCK:
         raise ValueError(f"{name}: unsupported tensor type {t!r} (supported: {', '.join(_BLOCK)})")
     while shape[-1] % _BLOCK[t][0]:
-        t = _FALLBACK.get(t, "F16")
+        t = _FALLBACK.get(t, "F16")     # (32-blocks: F16 straight away, as llama-quantize)
     return t
 
 
@@ -343,9 +354,14 @@ def plan_random_model(arch: str = "qwen3moe", *, n_layer: int = 2, n_embd: int =
                       merged_gate_up: bool = False, fused_qkv: bool = False,
                       rope_freq_base: float = 10000.0, rms_eps: float | None = None,
                       name: str | None = None, type_overrides: dict[str, str] | None = None,
-                      with_vocab: bool = True) -> RandomModelPlan:
+                      with_vocab: bool = True, n_swa: int = 128, kv_lora_rank: int = 512,
+                      q_lora_rank: int = 0, qk_rope_dim: int = 64, qk_nope_dim: int = 128,
+                      v_head_dim: int = 128, n_expert_shared: int = 2,
+                      n_layer_dense_lead: int = 1) -> RandomModelPlan:
     """The tensors and metadata of a random model (nothing is generated). Arguments as for
     :func:`write_random_model`."""
+    if arch in ("gpt-oss", "deepseek2"):
+        return _plan_new_arch(arch, locals())
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
     dtype = dtype.upper()
@@ -492,6 +508,96 @@ def plan_random_model(arch: str = "qwen3moe", *, n_layer: int = 2, n_embd: int =
     return plan
 
 
+def _plan_new_arch(arch: str, a: dict) -> RandomModelPlan:
+    """gpt-oss and deepseek2 (MLA) layer stacks with the tensors and keys llama.cpp's converter
+    writes for them (benchmark shapes: the presets gpt-oss-20b and deepseek-v2-lite)."""
+    dtype = a["dtype"].upper()
+    if dtype not in _FILE_TYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    file_type, base, mix = _FILE_TYPES[dtype]
+    L, n, V, E, k = a["n_layer"], a["n_embd"], a["n_vocab"], a["n_expert"], a["n_expert_used"]
+    H, Hkv, F = a["n_head"], a["n_head_kv"], a["n_ff_exp"]
+    if not 0 < k <= E:
+        raise ValueError(f"n_expert_used must be in 1..n_expert={E}, got {k}")
+    A = arch
+    md: list[tuple[str, Any, str]] = [
+        ("general.name", a["name"] or f"random-{arch}-{dtype}", "STRING"),
+        ("general.file_type", file_type, "UINT32"), ("general.quantization_version", 2, "UINT32"),
+        (f"{A}.context_length", a["n_ctx"], "UINT32"), (f"{A}.embedding_length", n, "UINT32"),
+        (f"{A}.block_count", L, "UINT32"), (f"{A}.feed_forward_length", a["n_ff"], "UINT32"),
+        (f"{A}.attention.head_count", H, "UINT32"), (f"{A}.attention.head_count_kv", Hkv, "UINT32"),
+        (f"{A}.rope.freq_base", float(a["rope_freq_base"]), "FLOAT32"),
+        (f"{A}.attention.layer_norm_rms_epsilon", float(a["rms_eps"] or 1e-5), "FLOAT32"),
+        (f"{A}.expert_count", E, "UINT32"), (f"{A}.expert_used_count", k, "UINT32"),
+        (f"{A}.expert_feed_forward_length", F, "UINT32")]
+    hd = a["head_dim"] or n // H
+    R, dr, dn, dv = a["kv_lora_rank"], a["qk_rope_dim"], a["qk_nope_dim"], a["v_head_dim"]
+    if arch == "gpt-oss":
+        md += [(f"{A}.attention.key_length", hd, "UINT32"), (f"{A}.attention.value_length", hd, "UINT32"),
+               (f"{A}.rope.dimension_count", hd, "UINT32"), (f"{A}.attention.sliding_window", a["n_swa"], "UINT32")]
+    else:
+        md += [(f"{A}.vocab_size", V, "UINT32"), (f"{A}.leading_dense_block_count", a["n_layer_dense_lead"], "UINT32"),
+               (f"{A}.attention.q_lora_rank", a["q_lora_rank"], "UINT32"),   # 0: llama.cpp then loads any depth
+               (f"{A}.attention.kv_lora_rank", R, "UINT32"), (f"{A}.attention.key_length", R + dr, "UINT32"),
+               (f"{A}.attention.value_length", R, "UINT32"), (f"{A}.attention.key_length_mla", dn + dr, "UINT32"),
+               (f"{A}.attention.value_length_mla", dv, "UINT32"), (f"{A}.rope.dimension_count", dr, "UINT32"),
+               (f"{A}.expert_shared_count", a["n_expert_shared"], "UINT32"),
+               (f"{A}.expert_weights_scale", 1.0, "FLOAT32"), (f"{A}.expert_gating_func", 1, "UINT32")]
+    vocab = gpt2_byte_vocab(V) if a["with_vocab"] else None
+    if vocab:
+        md += [("tokenizer.ggml.model", "gpt2", "STRING"), ("tokenizer.ggml.pre", "gpt-2", "STRING"),
+               ("tokenizer.ggml.tokens", vocab[0], "ARRAY:STRING"), ("tokenizer.ggml.token_type", vocab[1], "ARRAY:INT32"),
+               ("tokenizer.ggml.merges", vocab[2], "ARRAY:STRING"), ("tokenizer.ggml.bos_token_id", 0, "UINT32"),
+               ("tokenizer.ggml.eos_token_id", 0, "UINT32"), ("tokenizer.ggml.add_bos_token", False, "BOOL")]
+    hp = {key: a[key] for key in ("n_layer", "n_embd", "n_head", "n_head_kv", "n_ff", "n_expert",
+                                  "n_expert_used", "n_ff_exp", "n_vocab", "n_ctx")}
+    hp.update(head_dim=hd, n_ff_shexp=F * a["n_expert_shared"] if arch == "deepseek2" else 0)
+    plan = RandomModelPlan(arch, {"arch": arch, **hp}, dtype, md, vocab=vocab)
+
+    def add(name: str, *shape: int, kind: str = "w"):
+        shape, lg = tuple(shape), _Logical(name, tuple(shape), kind)
+        plan.tensors.append(_Physical(name, shape, _tensor_type(name, shape, base, mix, L, a["type_overrides"]),
+                                      [(lg, c) for c in lg.chunks()]))
+    add("token_embd.weight", V, n)
+    for il in range(L):
+        p = f"blk.{il}"
+        add(f"{p}.attn_norm.weight", n, kind="norm")
+        if arch == "gpt-oss":
+            for w, rows in (("attn_q", H * hd), ("attn_k", Hkv * hd), ("attn_v", Hkv * hd)):
+                add(f"{p}.{w}.weight", rows, n)
+                add(f"{p}.{w}.bias", rows)
+            add(f"{p}.attn_output.weight", n, H * hd)
+            add(f"{p}.attn_output.bias", n)
+            add(f"{p}.attn_sinks.weight", H)
+            add(f"{p}.post_attention_norm.weight", n, kind="norm")
+            add(f"{p}.ffn_gate_inp.weight", E, n)
+            add(f"{p}.ffn_gate_inp.bias", E)
+            for w, shape in (("ffn_gate_exps", (E, F, n)), ("ffn_up_exps", (E, F, n)), ("ffn_down_exps", (E, n, F))):
+                add(f"{p}.{w}.weight", *shape)
+                add(f"{p}.{w}.bias", E, shape[1])
+            continue
+        add(f"{p}.attn_q.weight", H * (dn + dr), n)
+        add(f"{p}.attn_kv_a_mqa.weight", R + dr, n)
+        add(f"{p}.attn_kv_a_norm.weight", R, kind="norm")
+        add(f"{p}.attn_k_b.weight", H, R, dn)
+        add(f"{p}.attn_v_b.weight", H, dv, R)
+        add(f"{p}.attn_output.weight", n, H * dv)
+        add(f"{p}.ffn_norm.weight", n, kind="norm")
+        if il < a["n_layer_dense_lead"]:
+            for w, shape in (("ffn_gate", (a["n_ff"], n)), ("ffn_up", (a["n_ff"], n)), ("ffn_down", (n, a["n_ff"]))):
+                add(f"{p}.{w}.weight", *shape)
+            continue
+        add(f"{p}.ffn_gate_inp.weight", E, n)
+        for w, shape in (("ffn_gate_exps", (E, F, n)), ("ffn_up_exps", (E, F, n)), ("ffn_down_exps", (E, n, F))):
+            add(f"{p}.{w}.weight", *shape)
+        S = F * a["n_expert_shared"]
+        for w, shape in (("ffn_gate_shexp", (S, n)), ("ffn_up_shexp", (S, n)), ("ffn_down_shexp", (n, S))):
+            add(f"{p}.{w}.weight", *shape)
+    add("output_norm.weight", n, kind="norm")
+    add("output.weight", V, n)
+    return plan
+
+
 # ----------------------------------------------------------------------------------------------
 # writing
 
@@ -548,7 +654,7 @@ def write_random_model(path: str | os.PathLike, arch: str = "qwen3moe", *, n_lay
                        scale: float = 0.02, rope_freq_base: float = 10000.0,
                        rms_eps: float | None = None, name: str | None = None,
                        type_overrides: dict[str, str] | None = None, dist: str = "normal",
-                       threads: int | None = None, progress: bool = False) -> Path:
+                       threads: int | None = None, progress: bool = False, **arch_kw) -> Path:
     """Writes a random model of architecture ``arch`` to ``path`` and returns the path.
 
     ``arch``: ``llama`` (dense when ``n_expert=0``, else Mixtral-style experts; the expert width is
@@ -560,6 +666,10 @@ def write_random_model(path: str | os.PathLike, arch: str = "qwen3moe", *, n_lay
     (llama.cpp's llama and qwen3moe loaders then use ``token_embd``; its qwen2moe loader requires
     ``output.weight``). ``merged_gate_up`` writes ``blk.N.ffn_gate_up_exps`` instead of the
     gate/up expert pair, ``fused_qkv`` writes ``blk.N.attn_qkv`` (and its bias) instead of Q/K/V.
+    ``gpt-oss`` and ``deepseek2`` write those architectures' layer stacks (sinks, sliding window
+    ``n_swa``, biases; MLA with ``kv_lora_rank``, ``qk_rope_dim``, ``qk_nope_dim``, ``v_head_dim``,
+    ``n_expert_shared`` shared experts after ``n_layer_dense_lead`` dense layers), e.g. from the
+    presets ``gpt-oss-20b`` (with ``dtype="MXFP4_MOE"``) and ``deepseek-v2-lite``.
     ``scale`` is the standard deviation of matrices, biases and routers; ``dist="uniform"`` draws
     them from a uniform distribution of the same deviation instead of a normal one (about 4x faster
     to generate: for multi-GB benchmark models). ``rms_eps`` defaults to
@@ -572,7 +682,8 @@ def write_random_model(path: str | os.PathLike, arch: str = "qwen3moe", *, n_lay
         n_ff=n_ff, n_expert=n_expert, n_expert_used=n_expert_used, n_ff_exp=n_ff_exp,
         n_ff_shexp=n_ff_shexp, n_vocab=n_vocab, n_ctx=n_ctx, dtype=dtype, tied_output=tied_output,
         qkv_bias=qkv_bias, merged_gate_up=merged_gate_up, fused_qkv=fused_qkv,
-        rope_freq_base=rope_freq_base, rms_eps=rms_eps, name=name, type_overrides=type_overrides)
+        rope_freq_base=rope_freq_base, rms_eps=rms_eps, name=name, type_overrides=type_overrides,
+        **arch_kw)
     return write_plan(path, plan, seed=seed, scale=scale, dist=dist, threads=threads,
                       progress=progress)
 
