@@ -369,3 +369,46 @@ def test_qwen2moe_one_dimensional_shared_gate(tmp_path):
     b = write_gguf(tmp_path / "b.gguf", dict(f.metadata), tensors, metadata_types=f.metadata_types)
     la, lb = moegraph_logits(a), moegraph_logits(b)
     assert np.array_equal(la, lb)
+
+
+# gpt-oss and deepseek2 layer stacks from the writer (the benchmark files' code path): tiny widths
+NEW_ARCHS = {
+    "gpt-oss-MXFP4": dict(arch="gpt-oss", n_head_kv=2, head_dim=16, n_ff=32, n_ff_exp=32, n_swa=4,
+                          dtype="MXFP4_MOE", n_layer=3),
+    "deepseek2-Q8_0": dict(arch="deepseek2", n_head_kv=1, n_ff=96, n_ff_exp=32, kv_lora_rank=32,
+                           qk_rope_dim=8, qk_nope_dim=16, v_head_dim=16, dtype="Q8_0", n_layer=3),
+}
+
+
+def _write_new(path, variant):
+    args = {**COMMON, "n_expert": 8, "n_expert_used": 2, "scale": 0.1, **NEW_ARCHS[variant]}
+    return write_random_model(path, args.pop("arch"), **args)
+
+
+@pytest.mark.parametrize("variant", list(NEW_ARCHS))
+def test_new_arch_writers(tmp_path, variant):
+    """The writer's gpt-oss (MXFP4 experts, sinks, window 4) and deepseek2 (MLA, a dense first
+    layer, shared experts) files load, and both CPU backends agree on them."""
+    path = _write_new(tmp_path / "m.gguf", variant)
+    m = moegraph.load(path)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    if variant.startswith("gpt-oss"):
+        assert types["blk.0.ffn_down_exps.weight"] == "MXFP4" and types["output.weight"] == "Q8_0"
+    else:
+        assert m.config.kv_lora_rank == 32 and m.config.n_layer_dense_lead == 1
+    ref = m.compile(backend="numpy").forward(TOKENS)
+    got = m.compile(backend="llvm", n_threads=2).forward(TOKENS)
+    assert rel_err(got, ref) <= 1e-5
+
+
+@pytest.mark.oracle
+@pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="the llama_cpp package (llama-cpp-python) is not "
+                    "installed: `pip install llama-cpp-python` to compare with llama.cpp itself")
+@pytest.mark.parametrize("variant", list(NEW_ARCHS))
+def test_new_arch_writers_llama_cpp_oracle(tmp_path, variant):
+    """llama.cpp loads the writer's files and computes the same logits (F32 KV cache; measured
+    KL 2e-15)."""
+    from conftest import kl_and_argmax, llama_cpp_logits
+    path = _write_new(tmp_path / "m.gguf", variant)
+    kl, agree = kl_and_argmax(llama_cpp_logits(path, TOKENS), moegraph_logits(path).astype(np.float64))
+    assert kl <= 1e-5 and agree == len(TOKENS), (kl, agree)
