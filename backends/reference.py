@@ -181,6 +181,18 @@ def _soft_max(ex, n, b, x, mask, sinks):
     return (e / total).astype(np.float32)
 
 
+def _group_mask(ex, n, b, x):
+    x = as_f32(x)
+    G, used = n.attrs["n_groups"], n.attrs["n_used"]
+    xg = x.reshape(*x.shape[:-1], G, -1)
+    top2 = np.sort(xg, axis=-1)[..., -2:]
+    score = top2[..., 1] + top2[..., 0]                       # float32, largest first
+    best = np.argsort(-score, axis=-1, kind="stable")[..., :used]   # ties: the lower group
+    keep = np.zeros(score.shape, bool)
+    np.put_along_axis(keep, best, True, axis=-1)
+    return np.where(keep[..., None], xg, np.float32(-np.inf)).reshape(x.shape).astype(np.float32)
+
+
 def _rms_norm(ex, n, b, x, w):
     x = as_f32(x)
     ms = np.mean(x.astype(np.float64) ** 2, axis=-1, keepdims=True)
@@ -247,6 +259,7 @@ IMPL = {
     "MUL_MAT_ID": _mul_mat_id,
     "TOP_K": _top_k,
     "SOFT_MAX": _soft_max,
+    "GROUP_MASK": _group_mask,
     "ROPE": _rope,
     "RESHAPE": lambda ex, n, b, x: x.reshape(static_shape(n.shape, b)),
     "PERMUTE": lambda ex, n, b, x: np.transpose(x, n.attrs["axes"]),

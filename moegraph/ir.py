@@ -530,6 +530,21 @@ def _check_sinks(op: str, sinks, n_head) -> None:
             _fail(op, f"sinks {list(sinks.shape)} must be one value per head [{n_head}]")
 
 
+@defop("GROUP_MASK", "x", kind=Kind.REDUCE, n_groups=REQUIRED, n_used=REQUIRED)
+def _group_mask(x, n_groups, n_used):
+    """Group-limited expert selection (DeepSeek-V3's, llama.cpp's n_expert_groups): the last axis
+    (E scores) in n_groups groups of E / n_groups consecutive entries, each group scored by the sum
+    of its two largest entries; the entries of the n_used best groups (ranked as TOP_K ranks:
+    ties to the lower index) are kept, the others become -inf."""
+    _need_f32("GROUP_MASK", x)
+    E = x.shape[-1]
+    if not (isinstance(E, int) and isinstance(n_groups, int) and n_groups > 1 and E % n_groups == 0
+            and E // n_groups >= 2 and isinstance(n_used, int) and 1 <= n_used < n_groups):
+        _fail("GROUP_MASK", f"{E} entries in {n_groups} groups of at least 2, {n_used} of them used: "
+                            "not a valid grouping")
+    return x.shape, F32
+
+
 @defop("SOFT_MAX", "x mask? sinks?", kind=Kind.REDUCE, scale=1.0)
 def _soft_max(x, mask, sinks, scale):
     """softmax(x * scale + mask) over the last axis; mask (additive, -inf = masked) broadcasts

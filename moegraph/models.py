@@ -55,6 +55,8 @@ class ModelConfig:
     expert_gating: str = "softmax"
     expert_weights_norm: bool = False  # renormalize the k selected weights to sum 1
     expert_weights_scale: float = 1.0
+    n_expert_groups: int = 0           # > 1: group-limited selection (DeepSeek-V3): experts of the
+    n_group_used: int = 0              # n_group_used best groups only (GROUP_MASK)
     n_layer_dense_lead: int = 0        # the first layers have a dense FFN (DeepSeek, GLM)
     n_layer_nextn: int = 0             # multi-token-prediction layers after the n_layer (unused)
     # MLA (DeepSeek-V2/V3): q and kv go through low-rank projections; the cache holds the
@@ -233,9 +235,10 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
     if n_expert and not 1 <= n_used <= n_expert:
         raise ModelError(f"{f.path}: {arch}.expert_used_count {n_used} must be in 1..expert_count "
                          f"({n_expert})")
-    if key("expert_group_count", 0, lo=0) > 1:   # DeepSeek-V3/R1's group-limited routing
-        raise ModelError(f"{f.path}: {arch}.expert_group_count {key('expert_group_count')} > 1: "
-                         "group-limited expert routing is not supported by moegraph yet")
+    n_groups, n_group_used = key("expert_group_count", 0, lo=0), key("expert_group_used_count", 0, lo=0)
+    if n_groups > 1 and not (n_expert % n_groups == 0 and n_expert // n_groups >= 2 and 1 <= n_group_used < n_groups):
+        raise ModelError(f"{f.path}: {arch}.expert_group_count {n_groups} / expert_group_used_count "
+                         f"{n_group_used} do not group expert_count {n_expert} (llama.cpp's conditions)")
     rope_dims = key("rope.dimension_count", head_dim)
     if rope_dims % 2 or rope_dims > head_dim:
         raise ModelError(f"{f.path}: {arch}.rope.dimension_count {rope_dims} must be even and at most "
@@ -277,6 +280,7 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
         rope_dims=rope_dims, rope_mode=a.rope_mode,
         rope_freq_base=key("rope.freq_base", 10000.0, lo=1e-6, kind=float), **rope,
         n_ff=n_ff, n_expert=n_expert, n_expert_used=n_used, n_ff_exp=n_ff_exp, n_ff_shexp=n_ff_shexp,
+        n_expert_groups=n_groups if n_groups > 1 else 0, n_group_used=n_group_used if n_groups > 1 else 0,
         expert_gating=gating, expert_weights_norm=a.expert_weights_norm,
         expert_weights_scale=key("expert_weights_scale", 1.0, lo=None, kind=float) or 1.0,
         qk_norm=a.qk_norm)
@@ -508,7 +512,10 @@ class GraphBuilder:
         probs = {"softmax": g.soft_max, "sigmoid": g.sigmoid}.get(c.expert_gating, lambda l: l)(logits)
         # DeepSeek-V3's selection bias: it picks the experts, the unbiased probs weight them
         bias = self.opt(f"{p}.exp_probs_b.bias", (E,))
-        ids = g.top_k(g.add(probs, bias) if bias is not None else probs, k=k, name=f"{p}.expert_ids")
+        selection = g.add(probs, bias) if bias is not None else probs
+        if c.n_expert_groups:       # only the experts of the best groups compete
+            selection = g.group_mask(selection, n_groups=c.n_expert_groups, n_used=c.n_group_used)
+        ids = g.top_k(selection, k=k, name=f"{p}.expert_ids")
         weights = g.get_rows(g.reshape(probs, shape=(T, -1, 1)), ids)             # [T, k, 1]
         if c.expert_gating == "softmax_weight":   # softmax over the chosen experts' logits
             weights = g.reshape(g.soft_max(g.reshape(weights, shape=(T, -1))), shape=(T, -1, 1))   # (-1: k may be sliced)

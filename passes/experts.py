@@ -37,6 +37,7 @@ class MoEBlock:
     # [E] weights on the way from the router to TOP_K: a router bias (gpt-oss), a selection
     # bias (DeepSeek-V3/GLM's exp_probs_b)
     router_biases: list[Node] = field(default_factory=list)
+    grouped: bool = False                         # group-limited selection (GROUP_MASK) on the way
     expert_matmuls: list[Node] = field(default_factory=list)   # MUL_MAT_ID nodes using ids
     expert_tables: list[Node] = field(default_factory=list)    # GET_ROWS of [E, ...] weights by ids (expert biases)
     weighting: list[tuple[Node, int]] = field(default_factory=list)  # (MUL node, input slot) of the expert weights
@@ -47,14 +48,14 @@ class MoEBlock:
 
 
 ANY_TOP_K = Pat("TOP_K", any_inputs=True, name="top_k")
-ROUTING_OPS = ("SOFT_MAX", "SIGMOID", "ADD", "SCALE")   # what lies between the router and TOP_K
+ROUTING_OPS = ("SOFT_MAX", "SIGMOID", "ADD", "SCALE", "GROUP_MASK")   # between the router and TOP_K
 
 
-def _routing(topk: Node) -> tuple[Node | None, list[Node]]:
-    """The router weight (a MUL_MAT of E rows) and the [E] weights the scores pass on their way
-    to TOP_K, whichever gating, biases and activations lie between."""
+def _routing(topk: Node) -> tuple[Node | None, list[Node], bool]:
+    """The router weight (a MUL_MAT of E rows), the [E] weights the scores pass on their way to
+    TOP_K, whichever gating, biases and activations lie between, and whether a GROUP_MASK does."""
     E = topk.inputs[0].shape[-1]
-    router, biases, todo, seen = None, [], [topk.inputs[0]], set()
+    router, biases, todo, seen, grouped = None, [], [topk.inputs[0]], set(), False
     while todo:
         n = todo.pop()
         if n is None or n.id in seen:
@@ -65,8 +66,9 @@ def _routing(topk: Node) -> tuple[Node | None, list[Node]]:
         elif n.op == "WEIGHT" and n.shape == (E,):
             biases.append(n)
         elif n.op in ROUTING_OPS:
+            grouped |= n.op == "GROUP_MASK"
             todo += [i for i in n.inputs if i is not None]
-    return router, biases
+    return router, biases, grouped
 
 
 def _unbiased(n: Node, id_nodes) -> Node:
@@ -87,12 +89,12 @@ def moe_blocks(graph: Graph) -> list[MoEBlock]:
         mms = [u for i in id_nodes for u in users[i] if u.op == "MUL_MAT_ID" and u.inputs[2] is i]
         if not mms:
             continue
-        router, biases = _routing(topk)
+        router, biases, grouped = _routing(topk)
         named = LAYER.match(topk.name or "") or next(
             (LAYER.match(u.inputs[0].name) for u in mms if LAYER.match(u.inputs[0].name)), None)
         tables = [u for i in id_nodes for u in users[i] if u.op == "GET_ROWS" and u.inputs[1] is i
                   and u.inputs[0].op == "WEIGHT"]
-        b = MoEBlock(int(named.group(1)) if named else i, topk, router, biases, mms, tables)
+        b = MoEBlock(int(named.group(1)) if named else i, topk, router, biases, grouped, mms, tables)
         for n in graph.toposort():   # expert outputs (bias added or not) times their weights
             if n.op == "MUL":
                 for slot in (0, 1):
@@ -165,6 +167,9 @@ def prune_experts(graph: Graph, keep: dict[int, Sequence[int]] | None = None) ->
         kept = sorted(int(e) for e in keep[b.layer])
         if b.router is None:
             raise MoeGraphError(f"layer {b.layer}: cannot find the router weight to prune")
+        if b.grouped:
+            raise MoeGraphError(f"layer {b.layer}: the model routes within expert groups (DeepSeek-V3's "
+                                "expert_group_count), defined over all its experts: pruning is not supported")
         n_expert = b.router.shape[0]
         if len(set(kept)) != len(kept) or not kept or kept[0] < 0 or kept[-1] >= n_expert:
             raise MoeGraphError(f"layer {b.layer}: experts to keep must be distinct ids in 0..{n_expert - 1}")

@@ -33,7 +33,7 @@ def _rel(ours: np.ndarray, ref: np.ndarray) -> float:
 
 def test_fixtures_present():
     assert {"llama3-ropefreqs", "llama-yarn", "llama-linear", "qwen2moe", "qwen3moe", "mixtral", "olmoe",
-            "granitemoe", "granitemoeshared", "glm4moe", "glm4moe-qknorm", "deepseek2-lite", "deepseek3", "gpt-oss"} <= set(MODELS)
+            "granitemoe", "granitemoeshared", "glm4moe", "glm4moe-qknorm", "deepseek2-lite", "deepseek3", "deepseek3-groups", "gpt-oss"} <= set(MODELS)
 
 
 @pytest.mark.parametrize("backend", ["numpy", "llvm"])
@@ -139,6 +139,20 @@ def test_expert_slicing_on_every_gating(name):
         assert _rel(got, one) <= 1e-5, (mode, _rel(got, one))
 
 
+def test_group_limited_routing():
+    """DeepSeek-V3's groups (8 experts in 4 groups, the best 2 compete): without them the logits
+    are another model's (relative error 1.0; with them 2.8e-5 from transformers, 1.7e-6 from
+    llama.cpp); pruning is refused (groups are defined over all experts), slicing works."""
+    from moegraph.passes.experts import moe_blocks
+    m = moegraph.load(HERE / "deepseek3-groups.gguf")
+    assert (m.config.n_expert_groups, m.config.n_group_used) == (4, 2)
+    assert all(b.grouped and b.router is not None for b in moe_blocks(m.graph(n_ctx=8)))
+    with pytest.raises(moegraph.MoeGraphError, match="routes within expert groups"):
+        m.compile(backend="numpy", n_ctx=8, passes=[("prune_experts", {"keep": {1: [0, 1, 2, 3]}})])
+    tokens = np.load(HERE / "deepseek3-groups.npz")["tokens"][:8]
+    m.compile(backend="llvm", n_ctx=8, n_threads=2, passes=[("slice_experts", {"n_expert_used": 1})]).forward(tokens)
+
+
 def test_mla_caches_the_compressed_kv_once():
     """MLA's cache is one [n_ctx, 1, kv_lora_rank + rope dims] tensor per layer; the values are
     a view of its first kv_lora_rank columns (llama.cpp's layout), not a second cache."""
@@ -148,8 +162,8 @@ def test_mla_caches_the_compressed_kv_once():
 
 def test_deepseek_family_keys(tmp_path):
     """Multi-token-prediction layers are skipped (as llama.cpp does without MTP); a tensor of a
-    layer past n_layer is refused where the file declares no such layers; group-limited routing
-    and unknown gating functions are refused by name."""
+    layer past n_layer is refused where the file declares no such layers; a grouping llama.cpp
+    would assert on and unknown gating functions are refused by name."""
     from moegraph.gguf_file import WeightData
     mtp = WeightData.from_array("blk.3.nextn.eh_proj.weight", np.zeros((64, 128), np.float32))
     tokens = np.load(HERE / "glm4moe.npz")["tokens"][:8]
@@ -159,8 +173,8 @@ def test_deepseek_family_keys(tmp_path):
     p = _rewrite(tmp_path, "deepseek3", extra_tensors=[mtp])
     with pytest.raises(moegraph.ModelError, match=r"blk.3.nextn.eh_proj.weight not used"):
         moegraph.load(p).compile(backend="numpy", n_ctx=16)
-    p = _rewrite(tmp_path, "deepseek3", {"deepseek2.expert_group_count": 4, "deepseek2.expert_group_used_count": 2})
-    with pytest.raises(moegraph.ModelError, match=r"expert_group_count 4 > 1: group-limited"):
+    p = _rewrite(tmp_path, "deepseek3", {"deepseek2.expert_group_count": 4, "deepseek2.expert_group_used_count": 4})
+    with pytest.raises(moegraph.ModelError, match=r"expert_group_count 4 / expert_group_used_count 4 do not group"):
         moegraph.load(p)
     p = _rewrite(tmp_path, "glm4moe", {"glm4moe.expert_gating_func": 4})
     with pytest.raises(moegraph.ModelError, match=r"expert_gating_func 4 is not supported"):

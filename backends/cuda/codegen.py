@@ -319,6 +319,30 @@ def g_top_k(plan: Plan, n: Node):
     return [(k, body, "warp", tuple(out.shape[:-1]), 32 * WARPS_PER_BLOCK, 0)]
 
 
+def g_group_mask(plan: Plan, n: Node):
+    """One thread per row: the groups' top-2 sums, n_used arg-max passes (ties to the lower
+    group, as TOP_K), then the row with the other groups' entries -inf."""
+    k = KB(plan)
+    out, (x,) = _views(plan, n)
+    G, used = n.attrs["n_groups"], n.attrs["n_used"]
+    S = x.shape[-1] // G
+    k.lines.append(f"  const i64 total = {k.count(out.shape[:-1])};")
+    body = []
+    k.lines, saved = body, k.lines
+    idx = k.unflatten("it", out.shape[:-1], "r")
+    body.append(f"    float gs[{G}]; bool keep[{G}];")
+    body.append(f"    for (int g = 0; g < {G}; g++) {{ float m1 = NEG_INF, m2 = NEG_INF; keep[g] = false;")
+    body.append(f"      for (int i = 0; i < {S}; i++) {{ const float v = {k.load(x, idx + [f'g * {S} + i'])};")
+    body.append("        if (v > m1) { m2 = m1; m1 = v; } else if (v > m2) m2 = v; }")
+    body.append("      gs[g] = m1 + m2; }")
+    body.append(f"    for (int j = 0; j < {used}; j++) {{ int bg = -1; float bv = NEG_INF;")
+    body.append(f"      for (int g = 0; g < {G}; g++) if (!keep[g] && (bg == -1 || gs[g] > bv)) {{ bv = gs[g]; bg = g; }}")
+    body.append("      keep[bg] = true; }")
+    body.append(f"    for (int i = 0; i < {G * S}; i++) {{ const float v = keep[i / {S}] ? {k.load(x, idx + ['i'])} : NEG_INF; {k.store(out, idx + ['i'], 'v')} }}")
+    k.lines = saved
+    return [(k, body, "thread", tuple(out.shape[:-1]), 128, 0)]
+
+
 def g_sum(plan: Plan, n: Node):
     k = KB(plan)
     out, (x,) = _views(plan, n)
@@ -730,6 +754,7 @@ def g_attention(plan: Plan, n: Node):
 GENERATORS = {
     **{op: g_elementwise for op in (*SCALAR, "RESHAPE")},
     "RMS_NORM": g_norm, "NORM": g_norm, "SOFT_MAX": g_soft_max, "ROPE": g_rope, "TOP_K": g_top_k,
+    "GROUP_MASK": g_group_mask,
     "SUM": g_sum, "CONCAT": g_concat, "SET_ROWS": g_set_rows, "GET_ROWS": g_get_rows,
     "MUL_MAT": g_mul_mat, "MUL_MAT_ID": g_mul_mat_id, "MOE_SWIGLU": g_mul_mat_id, "ATTENTION": g_attention,
 }

@@ -480,6 +480,47 @@ def k_top_k(plan: Plan, n: Node, name: str):
     return [k], 0
 
 
+def k_group_mask(plan: Plan, n: Node, name: str):
+    """Per row: each group's top-2 sum (in %tls), n_used arg-max passes over the groups (ties to
+    the lower index, as TOP_K), then the row with the other groups' entries -inf."""
+    k = K(plan, name)
+    f = k.f
+    out, (x,) = _views(plan, n)
+    G, used = n.attrs["n_groups"], n.attrs["n_used"]
+    S = x.shape[-1] // G
+    ninf = f32(-math.inf)
+    gs, keep = "%tls", f.gep("float", "%tls", G)       # group scores, kept flags (1.0 / 0.0)
+    loop, outer = k.rows_loop(out.shape)
+    with loop as r:
+        idx = k.unflatten(r, outer) if outer else []
+        px, po = k.ptr(x, idx + ["0"]), k.ptr(out, idx + ["0"])
+        with f.loop(0, G) as g:
+            m1, m2 = f.var("float", ninf), f.var("float", ninf)
+            with f.loop(0, S) as i:
+                v = f.load("float", f.gep("float", px, f.add(f.mul(g, S), i)))
+                top = f.op(f"fcmp ogt float {v}, {m1.get()}")
+                second = f.op(f"fcmp ogt float {v}, {m2.get()}")
+                m2.set(f.op(f"select i1 {top}, float {m1.get()}, float {f.op(f'select i1 {second}, float {v}, float {m2.get()}')}"))
+                m1.set(f.op(f"select i1 {top}, float {v}, float {m1.get()}"))
+            f.store("float", f.op(f"fadd float {m1.get()}, {m2.get()}"), f.gep("float", gs, g), 4)
+            f.store("float", "0.0", f.gep("float", keep, g), 4)
+        with f.loop(0, used):
+            best_v, best_g = f.var("float", ninf), f.var("i64", "-1")
+            with f.loop(0, G) as g:
+                v = f.load("float", f.gep("float", gs, g))
+                free = f.op(f"fcmp oeq float {f.load('float', f.gep('float', keep, g))}, 0.0")
+                better = f.op(f"or i1 {f.op(f'fcmp ogt float {v}, {best_v.get()}')}, {f.op(f'icmp eq i64 {best_g.get()}, -1')}")
+                take = f.op(f"and i1 {free}, {better}")
+                best_v.set(f.op(f"select i1 {take}, float {v}, float {best_v.get()}"))
+                best_g.set(f.op(f"select i1 {take}, i64 {g}, i64 {best_g.get()}"))
+            f.store("float", "1.0", f.gep("float", keep, best_g.get()), 4)
+        with f.loop(0, k.dim(x.shape[-1])) as i:
+            kept = f.op(f"fcmp oeq float {f.load('float', f.gep('float', keep, f.udiv(i, S)))}, 1.0")
+            v = f.load("float", f.gep("float", px, i))
+            f.store("float", f.op(f"select i1 {kept}, float {v}, float {ninf}"), f.gep("float", po, i), 4)
+    return [k], 8 * G
+
+
 def k_sum(plan: Plan, n: Node, name: str):
     k = K(plan, name)
     f = k.f
@@ -983,6 +1024,7 @@ def k_attention(plan: Plan, n: Node, name: str):
 GENERATORS = {
     **{op: k_elementwise for op in (*SCALAR, "RESHAPE")},
     "RMS_NORM": k_norm, "NORM": k_norm, "SOFT_MAX": k_soft_max, "ROPE": k_rope, "TOP_K": k_top_k,
+    "GROUP_MASK": k_group_mask,
     "SUM": k_sum, "CONCAT": k_concat, "SET_ROWS": k_set_rows, "GET_ROWS": k_get_rows,
     "MUL_MAT": k_mul_mat, "MUL_MAT_ID": k_mul_mat_id, "ATTENTION": k_attention,
     "MOE_SWIGLU": k_mul_mat_id,

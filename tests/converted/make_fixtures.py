@@ -109,6 +109,14 @@ MODELS = {
         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                          "original_max_position_embeddings": 48, "beta_fast": 32.0, "beta_slow": 1.0})),
+    # DeepSeek-V3's group-limited routing: 8 experts in 4 groups, the best 2 groups compete
+    "deepseek3-groups": ("DeepseekV3ForCausalLM", "DeepseekV3Config", dict(
+        intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+        n_shared_experts=1, first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+        n_group=4, topk_group=2, scoring_func="sigmoid", topk_method="noaux_tc", q_lora_rank=24,
+        kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+        num_key_value_heads=4, num_hidden_layers=3, num_nextn_predict_layers=0,
+        max_position_embeddings=256, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
     "mixtral": ("MixtralForCausalLM", "MixtralConfig", dict(
         intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=256,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
@@ -137,8 +145,10 @@ def randomize(model, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, b in model.named_buffers():   # DeepSeek-V3/GLM's selection bias starts at 0
-            if "e_score_correction_bias" in name:
-                b.copy_(0.1 * torch.randn(b.shape, generator=g))
+            if "e_score_correction_bias" in name:   # >= 0 with groups: transformers masks
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))   # other groups with 0, llama.cpp with -inf
+                if getattr(model.config, "n_group", 1) not in (None, 1):
+                    b.abs_()
         for name, p in model.named_parameters():
             if "sinks" in name:                     # gpt-oss's sinks: logits of O(1)
                 p.copy_(torch.randn(p.shape, generator=g))
