@@ -117,6 +117,15 @@ MODELS = {
         kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
         num_key_value_heads=4, num_hidden_layers=3, num_nextn_predict_layers=0,
         max_position_embeddings=256, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # GLM-4.7-Flash: GLM's MLA model, converted as deepseek2 (sigmoid + bias, a dense first layer)
+    "glm4moe-lite": ("Glm4MoeLiteForCausalLM", "Glm4MoeLiteConfig", dict(
+        intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+        n_shared_experts=1, norm_topk_prob=True, routed_scaling_factor=1.8, n_group=1, topk_group=1,
+        scoring_func="sigmoid", q_lora_rank=24, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16,
+        v_head_dim=16, num_key_value_heads=4, num_hidden_layers=3, mlp_layer_types=["dense", "sparse", "sparse"],
+        first_k_dense_replace=1,     # (the released config.json has it; the converter reads it)
+        num_nextn_predict_layers=1, max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
     "mixtral": ("MixtralForCausalLM", "MixtralConfig", dict(
         intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=256,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
