@@ -102,7 +102,7 @@ class Arch:
     shared_expert: bool = False
     rope_freqs: bool = False           # reads rope_freqs.weight (Llama 3.1's frequency factors)
     experts_n_ff: bool = False         # experts are feed_forward_length wide (llama, olmoe loaders)
-    gating: str = "softmax"            # the expert gating when the file does not say
+    gating: str = "softmax"            # the expert gating when the file does not say ("": it must)
     ffn_norm: str = "ffn_norm"         # the FFN's pre-norm tensor (GLM: post_attention_norm)
     sinks: bool = False                # attention sinks, one logit per head (gpt-oss)
     # the experts' activation: "swiglu", or gpt-oss's clamped one (llama.cpp's swiglu_oai with
@@ -139,6 +139,8 @@ ARCHS: dict[str, Arch] = {a.name: a for a in (
                                    ("attention.key_length_mla", "head_dim_mla", int),
                                    ("attention.value_length_mla", "head_dim_v_mla", int),
                                    ("rope.scaling.yarn_log_multiplier", "rope_yarn_log_mul", float))),
+    # dots.llm1: per-head Q/K norm, sigmoid routing with a selection bias, shared experts
+    Arch("dots1", ROPE_NEOX, expert_weights_norm=False, qk_norm="head", gating="", keys=DEEPSEEK_MOE_KEYS),
     # gpt-oss-20b/120b: sinks, sliding-window layers, biases everywhere, softmax over the chosen
     Arch("gpt-oss", ROPE_NEOX, expert_weights_norm=False, gating="softmax_weight",
          ffn_norm="post_attention_norm", sinks=True, expert_act="swiglu_oai",
@@ -214,9 +216,11 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
                          f"{arch} builder (refused rather than ignored: they may change what the model "
                          "computes)")
     for name, want in FIXED_KEYS.items():
+        if name in arch_keys:
+            continue
         if name == "expert_gating_func":   # not read: llama.cpp uses the architecture's own
             want = {v: k for k, v in GATING_FUNCS.items()}[a.gating]
-        v = f.get(f"{arch}.{name}", None) if name not in arch_keys else None
+        v = f.get(f"{arch}.{name}", None)
         if v is not None and v != want:
             raise ModelError(f"{f.path}: {arch}.{name} = {v!r}: llama.cpp does not read this key for "
                              f"{arch} (it uses {want}); moegraph refuses the file rather than pick one")
@@ -260,6 +264,8 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
     gating = extra.pop("expert_gating", 0)
     if gating == 0:   # not in the file: the architecture's default (llama.cpp's heuristics)
         gating = a.gating
+        if not gating and n_expert:     # llama.cpp aborts in build_moe_ffn
+            raise ModelError(f"{f.path}: missing metadata key {arch}.expert_gating_func")
         if arch == "deepseek2" and n_block - n_nextn in (47, 48) and n_vocab == 154880:
             gating = "sigmoid"   # GLM-4.7-Flash files written before the key existed
     elif gating in GATING_FUNCS:

@@ -126,6 +126,13 @@ MODELS = {
         first_k_dense_replace=1,     # (the released config.json has it; the converter reads it)
         num_nextn_predict_layers=1, max_position_embeddings=256,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # dots.llm1: per-head Q/K norm, sigmoid + selection bias, shared experts, a dense first layer
+    "dots1": ("Dots1ForCausalLM", "Dots1Config", dict(
+        intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+        n_shared_experts=2, first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+        n_group=1, topk_group=1, scoring_func="sigmoid", head_dim=16, num_hidden_layers=3,
+        num_key_value_heads=4,           # (llama.cpp sizes dots1's K and V by n_head)
+        max_position_embeddings=256, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
     "mixtral": ("MixtralForCausalLM", "MixtralConfig", dict(
         intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=256,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
