@@ -168,3 +168,44 @@ def test_merged_gate_up_with_odd_half_is_not_repacked(tmp_path):
     ref = m.compile(backend="numpy", n_ctx=64).forward(ids)
     kl, agree = kl_and_argmax(ref, s.forward(ids))
     assert kl < 1e-3 and agree >= len(ids) - 1, (kl, agree)
+
+
+def test_thread_policy_follows_the_load():
+    """ThreadPolicy (simulated step times): all threads while they are faster, half of them soon
+    after the full count gets slow (a busy machine: measured 2-15 ms against 0.5-1 ms), back to
+    all when the load goes; prompt-sized steps always use every thread; a step that had to wake
+    sleeping workers is not a measurement."""
+    from moegraph.backends.llvm import ThreadPolicy
+    p = ThreadPolicy(2)
+    cost = {2: 0.4e-3, 1: 0.7e-3}
+
+    def steps(n):
+        used = []
+        for _ in range(n):
+            t = p.choose(1)
+            p.record(1, t, cost[t])
+            used.append(t)
+        return used
+    assert steps(400)[-100:].count(2) >= 90            # idle: 2 threads (tries of 1 are rare)
+    cost[2] = 8e-3                                    # load comes
+    used = steps(200)
+    assert used[-150:].count(1) >= 140                # switched within tens of steps
+    cost[2] = 0.4e-3                                  # load goes
+    assert steps(3000)[-200:].count(2) >= 180
+    assert p.choose(128) == 2                         # prompts: every thread
+    q = ThreadPolicy(2)
+    for _ in range(100):                              # wake-up steps are not measurements
+        t = q.choose(1)
+        q.record(1, t, 1.0 if t == 2 else 1e-3, valid=t != 2)
+    assert q.classes[1].best == 2 and q.classes[1].cost is None
+    assert ThreadPolicy(1).choose(1) == 1
+
+
+def test_more_threads_than_cores_warns():
+    import warnings
+
+    from moegraph.backends.llvm import LLVMBackend, available_cores
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        LLVMBackend(n_threads=available_cores() + 1)
+    assert any("available cores" in str(x.message) for x in w)

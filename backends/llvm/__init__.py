@@ -13,6 +13,7 @@ import ctypes
 import hashlib
 import math
 import os
+import sys
 import threading
 import time
 import weakref
@@ -70,14 +71,33 @@ def cache_dir() -> Path:
     return moegraph_cache.cache_dir("llvm")
 
 
-BARRIER = """
+# Threads meet at a barrier after every kernel group: the last to arrive bumps the generation at
+# bar+64. Waiters spin briefly (kernels are microseconds apart when the machine is idle), then
+# yield, then sleep on the generation word (Linux futex; a short usleep elsewhere), counted at
+# bar+128 so the releaser makes the wake-up syscall only when someone sleeps. Without the sleep a
+# descheduled thread stalled the others for whole time slices on a busy machine (48x slower
+# decoding beside two background processes). The sleep has a 1 ms timeout as a safety net.
+BARRIER_SPINS, BARRIER_YIELDS = 4000, 64
+_FUTEX = sys.platform.startswith("linux")
+_WAKE = "%w = call i64 (i64, ...) @syscall(i64 202, ptr %genp, i64 129, i64 2147483647)"   # FUTEX_WAKE_PRIVATE
+_SLEEP = ("""%g64 = zext i32 %g to i64
+  store i64 0, ptr %ts, align 8
+  %nsp = getelementptr i64, ptr %ts, i64 1
+  store i64 1000000, ptr %nsp, align 8
+  %r = call i64 (i64, ...) @syscall(i64 202, ptr %genp, i64 128, i64 %g64, ptr %ts)""" if _FUTEX
+          else "%r = call i32 @usleep(i32 20)")             # FUTEX_WAIT_PRIVATE while *genp == g
+BARRIER = f"""
 declare i32 @sched_yield()
-define internal void @barrier(ptr %bar, i64 %nth) noinline {
+declare i32 @usleep(i32)
+declare i64 @syscall(i64, ...)
+define internal void @barrier(ptr %bar, i64 %nth) noinline {{
 entry:
+  %ts = alloca [2 x i64], align 8
   %one = icmp ule i64 %nth, 1
   br i1 %one, label %done, label %sync
 sync:
   %genp = getelementptr i8, ptr %bar, i64 64
+  %sleepp = getelementptr i8, ptr %bar, i64 128
   %g = load atomic i32, ptr %genp acquire, align 4
   %n = atomicrmw add ptr %bar, i32 1 acq_rel
   %n1 = add i32 %n, 1
@@ -86,32 +106,75 @@ sync:
   br i1 %last, label %release, label %wait
 release:
   store atomic i32 0, ptr %bar monotonic, align 4
-  %old = atomicrmw add ptr %genp, i32 1 release
+  %old = atomicrmw add ptr %genp, i32 1 seq_cst
+  %sleepers = load atomic i32, ptr %sleepp seq_cst, align 4
+  %any = icmp ne i32 %sleepers, 0
+  br i1 %any, label %wake, label %done
+wake:
+  {_WAKE if _FUTEX else ""}
   br label %done
 wait:
-  %spins = phi i32 [0, %sync], [%s1, %again], [%s1, %yield]
+  %spins = phi i32 [0, %sync], [%s1, %again], [%s1, %yield], [%s1, %sleep]
   %cur = load atomic i32, ptr %genp acquire, align 4
   %same = icmp eq i32 %cur, %g
   br i1 %same, label %again, label %done
 again:
   %s1 = add i32 %spins, 1
-  %long = icmp ugt i32 %spins, 4000
-  br i1 %long, label %yield, label %wait
+  %long = icmp ugt i32 %spins, {BARRIER_SPINS}
+  br i1 %long, label %backoff, label %wait
+backoff:
+  %verylong = icmp ugt i32 %spins, {BARRIER_SPINS + BARRIER_YIELDS}
+  br i1 %verylong, label %sleep, label %yield
 yield:
   %y = call i32 @sched_yield()
   br label %wait
+sleep:
+  %in = atomicrmw add ptr %sleepp, i32 1 seq_cst
+  {_SLEEP}
+  %out = atomicrmw sub ptr %sleepp, i32 1 seq_cst
+  br label %wait
 done:
   ret void
-}
+}}
 """
 
 
+# A waiting worker sleeps on ctl[0] (futex, 10 ms timeout), counted at ctl+192; moegraph_kick
+# (called for every step) publishes the step's thread count, bumps the generation and wakes
+# sleepers. Idle workers used to poll with usleep(50): 20000 wake-ups a second beside a step that
+# runs on fewer threads (ThreadPolicy) on a busy machine.
+_NAP = ("""%sleepp = getelementptr i8, ptr %ctl, i64 192
+  %in = atomicrmw add ptr %sleepp, i32 1 seq_cst
+  %seen64 = zext i32 %seen to i64
+  store i64 0, ptr %ts, align 8
+  %nsp = getelementptr i64, ptr %ts, i64 1
+  store i64 10000000, ptr %nsp, align 8
+  %z = call i64 (i64, ...) @syscall(i64 202, ptr %ctl, i64 128, i64 %seen64, ptr %ts)
+  %out = atomicrmw sub ptr %sleepp, i32 1 seq_cst""" if _FUTEX else "%z = call i32 @usleep(i32 50)")
+KICK = """
+define i32 @moegraph_kick(ptr %ctl, i32 %active) {
+entry:
+  %activep = getelementptr i8, ptr %ctl, i64 128
+  store atomic i32 %active, ptr %activep release, align 4
+  %g = atomicrmw add ptr %ctl, i32 1 seq_cst
+  %sleepp = getelementptr i8, ptr %ctl, i64 192
+  %s = load atomic i32, ptr %sleepp seq_cst, align 4
+  %any = icmp ne i32 %s, 0
+  br i1 %any, label %wake, label %done
+wake:
+  WAKE
+  ret i32 1
+done:
+  ret i32 0
+}
+""".replace("WAKE", "%w = call i64 (i64, ...) @syscall(i64 202, ptr %ctl, i64 129, i64 2147483647)" if _FUTEX else "")
 WORKER = """
-declare i32 @usleep(i32)
 ; A worker thread's life: wait for a new generation number in ctl[0] (spinning, then yielding,
-; then sleeping when idle long), run the graph as thread ith, repeat until ctl[16] (quit) is set.
+; then sleeping when idle long), run the graph as thread ith of the ctl[32] threads this run uses
+; (or sit it out), repeat until ctl[16] (quit) is set.
 define void @moegraph_worker(ptr %ptrs, ptr %syms, i64 %ith, i64 %nth, ptr %tls0, i64 %tls_stride, ptr %bar, ptr %ctl) {
 entry:
+  %ts = alloca [2 x i64], align 8
   %quitp = getelementptr i8, ptr %ctl, i64 64
   br label %wait
 wait:
@@ -138,10 +201,16 @@ yield:
   %y = call i32 @sched_yield()
   br label %spin
 nap:
-  %z = call i32 @usleep(i32 50)
+  NAP
   br label %spin
 run:
-  call void @moegraph_graph(ptr %ptrs, ptr %syms, i64 %ith, i64 %nth, ptr %tls0, i64 %tls_stride, ptr %bar)
+  %activep = getelementptr i8, ptr %ctl, i64 128
+  %active32 = load atomic i32, ptr %activep acquire, align 4
+  %active = zext i32 %active32 to i64
+  %mine = icmp ult i64 %ith, %active
+  br i1 %mine, label %work, label %ran
+work:
+  call void @moegraph_graph(ptr %ptrs, ptr %syms, i64 %ith, i64 %active, ptr %tls0, i64 %tls_stride, ptr %bar)
   br label %ran
 ran:
   %g = add i32 %cur, 0
@@ -149,7 +218,7 @@ ran:
 exit:
   ret void
 }
-"""
+""".replace("NAP", _NAP) + KICK
 
 
 def _repacked(graph: Graph) -> set[int]:
@@ -302,7 +371,12 @@ class LLVMBackend:
                  repack: bool = True, **_ignored):
         """repack: give product weights of the types in gemm.X8 the row-interleaved x8 layout, a
         copy in memory beside the memory-mapped file; False keeps only the file's blocks."""
-        self.n_threads = n_threads or os.cpu_count() or 1
+        self.n_threads = n_threads or available_cores()
+        if self.n_threads > available_cores():
+            import warnings
+            warnings.warn(f"llvm backend: {self.n_threads} threads on {available_cores()} available cores: "
+                          "threads will wait for each other (steps then use half of them when that is faster)",
+                          stacklevel=3)
         self.max_tokens = max_tokens
         self.use_cache = use_cache
         self.repack = repack
@@ -317,6 +391,7 @@ class LLVMExecutable:
         t0 = time.perf_counter()
         self.graph = graph = lower(graph, TARGET)
         self.n_threads = n_threads
+        self.threads = ThreadPolicy(n_threads)      # how many of them each step uses
         n_ctx = graph_n_ctx(graph)
         self.max_tokens = min(max_tokens, n_ctx)
         self.plan = plan = Plan(graph, TARGET, self.max_tokens, n_ctx, repack=repack)
@@ -381,6 +456,7 @@ class LLVMExecutable:
             _write_perf_map(ee, ir)
         self._fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                     ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p)(addr)
+        self._kick = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32)(ee.get_function_address("moegraph_kick"))
         return {"cache": "hit" if cached else "miss", "key": key, **{k: feats[k] for k in ("cpu", "avx2", "fma", "f16c")}}
 
     # -- memory
@@ -392,7 +468,7 @@ class LLVMExecutable:
                        "use a smaller n_ctx (-c) or max_tokens")
         self.arena = np.zeros(p.arena_size + 64, np.uint8)
         self.tls = np.zeros(self.tls_bytes * self.n_threads + 64, np.uint8)
-        self.barrier = np.zeros(32, np.int32)
+        self.barrier = np.zeros(64, np.int32)     # count at 0, generation at +64, sleepers at +128 (bytes)
         self.syms = np.zeros(len(SYMBOLS), np.int64)
         self.buffers: dict[str, np.ndarray] = {}
         self.states: dict[str, np.ndarray] = {}
@@ -442,7 +518,7 @@ class LLVMExecutable:
     def _start_workers(self) -> None:
         """n_threads - 1 Python threads that enter native code once and stay there (ctypes
         releases the GIL), waiting on a generation counter; stopped when the executable dies."""
-        self.ctl = np.zeros(32, np.int32)
+        self.ctl = np.zeros(64, np.int32)     # (bytes) generation 0, quit +64, threads +128, sleepers +192
         self._threads = []
         for i in range(1, self.n_threads):
             args = (self.ptrs.ctypes.data, self.syms.ctypes.data, i, self.n_threads, self.tls.ctypes.data,
@@ -494,13 +570,94 @@ class LLVMExecutable:
                 buf[tuple(slice(0, s) for s in np.shape(arr))] = arr
         for i, sym in enumerate(SYMBOLS):
             self.syms[i] = bindings.get(sym, 0)
-        nth = self.n_threads
-        if nth > 1:
-            self.ctl[0] += 1          # wake the workers (they run the graph as threads 1..nth-1)
+        nth = self.threads.choose(bindings.get("T", 1))
+        woke = False
+        if nth > 1:                   # wake the workers (they run the graph as threads 1..nth-1)
+            woke = bool(self._kick(self.ctl.ctypes.data, nth))
+        t0 = time.perf_counter()
         self._fn(self.ptrs.ctypes.data, self.syms.ctypes.data, 0, nth, self.tls.ctypes.data,
                  self.tls_bytes, self.barrier.ctypes.data)
+        # (a step that had to wake sleeping workers says nothing about the steady state)
+        self.threads.record(bindings.get("T", 1), nth, time.perf_counter() - t0, valid=not woke)
         return {name: arr[tuple(slice(0, s) for s in static_shape(o.shape, bindings))].copy()
                 for name, (o, arr) in self.outputs.items()}
+
+
+def available_cores() -> int:
+    """The CPUs this process may run on (its affinity mask), not every CPU of the machine."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+@dataclass
+class _SizeClass:
+    best: int
+    alt: int
+    cost: float | None = None          # seconds per token of `best` (moving average)
+    floor: float | None = None         # its lowest since the last decision
+    interval: int = 0
+    countdown: int = 8                 # steps until the next try of `alt`
+    trying: int = 0                    # steps of the try left
+    samples: list = None
+
+
+class ThreadPolicy:
+    """How many of the executable's threads a step uses: all of them or half, whichever is faster
+    per token for steps of that size (T rounded to a power of two). The other count is tried for
+    a burst of steps (the first half of it not measured: the other cores' caches are cold after a
+    stretch without them) after an interval that doubles, up to 16x `explore`, while the choice
+    holds, and at once when the chosen count gets twice slower (load came or went). On this
+    2-core VM beside two busy processes a 2-thread decoding step took 2-15 ms against 0.5-1 ms
+    for 1 thread (a thread waits at every barrier for a descheduled partner); idle, 2 win.
+    Prompt-sized steps (T > MAX_T) are too few for tries to pay: they use every thread."""
+    BURST = 8
+    MAX_T = 16                         # larger steps (prompts) always use every thread
+
+    def __init__(self, n_threads: int, explore: int = 64, decay: float = 0.25):
+        self.options = sorted({n_threads, max(1, n_threads // 2)}, reverse=True)
+        self.explore, self.decay = explore, decay
+        self.classes: dict[int, _SizeClass] = {}
+
+    def _class(self, T: int) -> _SizeClass:
+        c = max(1, int(T)).bit_length()
+        if c not in self.classes:
+            self.classes[c] = _SizeClass(self.options[0], self.options[-1], interval=self.explore)
+        return self.classes[c]
+
+    def choose(self, T: int) -> int:
+        if len(self.options) == 1 or T > self.MAX_T:
+            return self.options[0]
+        st = self._class(T)
+        if not st.trying:
+            st.countdown -= 1
+            if st.countdown > 0:
+                return st.best
+            st.trying, st.samples = self.BURST, []
+        return st.alt
+
+    def record(self, T: int, threads: int, seconds: float, valid: bool = True) -> None:
+        """The step's time; not valid: not a measurement (sleeping workers were woken)."""
+        if len(self.options) == 1 or T > self.MAX_T:
+            return
+        st, per_token = self._class(T), seconds / max(1, int(T))
+        if st.trying and threads == st.alt:
+            st.trying -= 1
+            if valid and st.trying < self.BURST // 2:
+                st.samples.append(per_token)
+            if st.trying == 0:
+                alt_cost = sorted(st.samples)[len(st.samples) // 2] if st.samples else math.inf
+                if st.cost is not None and alt_cost < 0.95 * st.cost:       # switch
+                    st.best, st.alt, st.cost, st.interval = st.alt, st.best, alt_cost, self.explore
+                else:
+                    st.interval = min(16 * self.explore, 2 * st.interval)
+                st.countdown, st.floor = st.interval, st.cost
+        elif threads == st.best and valid:
+            st.cost = per_token if st.cost is None else st.cost + self.decay * (per_token - st.cost)
+            st.floor = st.cost if st.floor is None else min(st.floor, st.cost)
+            if st.cost > 2 * st.floor:                  # the machine changed: look again now
+                st.countdown, st.floor = 0, st.cost
 
 
 def _stop_workers(ctl: np.ndarray, threads: list, _keepalive) -> None:
