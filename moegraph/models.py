@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import ModelError
-from .gguf_file import GGUFFile
+from .gguf_file import GGUFFile, WeightData
 from .ir import F16, F32, I32, ROPE_NEOX, ROPE_NORM, DType, Graph, Node
 
 T = "T"    # the symbolic number of tokens in a step
@@ -58,6 +58,7 @@ class ModelConfig:
     n_expert_groups: int = 0           # > 1: group-limited selection (DeepSeek-V3): experts of the
     n_group_used: int = 0              # n_group_used best groups only (GROUP_MASK)
     n_layer_dense_lead: int = 0        # the first layers have a dense FFN (DeepSeek, GLM)
+    moe_layer_step: int = 1            # after them, layer il is MoE where (il + 1) % step == 0 (ERNIE)
     n_layer_nextn: int = 0             # multi-token-prediction layers after the n_layer (unused)
     # MLA (DeepSeek-V2/V3): q and kv go through low-rank projections; the cache holds the
     # compressed kv (kv_lora_rank) and the roped key part, one "head" shared by all heads.
@@ -141,6 +142,11 @@ ARCHS: dict[str, Arch] = {a.name: a for a in (
                                    ("rope.scaling.yarn_log_multiplier", "rope_yarn_log_mul", float))),
     # dots.llm1: per-head Q/K norm, sigmoid routing with a selection bias, shared experts
     Arch("dots1", ROPE_NEOX, expert_weights_norm=False, qk_norm="head", gating="", keys=DEEPSEEK_MOE_KEYS),
+    # ERNIE-4.5 MoE: softmax routing with a selection bias, renormalized, shared experts
+    Arch("ernie4_5-moe", ROPE_NORM, expert_weights_norm=True,
+         keys=(("interleave_moe_layer_step", "moe_layer_step", int),
+               ("leading_dense_block_count", "n_layer_dense_lead", int),
+               ("expert_shared_count", "n_shared", int))),     # (its width is in the shexp length key)
     # gpt-oss-20b/120b: sinks, sliding-window layers, biases everywhere, softmax over the chosen
     Arch("gpt-oss", ROPE_NEOX, expert_weights_norm=False, gating="softmax_weight",
          ffn_norm="post_attention_norm", sinks=True, expert_act="swiglu_oai",
@@ -273,6 +279,8 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
     else:
         raise ModelError(f"{f.path}: {arch}.expert_gating_func {gating} is not supported "
                          f"(1 softmax, 2 sigmoid, 3 softmax over the chosen experts)")
+    if extra.get("moe_layer_step", 1) < 1:
+        raise ModelError(f"{f.path}: {arch}.interleave_moe_layer_step must be at least 1")
     if a.sinks and not extra.get("n_swa"):    # llama.cpp requires it for gpt-oss
         raise ModelError(f"{f.path}: missing metadata key {arch}.attention.sliding_window")
     if a.qk_norm.endswith("?"):   # optional: used where the file has the norms
@@ -386,9 +394,14 @@ class GraphBuilder:
         if name not in self.f:
             raise ModelError(f"{self.f.path}: missing tensor {name} (architecture {self.cfg.arch})")
         data = self.f.tensor(name)
-        if tuple(data.shape) != tuple(shape):
+        have = tuple(data.shape)
+        while len(have) > len(shape) and have[0] == 1:   # leading 1s, as llama.cpp's dims check allows
+            have = have[1:]                              # (ERNIE's exp_probs_b is [1, E])
+        if have != tuple(shape):
             raise ModelError(f"{self.f.path}: tensor {name} has shape {list(data.shape)} but the "
                              f"model's hyper-parameters need {list(shape)}")
+        if have != tuple(data.shape):
+            data = WeightData(data.name, data.dtype, have, data.raw)
         node = self._weights[name] = self.g.weight(data)
         return node
 
@@ -593,7 +606,7 @@ def build_decoder(b: GraphBuilder) -> Graph:
     for il in range(c.n_layer):
         x = b.residual(x, attention(b.norm(x, f"blk.{il}.attn_norm.weight"), il), f"blk.{il}.attn_out")
         h = b.norm(x, f"blk.{il}.{ARCHS[c.arch].ffn_norm}.weight")
-        moe = c.is_moe and il >= c.n_layer_dense_lead
+        moe = c.is_moe and il >= c.n_layer_dense_lead and (il + 1) % c.moe_layer_step == 0
         ffn = b.moe_ffn(h, il) if moe else b.dense_ffn(h, f"blk.{il}", c.n_ff)
         x = b.residual(x, ffn, f"blk.{il}.out")
     g.outputs["logits"] = b.output(x)

@@ -33,7 +33,7 @@ def _rel(ours: np.ndarray, ref: np.ndarray) -> float:
 
 def test_fixtures_present():
     assert {"llama3-ropefreqs", "llama-yarn", "llama-linear", "qwen2moe", "qwen3moe", "mixtral", "olmoe",
-            "granitemoe", "granitemoeshared", "glm4moe", "glm4moe-qknorm", "deepseek2-lite", "deepseek3", "deepseek3-groups", "glm4moe-lite", "gpt-oss", "dots1"} <= set(MODELS)
+            "granitemoe", "granitemoeshared", "glm4moe", "glm4moe-qknorm", "deepseek2-lite", "deepseek3", "deepseek3-groups", "glm4moe-lite", "gpt-oss", "dots1", "ernie4_5-moe"} <= set(MODELS)
 
 
 @pytest.mark.parametrize("backend", ["numpy", "llvm"])

@@ -133,6 +133,14 @@ MODELS = {
         n_group=1, topk_group=1, scoring_func="sigmoid", head_dim=16, num_hidden_layers=3,
         num_key_value_heads=4,           # (llama.cpp sizes dots1's K and V by n_head)
         max_position_embeddings=256, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # ERNIE-4.5-21B-A3B-like: softmax routing with a selection bias (moe_statics), renormalized,
+    # shared experts (the converter sizes them intermediate_size / num_key_value_heads), a dense
+    # first layer, interleaved RoPE; a sentencepiece vocabulary (the converter's only choice)
+    "ernie4_5-moe": ("Ernie4_5_MoeForCausalLM", "Ernie4_5_MoeConfig", dict(
+        intermediate_size=128, moe_intermediate_size=32, moe_num_experts=8, moe_k=2,
+        moe_num_shared_experts=2, moe_layer_start_index=1, moe_layer_end_index=2, moe_layer_interval=1,
+        num_hidden_layers=3, head_dim=16, max_position_embeddings=256, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
     "mixtral": ("MixtralForCausalLM", "MixtralConfig", dict(
         intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=256,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
@@ -201,6 +209,10 @@ def main() -> int:
             hf = tmp / name
             model.save_pretrained(hf)
             tok.save_pretrained(hf)
+            if name.startswith("ernie"):        # its converter reads a sentencepiece model only
+                import sentencepiece as spm
+                spm.SentencePieceTrainer.train(sentence_iterator=iter([TEXT]), model_prefix=str(hf / "tokenizer"),
+                                               vocab_size=200, model_type="bpe", minloglevel=2)
             gguf = args.out / f"{name}.gguf"
             # the converter, told the test tokenizer's pre-tokenizer (its hash is not in its table)
             code = ("import sys; sys.path.insert(0, sys.argv[1]); sys.argv = sys.argv[1:]; "
