@@ -88,7 +88,7 @@ positive_int_arg = int_at_least(1, "must be a positive integer")
 non_negative_int_arg = int_at_least(0, "must be >= 0")
 _n_predict = int_at_least(-1, "must be >= 0, or -1 for until the end of text or a full context")
 _ctx_size = int_at_least(0, "must be >= 0 (0 = the model's)", lambda s: (
-    " (-cnv, llama.cpp's conversation mode, is not in moegraph: there is no chat mode yet)" if s == "nv" else ""))
+    " (-cnv, llama.cpp's conversation mode, is `moegraph chat` here)" if s == "nv" else ""))
 _chunk_size = int_at_least(2, "a chunk needs at least 2 tokens")
 
 
@@ -110,6 +110,13 @@ def _top_p(s: str) -> float:
     v = _float(s)
     if not 0.0 < v <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {s}")
+    return v
+
+
+def _unit_float(s: str) -> float:
+    v = _float(s)
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {s}")
     return v
 
 
@@ -559,8 +566,7 @@ def cmd_run(args) -> int:
          f"n_ctx {session.n_ctx}, kv {args.kv_type}, seed {seed}, temp {args.temp:g}, "
          f"top_k {args.top_k}, top_p {args.top_p:g}")
     out = sys.stdout
-    pieces = session.generate(prompt, max_tokens=n_predict, temperature=args.temp,
-                              top_k=args.top_k, top_p=args.top_p, seed=seed)
+    pieces = session.generate(prompt, max_tokens=n_predict, **_sampling(args, seed))
     first = next(pieces, "")   # the prompt is checked and evaluated here: echo it only after
     if isinstance(prompt, str) and args.display_prompt:
         out.write(prompt)
@@ -587,6 +593,41 @@ def cmd_run(args) -> int:
     _err(line("eval time", st.n_generated, st.generate_s, "runs  "))
     _err(f"moegraph: {'total time':>16} = {(load_s + compile_s + st.prompt_s + st.generate_s) * 1e3:10.2f} ms"
          f" / {st.n_prompt + st.n_generated:5d} tokens")
+    return 0
+
+
+def _sampling(args, seed: int) -> dict:
+    return dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                repeat_penalty=args.repeat_penalty, penalty_last_n=args.repeat_last_n,
+                frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty, seed=seed)
+
+
+def cmd_chat(args) -> int:
+    model = _load(args.model, args)
+    session = _compile(model, args, args.ctx_size or None, [])
+    template = _read_text(args.chat_template_file) if args.chat_template_file else None
+    seed = args.seed if args.seed is not None and args.seed >= 0 else random.randrange(2**32)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    _err(f"moegraph: chat with {model.path.name} ({model.config.arch}), n_ctx {session.n_ctx}, seed {seed}"
+         + ("" if args.prompt is not None else "; one message per line, Ctrl-D to end"))
+    turns = [args.prompt] if args.prompt is not None else (line.rstrip("\n") for line in sys.stdin)
+    for i, text in enumerate(turns):
+        if not text.strip():
+            continue
+        history.append({"role": "user", "content": text})
+        n = args.n_predict if args.n_predict >= 0 else session.n_ctx
+        reply = []
+        for piece in session.chat(history, max_tokens=n, chat_template=template, stop=args.reverse_prompt,
+                                  **_sampling(args, seed + i)):
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        history.append({"role": "assistant", "content": "".join(reply)})
+        if session.stats.stop_reason == "context":
+            _err(f"moegraph: the context (n_ctx={session.n_ctx}) is full; use a larger -c")
+            return 1
     return 0
 
 
@@ -1046,6 +1087,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print JSON")
     sp.set_defaults(func=cmd_inspect)
 
+    def sampling_opts(sp):   # llama.cpp's flags and defaults, applied in its order (moegraph.sampling)
+        sp.add_argument("--temp", type=_temperature, default=0.8, help="temperature (0 = greedy)")
+        sp.add_argument("--top-k", type=non_negative_int_arg, default=40, help="top-k sampling (0 = off)")
+        sp.add_argument("--top-p", type=_top_p, default=0.95, help="top-p sampling (1 = off)")
+        sp.add_argument("--min-p", type=_unit_float, default=0.05, help="min-p sampling (0 = off)")
+        sp.add_argument("--repeat-penalty", type=_float, default=1.0, help="repetition penalty (1 = off)")
+        sp.add_argument("--repeat-last-n", type=non_negative_int_arg, default=64,
+                        help="tokens the penalties look back on (0 = none)")
+        sp.add_argument("--frequency-penalty", type=_float, default=0.0, help="frequency penalty (0 = off)")
+        sp.add_argument("--presence-penalty", type=_float, default=0.0, help="presence penalty (0 = off)")
+        sp.add_argument("-s", "--seed", type=int, default=None,
+                        help="random seed (default / -1: a random one, printed)")
+
     for name in ("run", "generate"):
         sp = sub.add_parser(name, parents=[debug], help="generate text from a prompt"
                             + (" (alias of run)" if name == "generate" else ""),
@@ -1058,16 +1112,29 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the prompt as token ids (comma-separated) instead of text")
         sp.add_argument("-n", "--n-predict", type=_n_predict, default=128, metavar="N",
                         help="tokens to generate (-1 = until end of text or a full context)")
-        sp.add_argument("--temp", type=_temperature, default=0.8, help="temperature (0 = greedy)")
-        sp.add_argument("--top-k", type=non_negative_int_arg, default=40, help="top-k sampling (0 = off)")
-        sp.add_argument("--top-p", type=_top_p, default=0.95, help="top-p sampling (1 = off)")
-        sp.add_argument("-s", "--seed", type=int, default=None,
-                        help="random seed (default / -1: a random one, printed)")
+        sampling_opts(sp)
         sp.add_argument("--no-display-prompt", dest="display_prompt", action="store_false",
                         help="do not echo the prompt")
         backend_opts(sp)
         add_pass_options(sp)
         sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("chat", parents=[debug], help="chat with an instruct model (its chat template)",
+                        description="Conversation with the GGUF's chat template (llama.cpp's -cnv): each "
+                                    "line on stdin is a user turn, the reply streams to stdout; the "
+                                    "history is kept. With -p, one turn and exit. Needs jinja2 "
+                                    "(pip install 'moegraph[chat]').")
+    model_opts(sp)
+    sp.add_argument("-p", "--prompt", default=None, help="one user message: answer it and exit")
+    sp.add_argument("-sys", "--system", default=None, help="a system message first")
+    sp.add_argument("-n", "--n-predict", type=_n_predict, default=512, metavar="N",
+                    help="tokens per reply at most (-1 = until the end of the turn or a full context)")
+    sp.add_argument("-r", "--reverse-prompt", action="append", default=[], metavar="TEXT",
+                    help="stop a reply where it writes TEXT (repeatable; also the end-of-turn tokens)")
+    sp.add_argument("--chat-template-file", metavar="FILE", help="a Jinja chat template instead of the GGUF's")
+    sampling_opts(sp)
+    backend_opts(sp)
+    sp.set_defaults(func=cmd_chat)
 
     sp = sub.add_parser("perplexity", parents=[debug], help="perplexity of a text file",
                         description="llama-perplexity's protocol: non-overlapping chunks of -c "

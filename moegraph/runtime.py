@@ -281,16 +281,30 @@ class Session:
     # -- text in, text out
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 128, temperature: float = 0.8,
                  top_k: int = 40, top_p: float = 0.95, seed: int | None = None,
-                 stop_at_eos: bool = True) -> Iterator[str]:
-        """Streams text pieces. Starts from an empty context; `self.stats` has the timings."""
+                 stop_at_eos: bool = True, *, min_p: float = 0.05, repeat_penalty: float = 1.0,
+                 frequency_penalty: float = 0.0, presence_penalty: float = 0.0, penalty_last_n: int = 64,
+                 stop: Sequence[str] = (), special: bool = False, add_bos: bool | None = None,
+                 sampler: Sampler | None = None) -> Iterator[str]:
+        """Streams text pieces. Starts from an empty context; `self.stats` has the timings.
+        Sampling as llama.cpp chains it (moegraph.sampling); generation ends at an
+        end-of-generation token (the vocabulary's EOG set), after `max_tokens`, or where the text
+        reaches one of the `stop` strings (not included). `special`: control tokens written in a
+        str prompt are parsed as tokens (chat-rendered prompts), as llama.cpp's parse_special."""
         tok = self.tokenizer
-        ids = tok.encode(prompt) if isinstance(prompt, str) else _prompt_ids(prompt, self.model.config.n_vocab)
+        ids = tok.encode(prompt, add_bos=add_bos, special=special) if isinstance(prompt, str) \
+            else _prompt_ids(prompt, self.model.config.n_vocab)
         if not ids:
             raise InputError("the prompt is empty (and the model adds no BOS token)")
         if len(ids) > self.n_ctx:
             raise InputError(f"the prompt has {len(ids)} tokens, more than the context size "
                              f"n_ctx={self.n_ctx}")
-        sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        if max_tokens < 0:
+            raise InputError(f"max_tokens must not be negative, got {max_tokens}")
+        stops = [s for s in stop if s]
+        sampler = sampler or Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                     repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
+                                     presence_penalty=presence_penalty, penalty_last_n=penalty_last_n, seed=seed)
+        sampler.accept(ids)
         decoder = tok.stream_decoder()
         self.reset()
         self.stats = st = GenerationStats(n_prompt=len(ids))
@@ -299,15 +313,26 @@ class Session:
         st.prompt_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         st.stop_reason = "length"
+        held = ""        # text that may be the start of a stop string, not yet given out
         for _ in range(max_tokens):
             nxt = sampler(logits)
             st.n_generated += 1
             if stop_at_eos and nxt in tok.eos_ids:
                 st.stop_reason = "eos"
                 break
-            piece = decoder.push(nxt)
-            if piece:
-                yield piece
+            held += decoder.push(nxt)
+            if stops:
+                hit = min((held.find(s) for s in stops if s in held), default=-1)
+                if hit >= 0:
+                    held = held[:hit]
+                    st.stop_reason = "stop"
+                    break
+                keep = max((k for s in stops for k in range(1, len(s)) if held.endswith(s[:k])), default=0)
+                out, held = held[:len(held) - keep], held[len(held) - keep:]
+            else:
+                out, held = held, ""
+            if out:
+                yield out
             if self.n_past >= self.n_ctx:
                 if st.n_generated < max_tokens:
                     st.stop_reason = "context"
@@ -315,9 +340,21 @@ class Session:
             logits = self.forward([nxt])[-1]
             st.generate_s = time.perf_counter() - t0
         st.generate_s = time.perf_counter() - t0
-        tail = decoder.flush()
+        tail = held + (decoder.flush() if st.stop_reason != "stop" else "")
         if tail:
             yield tail
+
+    def chat(self, messages: Sequence[dict], max_tokens: int = 256, *, chat_template: str | None = None,
+             stop: Sequence[str] = (), **sampling) -> Iterator[str]:
+        """Streams the assistant's reply to `messages` ([{'role': ..., 'content': ...}, ...]):
+        the model's chat template rendered with add_generation_prompt (moegraph.chat), its
+        special tokens parsed, then `generate` (sampling options as there)."""
+        from .chat import model_chat_template
+        text = model_chat_template(self.model, chat_template).render(messages, add_generation_prompt=True)
+        tok = self.tokenizer
+        bos_text = tok.tokens[tok.bos_id] if tok.bos_id is not None else None
+        add_bos = None if not (bos_text and text.startswith(bos_text)) else False   # no second BOS
+        yield from self.generate(text, max_tokens, stop=stop, special=True, add_bos=add_bos, **sampling)
 
     def perplexity(self, text: str | Sequence[int], ctx: int = 128, n_chunks: int | None = None,
                    score_from: int | None = None,
