@@ -93,3 +93,25 @@ def test_chat_on_smollm2(capsys):
     from moegraph.cli import main
     assert main(["chat", "-m", str(smollm2_path()), "-p", "What is 2+2?", "-n", "8", "--temp", "0"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_llama_cpp_python_shaped_api():
+    """moegraph.Llama answers as llama_cpp.Llama does: completion and chat dicts, streaming chunks
+    that add up to the same text, stop strings, usage counts."""
+    from conftest import smollm2_path
+    llm = moegraph.Llama(str(smollm2_path()), n_ctx=256, n_threads=2, seed=0)
+    r = llm("The capital of France is", max_tokens=12, temperature=0)
+    assert r["object"] == "text_completion" and r["usage"]["completion_tokens"] <= 12
+    text = r["choices"][0]["text"]
+    streamed = "".join(c["choices"][0]["text"] for c in llm("The capital of France is", max_tokens=12,
+                                                          temperature=0, stream=True))
+    assert streamed == text and text
+    cut = llm("The capital of France is", max_tokens=12, temperature=0, stop=[text[3:6]])
+    assert cut["choices"][0]["text"] == text[:text.index(text[3:6])] and cut["choices"][0]["finish_reason"] == "stop"
+    c = llm.create_chat_completion([{"role": "user", "content": "What is 2+2?"}], max_tokens=16, temperature=0)
+    msg = c["choices"][0]["message"]
+    assert msg["role"] == "assistant" and msg["content"] and c["usage"]["prompt_tokens"] > 10
+    chunks = list(llm.create_chat_completion([{"role": "user", "content": "What is 2+2?"}], max_tokens=16,
+                                             temperature=0, stream=True))
+    assert "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks) == msg["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
