@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .errors import InputError, ModelError
 
@@ -86,5 +87,5 @@ def model_chat_template(model, override: str | None = None) -> ChatTemplate:
     if not text:
         raise ModelError(f"{model.path}: the GGUF has no tokenizer.chat_template (give one with --chat-template-file)")
     tok = model.tokenizer
-    name = lambda i: tok.tokens[i] if i is not None else ""   # noqa: E731  (llama.cpp's token text)
+    name = lambda i: tok.tokens[i] if i is not None else ""   # (llama.cpp's token text)
     return ChatTemplate(str(text), bos_token=name(tok.bos_id), eos_token=name(tok.eos_id))
