@@ -9,8 +9,8 @@ from files are untrusted code, hence the sandbox.
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from .errors import InputError, ModelError
