@@ -421,7 +421,7 @@ def test_a_failed_write_leaves_no_temp_and_stale_temps_are_removed(tmp_path):
 # --------------------------------------------------------------------------- llama.cpp habits
 @pytest.mark.parametrize("argv,msg", [
     (["run", "-b", "numpy"], "-b is the batch size, as in llama.cpp; choose the backend with --backend numpy"),
-    (["run", "-cnv"], "(-cnv, llama.cpp's conversation mode, is not in moegraph"),
+    (["run", "-cnv"], "(-cnv, llama.cpp's conversation mode, is `moegraph chat` here"),
     (["bench", "-b", "llvm"], "choose the backend with --backend llvm"),
     (["run", "-c", "abc"], "-c/--ctx-size: expected an integer, got 'abc'")])
 def test_llama_cpp_flags_are_understood(capsys, argv, msg):
