@@ -563,11 +563,8 @@ class GraphBuilder:
         if c.n_ff_shexp:
             shared = self.dense_ffn(x, p, c.n_ff_shexp, suffix="_shexp")
             gname = f"{p}.ffn_gate_inp_shexp.weight"
-            if self.has(gname):   # [n_embd] or, as llama.cpp's converter writes it, [1, n_embd]
-                two_d = len(self.f.tensor(gname).shape) == 2
-                gate_w = self.w(gname, (1, n) if two_d else (n,))
-                if not two_d:
-                    gate_w = g.reshape(gate_w, shape=(1, n))
+            if self.has(gname):   # [n_embd] or, as llama.cpp's converter writes it, [1, n_embd] (w() takes both)
+                gate_w = g.reshape(self.w(gname, (n,)), shape=(1, n))
                 shared = g.mul(shared, g.sigmoid(g.mul_mat(gate_w, x)))           # [T,n]*[T,1]
             out = g.add(out, shared)
         return out

@@ -81,6 +81,7 @@ def _unbiased(n: Node, id_nodes) -> Node:
 def moe_blocks(graph: Graph) -> list[MoEBlock]:
     """MoE FFNs in layer order, found by their structure (TOP_K ids feeding MUL_MAT_IDs)."""
     users = graph.users()
+    muls = [n for n in graph.toposort() if n.op == "MUL"]
     blocks = []
     for i, m in enumerate(find(graph, ANY_TOP_K)):
         topk = m.top_k
@@ -95,11 +96,10 @@ def moe_blocks(graph: Graph) -> list[MoEBlock]:
         tables = [u for i in id_nodes for u in users[i] if u.op == "GET_ROWS" and u.inputs[1] is i
                   and u.inputs[0].op == "WEIGHT"]
         b = MoEBlock(int(named.group(1)) if named else i, topk, router, biases, grouped, mms, tables)
-        for n in graph.toposort():   # expert outputs (bias added or not) times their weights
-            if n.op == "MUL":
-                for slot in (0, 1):
-                    if _unbiased(n.inputs[slot], id_nodes) in mms and n.inputs[1 - slot].shape[-1] == 1:
-                        b.weighting.append((n, 1 - slot))
+        for n in muls:               # expert outputs (bias added or not) times their weights
+            for slot in (0, 1):
+                if _unbiased(n.inputs[slot], id_nodes) in mms and n.inputs[1 - slot].shape[-1] == 1:
+                    b.weighting.append((n, 1 - slot))
         blocks.append(b)
     return blocks
 

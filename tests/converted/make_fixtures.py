@@ -34,6 +34,13 @@ N_TOKENS = 100        # past original_max_position_embeddings (48) of the rope-s
 
 COMMON = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
               rms_norm_eps=1e-5, tie_word_embeddings=False)
+DEEPSEEK3 = dict(
+    intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+    n_shared_experts=1, first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+    n_group=1, topk_group=1, scoring_func="sigmoid", topk_method="noaux_tc", q_lora_rank=24,
+    kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+    num_key_value_heads=4, num_hidden_layers=3, num_nextn_predict_layers=0,
+    max_position_embeddings=256, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
 MODELS = {
     # Llama 3.1-style rope scaling: the converter writes rope_freqs.weight
     "llama3-ropefreqs": ("LlamaForCausalLM", "LlamaConfig", dict(
@@ -94,13 +101,7 @@ MODELS = {
                          "original_max_position_embeddings": 48, "mscale": 0.707,
                          "mscale_all_dim": 0.707, "beta_fast": 32.0, "beta_slow": 1.0})),
     # DeepSeek-V3-like: q low-rank, sigmoid routing with a selection bias, renormalized and scaled
-    "deepseek3": ("DeepseekV3ForCausalLM", "DeepseekV3Config", dict(
-        intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
-        n_shared_experts=1, first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5,
-        n_group=1, topk_group=1, scoring_func="sigmoid", topk_method="noaux_tc", q_lora_rank=24,
-        kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
-        num_key_value_heads=4, num_hidden_layers=3, num_nextn_predict_layers=0,
-        max_position_embeddings=256, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    "deepseek3": ("DeepseekV3ForCausalLM", "DeepseekV3Config", DEEPSEEK3),
     # gpt-oss: attention sinks, sliding-window layers (window 8 < the 100 tokens), YaRN, Q/K/V/O
     # and router and expert biases, the clamped SwiGLU, softmax over the chosen experts' logits
     "gpt-oss": ("GptOssForCausalLM", "GptOssConfig", dict(
@@ -110,13 +111,7 @@ MODELS = {
         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                          "original_max_position_embeddings": 48, "beta_fast": 32.0, "beta_slow": 1.0})),
     # DeepSeek-V3's group-limited routing: 8 experts in 4 groups, the best 2 groups compete
-    "deepseek3-groups": ("DeepseekV3ForCausalLM", "DeepseekV3Config", dict(
-        intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
-        n_shared_experts=1, first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5,
-        n_group=4, topk_group=2, scoring_func="sigmoid", topk_method="noaux_tc", q_lora_rank=24,
-        kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
-        num_key_value_heads=4, num_hidden_layers=3, num_nextn_predict_layers=0,
-        max_position_embeddings=256, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    "deepseek3-groups": ("DeepseekV3ForCausalLM", "DeepseekV3Config", {**DEEPSEEK3, "n_group": 4, "topk_group": 2}),
     # GLM-4.7-Flash: GLM's MLA model, converted as deepseek2 (sigmoid + bias, a dense first layer)
     "glm4moe-lite": ("Glm4MoeLiteForCausalLM", "Glm4MoeLiteConfig", dict(
         intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
